@@ -1,0 +1,320 @@
+"""SiT: a latent diffusion transformer with REPA / SARA projectors and an SRA^2 latent head.
+
+Drop-in compatible with REPA's models/sit.py: same constructor keywords, same state_dict keys
+(an official REPA checkpoint's "ema" dict loads with strict=True), same outputs. Read bottom-up:
+helpers, embedders, block, final layer, alignment heads, the model, then the size table.
+Time runs REPA's way: t=0 is data, t=1 is noise, and the raw t in [0, 1] goes into the embedder.
+"""
+
+import math
+import re
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: per-sample shift and scale broadcast over the tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, N, H)
+
+
+def sincos_1d(dim, pos):
+    """1D sin-cos embedding (MAE convention: sin half first) of positions pos -> (M, dim)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))  # (dim/2,)
+    out = np.outer(pos.reshape(-1), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, dim)
+
+
+def sincos_2d(dim, grid_size):
+    """Frozen 2D sin-cos position embedding: first half encodes the column (x), second the row."""
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)  # (G*G, dim)
+
+
+def mlp(widths, act=nn.SiLU):
+    """A per-token MLP Linear-act-...-Linear through the given widths (indices 0, 2, 4, ...)."""
+    layers = []
+    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(w_in, w_out)] + ([act()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def unpatchify(x, patch_size, channels):
+    """Tokens (B, N, p*p*C) -> image (B, C, H, W), tokens in row-major order."""
+    b, n, _ = x.shape
+    h = w = math.isqrt(n)
+    x = x.reshape(b, h, w, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, h * patch_size, w * patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedders
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided conv (timm's PatchEmbed, same parameter names)."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, N, hidden)."""
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t -> vector: 256 [cos, sin] frequency features, then a 2-layer SiLU MLP."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def frequencies(t, dim, max_period=10000):
+        """GLIDE sinusoidal features of (possibly fractional) t: (B,) -> (B, dim)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+    def forward(self, t):
+        """(B,) raw t in [0, 1] (REPA; SiT's official code also feeds raw t) -> (B, hidden)."""
+        return self.mlp(self.frequencies(t, self.freq_dim).to(t.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector; index num_classes is the null class used for CFG and label dropout."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, y):
+        """(B,) int labels -> (B, hidden); in training each label is dropped with dropout_prob."""
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer block
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through torch's fused scaled_dot_product_attention kernels."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        """(B, N, H) -> (B, N, H)."""
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, d)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        return self.proj(x.transpose(1, 2).reshape(b, n, h))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP with tanh-approximated GELU (names fc1 / fc2 as in timm)."""
+
+    def __init__(self, hidden_size, mlp_hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x):
+        """(B, N, H) -> (B, N, H)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        """x (B, N, H), c (B, H) -> (B, N, H)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a Linear to p*p*C values per token (no learned sigma)."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        """x (B, N, H), c (B, H) -> (B, N, p*p*C)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class SiTOutput(NamedTuple):
+    """What one forward returns; indexable like REPA's (v, zs) tuple: out[0] is the velocity."""
+
+    v: torch.Tensor  # (B, C, H, W) predicted velocity eps - x0
+    zs: list  # per encoder: (B, N, D_enc) projector output at the REPA/SARA tap (empty if none)
+    latent: torch.Tensor | None  # (B, C, H, W) SRA^2 head prediction of the clean latent, or None
+
+
+class SiT(nn.Module):
+    """Diffusion transformer over latent patches; REPA's constructor keywords and state_dict keys."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        encoder_depth=8,
+        z_dims=(768,),
+        projector_dim=2048,
+        sra_depth=0,
+        sra_mlp_layers=5,
+        sra_hidden_dim=None,
+        grad_checkpointing=False,
+        **repa_kwargs,
+    ):
+        super().__init__()
+        # REPA passes path_type / use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes
+        # the network we build (REPA's final layer width is always hidden_size for S..XL presets).
+        unknown = set(repa_kwargs) - {"path_type", "use_cfg", "decoder_hidden_size", "qk_norm", "fused_attn"}
+        if unknown:
+            raise TypeError(f"SiT got unknown arguments {sorted(unknown)}")
+        if repa_kwargs.get("qk_norm"):
+            raise ValueError("qk_norm=True is not supported (REPA's published checkpoints use qk_norm=False)")
+        z_dims = [d for d in z_dims if d > 0]  # REPA writes z_dims=[0] for "no encoder"
+        for name, tap in (("encoder_depth", encoder_depth if z_dims else 0), ("sra_depth", sra_depth)):
+            if not 0 <= tap <= depth:
+                raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, encoder_depth=encoder_depth, z_dims=list(z_dims), projector_dim=projector_dim,
+            sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim,
+        )  # plain dict: enough to rebuild this exact network
+        self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, num_classes
+        self.encoder_depth, self.sra_depth = encoder_depth, sra_depth
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # frozen
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        # REPA projector, one per encoder: H -> 2048 -> 2048 -> D_enc with SiLU (keys projectors.K.{0,2,4}).
+        self.projectors = nn.ModuleList(mlp([hidden_size, projector_dim, projector_dim, z]) for z in z_dims)
+        if sra_depth:
+            # SRA^2 head P(.): per-token MLP H -> width x (layers-1) -> p*p*C, unpatchified to the latent.
+            width = sra_hidden_dim or 2 * hidden_size
+            self.sra_head = mlp([hidden_size] + [width] * (sra_mlp_layers - 1) + [patch_size**2 * in_channels])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """REPA / DiT init: xavier Linear, zero-init adaLN and output layers, frozen sin-cos pos."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        grid = math.isqrt(self.x_embedder.num_patches)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid)).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a Linear
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y, align=True):
+        """x (B, C, H, W) noisy latent, t (B,) in [0, 1], y (B,) labels -> SiTOutput.
+
+        align=False skips the projectors and the SRA^2 head (sampling needs only the velocity).
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
+        b, n, h = x.shape
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, H)
+        zs, latent = [], None
+        for i, block in enumerate(self.blocks, start=1):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)  # (B, N, H)
+            if align and i == self.encoder_depth:  # tap: raw residual stream, before any norm
+                zs = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
+            if align and i == self.sra_depth:
+                latent = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)  # (B, C, H, W)
+        x = self.final_layer(x, c)  # (B, N, p*p*C)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), zs, latent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: every preset is built from this one table (SiT / DiT Table 1; alignment taps from the
+# papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and XL).
+
+SIZES = {
+    "S":  dict(depth=12, hidden_size=384,  num_heads=6,  repa_depth=4, sra_depth=2),
+    "B":  dict(depth=12, hidden_size=768,  num_heads=12, repa_depth=4, sra_depth=2),
+    "L":  dict(depth=24, hidden_size=1024, num_heads=16, repa_depth=8, sra_depth=8),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, repa_depth=8, sra_depth=8),
+}
+PATCH_SIZES = (2, 4, 8)
+MODEL_NAMES = [f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES]
+
+
+def size_config(name):
+    """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size, repa_depth, sra_depth)."""
+    m = re.fullmatch(r"SiT-(S|B|L|XL)/(\d+)", name)
+    if not m or int(m.group(2)) not in PATCH_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return dict(SIZES[m.group(1)], patch_size=int(m.group(2)))
+
+
+def build_sit(name, **kwargs):
+    """Build SiT by name ('SiT-B/2'); kwargs (encoder_depth, z_dims, sra_depth, ...) override."""
+    cfg = size_config(name)
+    cfg.pop("repa_depth"), cfg.pop("sra_depth")
+    return SiT(**{**cfg, **kwargs})
