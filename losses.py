@@ -1,0 +1,232 @@
+"""Every training loss of the REPA / SARA / SRA^2 family: small pure functions plus one combiner.
+
+Conventions (REPA's loss.py): t=0 is data and t=1 is noise, x_t = alpha_t x0 + sigma_t eps, and the
+model predicts the velocity d/dt x_t (eps - x0 on the linear path). The official SiT code runs time
+the other way (t=1 data); REPA, SARA and SRA^2 all use this direction.
+Equation numbers: "SARA (n)" is papers/sara.txt, "SRA2 (n)" is papers/sra2.txt.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Interpolant, time sampling, denoising loss
+
+
+def interpolant(t, path="linear"):
+    """(alpha_t, sigma_t, d alpha_t/dt, d sigma_t/dt) of the linear or cosine (GVP) path."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path == "cosine":
+        a = t * math.pi / 2
+        return torch.cos(a), torch.sin(a), -math.pi / 2 * torch.sin(a), math.pi / 2 * torch.cos(a)
+    raise ValueError(f"unknown path {path!r}; choose linear or cosine")
+
+
+def sample_time(n, weighting="uniform", path="linear", device="cpu", generator=None):
+    """n training times in (0, 1): uniform, or REPA's 'lognormal' (EDM sigma = exp(N(0,1)))."""
+    if weighting == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if weighting == "lognormal":
+        sigma = torch.randn(n, device=device, generator=generator).exp()
+        # The time at which the path's noise-to-signal ratio sigma_t / alpha_t equals sigma.
+        return sigma / (1 + sigma) if path == "linear" else 2 / math.pi * torch.atan(sigma)
+    raise ValueError(f"unknown time weighting {weighting!r}; choose uniform or lognormal")
+
+
+def velocity_loss(v_pred, v_target):
+    """L_velocity: mean over every element of (f(x_t, t, y) - v)^2 (SARA (2), SRA2 L_phi)."""
+    return (v_pred.float() - v_target.float()).square().mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Representation alignment to an external encoder (REPA, SARA)
+
+
+def patch_loss(z_encs, hs):
+    """L_patch, SARA (6) = REPA: minus the mean token-wise cosine similarity over encoders, batch, tokens."""
+    # REPA averages per-sample token means over the batch and encoders: equal to this flat mean.
+    cos = [F.cosine_similarity(z.detach().float(), h.float(), dim=-1).mean() for z, h in zip(z_encs, hs, strict=True)]
+    return -torch.stack(cos).mean()
+
+
+def autocorrelation(h):
+    """A(h), SARA (7): cosine similarity between every pair of one image's tokens, (B, N, D) -> (B, N, N)."""
+    h = F.normalize(h.float(), dim=-1)  # (B, N, D)
+    return h @ h.transpose(1, 2)  # (B, N, N)
+
+
+def struc_loss(z_enc, h, reduction="mean"):
+    """L_struc, SARA (8): ||A(z_enc) - A(h_den)||_F^2, averaged over the batch.
+
+    reduction='mean' also divides by the N*N entries (METHOD.md DECISION: the literal sum is
+    N^2 = 65,536 times larger at 256 tokens and would swamp the other terms at beta = 0.5).
+    """
+    sq = (autocorrelation(z_enc.detach()) - autocorrelation(h)).square()  # (B, N, N); encoder side fixed
+    if reduction == "mean":
+        return sq.mean()
+    if reduction == "sum":
+        return sq.sum(dim=(1, 2)).mean()
+    raise ValueError(f"unknown struc reduction {reduction!r}; choose mean or sum")
+
+
+def tokens_to_map(h):
+    """Tokens (B, N, D) in row-major order -> feature map (B, D, sqrt N, sqrt N) for the discriminator."""
+    b, n, d = h.shape
+    s = math.isqrt(n)
+    if s * s != n:
+        raise ValueError(f"{n} tokens do not form a square map")
+    return h.transpose(1, 2).reshape(b, d, s, s)
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """L_D, SARA (9): -E[log D(z_enc)] - E[log(1 - D(h_den))], as BCE with logits."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def generator_adv_loss(fake_logits):
+    """L_adv, SARA (10), non-saturating: -E[log D(h_den)], as BCE with logits."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Let gradients flow through module to its inputs while its own parameters collect none."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def discriminator_step_loss(disc, z_enc, h):
+    """L_D (SARA (9)) on one batch plus D's accuracy; the denoiser side is detached (D's step only)."""
+    real = disc(tokens_to_map(z_enc.detach()))  # (B,) logits; encoder tokens are the positives
+    fake = disc(tokens_to_map(h.detach()))  # (B,)
+    acc = torch.cat([real > 0, fake < 0]).float().mean()
+    return discriminator_loss(real, fake), acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-representation alignment to the VAE latent (SRA^2)
+
+
+def vae_align_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
+    """L_align, SRA2 (7): head prediction vs the clean scaled latent x0 (detached), zero outside t_range.
+
+    smooth_l1 (beta 0.05, the paper's), l1, l2 (mean reductions, as the authors' SRA code) or
+    cosine (1 - cos over the channels at each latent position).
+    """
+    # SRA2 (7) as printed is discontinuous at |df| = beta (its linear branch is |df|/beta - 1/2);
+    # we use torch's smooth_l1 (0.5 df^2 / beta, else |df| - beta / 2), whose quadratic branch it shares.
+    pred, x0 = pred.float(), x0.detach().float()
+    if objective == "smooth_l1":
+        per = F.smooth_l1_loss(pred, x0, beta=beta, reduction="none")  # (B, C, H, W)
+    elif objective == "l1":
+        per = (pred - x0).abs()
+    elif objective == "l2":
+        per = (pred - x0).square()
+    elif objective == "cosine":
+        per = 1 - F.cosine_similarity(pred, x0, dim=1)  # (B, H, W)
+    else:
+        raise ValueError(f"unknown SRA^2 objective {objective!r}; choose smooth_l1, l1, l2 or cosine")
+    per_sample = per.flatten(1).mean(dim=1)  # (B,)
+    if t is not None and tuple(t_range) != (0.0, 1.0):
+        per_sample = per_sample * ((t >= t_range[0]) & (t <= t_range[1])).float()  # SRA2 Table 1 timestep ablation
+    return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The combiner: SARA (11) / SRA2 (8)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Weights and options of every term; a weight of 0 switches its term (and its compute) off."""
+
+    patch: float = 0.0  # lambda, SARA (11) / REPA
+    struc: float = 0.0  # beta, SARA (11)
+    adv: float = 0.0  # gamma, SARA (11)
+    vae: float = 0.0  # lambda of SRA2 (8)
+    struc_reduction: str = "mean"
+    vae_objective: str = "smooth_l1"
+    vae_beta: float = 0.05
+    vae_t_lo: float = 0.0
+    vae_t_hi: float = 1.0
+    path: str = "linear"
+    weighting: str = "uniform"
+
+    @property
+    def needs_encoder(self):
+        """Whether any term compares against an external encoder's tokens."""
+        return bool(self.patch or self.struc or self.adv)
+
+
+# The papers' defaults (METHOD.md section 3): SARA Table 4 and SRA^2 section 4.
+#            patch  struc  adv    vae
+PRESETS = {
+    "none":      dict(),
+    "repa":      dict(patch=0.5),
+    "sara":      dict(patch=0.5, struc=0.5, adv=0.05),
+    "sra2":      dict(vae=1.0),
+    "repa+sra2": dict(patch=0.5, vae=1.0),
+    "sara+sra2": dict(patch=0.5, struc=0.5, adv=0.05, vae=1.0),
+}
+
+
+def align_config(preset, **overrides):
+    """AlignConfig of a named preset with per-term overrides (None means keep the preset's value)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown alignment preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(AlignConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown alignment options {sorted(unknown)}")
+    return replace(AlignConfig(**PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class StepLosses:
+    """One step's total loss, every component (for logging) and the denoiser's aligned tokens."""
+
+    total: torch.Tensor
+    terms: dict  # name -> scalar tensor, unweighted
+    hs: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
+
+
+def training_losses(model, x0, y, z_encs, cfg, disc=None, generator=None):
+    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma L_adv + lam_vae L_align.
+
+    x0 (B, C, H, W) scaled clean latents; z_encs per encoder (B, N, D) frozen tokens of the clean
+    image; disc the bare discriminator module (its parameters get no gradient from here).
+    """
+    b = x0.shape[0]
+    t = sample_time(b, cfg.weighting, cfg.path, x0.device, generator)  # (B,)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)  # (B, C, H, W)
+    alpha, sigma, d_alpha, d_sigma = (c.view(b, 1, 1, 1) for c in interpolant(t, cfg.path))
+    x_t = alpha * x0 + sigma * eps
+    out = model(x_t, t, y)
+    terms = {"velocity": velocity_loss(out.v, d_alpha * x0 + d_sigma * eps)}
+    if cfg.needs_encoder and len(out.zs) != len(z_encs):
+        raise ValueError(f"model has {len(out.zs)} projectors but {len(z_encs)} encoders were given")
+    if cfg.patch:
+        terms["patch"] = patch_loss(z_encs, out.zs)
+    if cfg.struc:
+        terms["struc"] = torch.stack([struc_loss(z, h, cfg.struc_reduction) for z, h in zip(z_encs, out.zs)]).mean()
+    if cfg.adv:
+        with frozen(disc):  # D judges the first encoder's space (DECISION: one discriminator)
+            terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.zs[0])))
+    if cfg.vae:
+        if out.latent is None:
+            raise ValueError("the SRA^2 term needs a model built with sra_depth > 0")
+        terms["vae"] = vae_align_loss(out.latent, x0, t, cfg.vae_objective, cfg.vae_beta, (cfg.vae_t_lo, cfg.vae_t_hi))
+    weights = {"velocity": 1.0, **{k: getattr(cfg, k) for k in ("patch", "struc", "adv", "vae")}}
+    total = sum(weights[k] * v for k, v in terms.items())
+    return StepLosses(total, terms, out.zs)
+

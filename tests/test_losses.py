@@ -1,0 +1,196 @@
+"""losses.py and discriminator.py: closed forms, invariants, gradient routing, presets, overfitting."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses as L
+from discriminator import Discriminator, build_discriminator, is_disc_step
+from model import SiT
+
+
+def test_interpolant_closed_forms_and_derivatives():
+    t = torch.tensor([0.0, 0.25, 1.0], requires_grad=True)
+    a, s, da, ds = L.interpolant(t, "linear")
+    assert torch.equal(a, 1 - t) and torch.equal(s, t) and (da == -1).all() and (ds == 1).all()
+    a, s, da, ds = L.interpolant(t, "cosine")
+    assert torch.allclose(a.square() + s.square(), torch.ones(3))  # variance preserving
+    assert torch.allclose(torch.autograd.grad(a.sum(), t, retain_graph=True)[0], da)
+    assert torch.allclose(torch.autograd.grad(s.sum(), t)[0], ds)
+    with pytest.raises(ValueError, match="unknown path"):
+        L.interpolant(t, "edm")
+
+
+def test_time_sampling():
+    g = torch.Generator().manual_seed(0)
+    u = L.sample_time(20000, "uniform", generator=g)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    ln = L.sample_time(20000, "lognormal", "linear", generator=g)
+    assert abs(ln.median() - 0.5) < 0.02  # sigma = exp(N(0,1)) has median 1, t = sigma / (1 + sigma)
+    lc = L.sample_time(20000, "lognormal", "cosine", generator=g)
+    assert abs(lc.median() - 0.5) < 0.02  # atan(1) * 2 / pi
+    with pytest.raises(ValueError, match="weighting"):
+        L.sample_time(3, "cosmap")
+
+
+def test_velocity_loss_by_hand():
+    assert L.velocity_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(2.5)
+
+
+def test_patch_loss_hand_and_invariants():
+    z = torch.randn(2, 5, 7)
+    assert L.patch_loss([z], [z]).item() == pytest.approx(-1.0, abs=1e-6)
+    assert L.patch_loss([z], [-z]).item() == pytest.approx(1.0, abs=1e-6)
+    z1, h1 = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]]), torch.tensor([[[0.0, 3.0], [2.0, 2.0]]])
+    assert L.patch_loss([z1], [h1]).item() == pytest.approx(-(0 + 1) / 2)  # cosines 0 and 1
+    # Two encoders: the mean of their terms, as REPA's projection loss.
+    assert L.patch_loss([z1, z], [h1, z]).item() == pytest.approx((-0.5 - 1) / 2, abs=1e-6)
+
+
+def test_struc_loss_hand_and_invariants():
+    z = torch.randn(3, 6, 5)
+    assert L.struc_loss(z, z).item() == pytest.approx(0.0, abs=1e-7)
+    scale = torch.rand(3, 6, 1) + 0.1  # per-token positive rescaling leaves every cosine unchanged
+    assert L.struc_loss(z, z * scale).item() == pytest.approx(0.0, abs=1e-7)
+    h = torch.randn(3, 6, 5)
+    assert L.struc_loss(z, h * scale).item() == pytest.approx(L.struc_loss(z, h).item(), rel=1e-5)
+    assert L.struc_loss(z, h, "sum").item() == pytest.approx(36 * L.struc_loss(z, h).item(), rel=1e-5)
+    # Hand case: two tokens; A(z) = [[1, 0], [0, 1]], A(h) = [[1, 1], [1, 1]] -> two off-diagonal errors of 1.
+    z2, h2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 1.0], [2.0, 2.0]]])
+    assert L.struc_loss(z2, h2, "sum").item() == pytest.approx(2.0, abs=1e-6)
+    assert L.struc_loss(z2, h2, "mean").item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_adversarial_losses_equal_bce_closed_form():
+    real, fake = torch.randn(7), torch.randn(7)
+    ones, zeros = torch.ones(7), torch.zeros(7)
+    expected_d = F.binary_cross_entropy_with_logits(real, ones) + F.binary_cross_entropy_with_logits(fake, zeros)
+    assert torch.allclose(L.discriminator_loss(real, fake), expected_d)
+    by_hand = -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean()  # SARA (9)
+    assert torch.allclose(L.discriminator_loss(real, fake), by_hand, atol=1e-5)
+    assert torch.allclose(L.generator_adv_loss(fake), -torch.log(torch.sigmoid(fake)).mean(), atol=1e-6)
+    assert L.generator_adv_loss(torch.zeros(3)).item() == pytest.approx(math.log(2))
+
+
+def test_vae_align_objectives():
+    pred, x0 = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    assert torch.allclose(L.vae_align_loss(pred, x0), F.smooth_l1_loss(pred, x0, beta=0.05))
+    d = torch.tensor([0.01, 0.2])  # one in the quadratic zone, one in the linear zone (beta 0.05)
+    hand = (0.5 * 0.01**2 / 0.05 + (0.2 - 0.5 * 0.05)) / 2
+    assert L.vae_align_loss(d.view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)).item() == pytest.approx(hand)
+    assert torch.allclose(L.vae_align_loss(pred, x0, objective="l1"), (pred - x0).abs().mean())
+    assert torch.allclose(L.vae_align_loss(pred, x0, objective="l2"), (pred - x0).square().mean())
+    assert L.vae_align_loss(x0 * 3, x0, objective="cosine").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        L.vae_align_loss(pred, x0, objective="kl")
+
+
+def test_vae_align_timestep_range_zeroes_outside():
+    pred, x0 = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    per = F.smooth_l1_loss(pred, x0, beta=0.05, reduction="none").flatten(1).mean(1)
+    lo = L.vae_align_loss(pred, x0, t, t_range=(0.0, 0.5))
+    assert lo.item() == pytest.approx((per[0] + per[1]).item() / 4, rel=1e-6)
+    hi = L.vae_align_loss(pred, x0, t, t_range=(0.5, 1.0))
+    assert (lo + hi).item() == pytest.approx(per.mean().item(), rel=1e-6)
+
+
+def test_presets_and_overrides():
+    sara = L.align_config("sara")
+    assert (sara.patch, sara.struc, sara.adv, sara.vae) == (0.5, 0.5, 0.05, 0.0)
+    assert L.align_config("sra2").vae == 1.0 and not L.align_config("sra2").needs_encoder
+    assert L.align_config("repa+sra2").patch == 0.5
+    ablation = L.align_config("sara", adv=0.0, struc=None)  # SARA Table 2: patch + struc
+    assert (ablation.patch, ablation.struc, ablation.adv) == (0.5, 0.5, 0.0)
+    with pytest.raises(ValueError, match="unknown alignment preset"):
+        L.align_config("dino")
+    with pytest.raises(ValueError, match="unknown alignment options"):
+        L.align_config("sara", gama=0.1)
+
+
+def test_discriminator_shapes_and_schedule():
+    torch.manual_seed(0)
+    disc = Discriminator(32)
+    assert not disc.pretrained and disc.conv1.kernel_size == (1, 1)
+    assert disc(torch.randn(3, 32, 16, 16)).shape == (3,)
+    assert [s for s in range(12) if is_disc_step(s)] == [0, 5, 10]
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # token n at row n // 2, column n % 2
+    assert torch.equal(L.tokens_to_map(h)[1, :, 1, 0], h[1, 2])
+    with pytest.raises(ValueError, match="square"):
+        L.tokens_to_map(torch.randn(1, 6, 3))
+
+
+def tiny_setup(preset, seed=0):
+    """A tiny SiT with projector and SRA^2 head, a frozen 'encoder', a discriminator and one batch."""
+    torch.manual_seed(seed)
+    model = SiT(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10, encoder_depth=2,
+                z_dims=[32], projector_dim=64, sra_depth=1)
+    encoder = torch.nn.Linear(12, 32).requires_grad_(True)  # stands in for DINOv2: must get no gradient
+    disc, disc_opt = build_discriminator(32)
+    x0, y = torch.randn(8, 4, 8, 8), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        z = encoder(torch.randn(8, 16, 12))
+    return model, encoder, disc, disc_opt, x0, y, [z], L.align_config(preset)
+
+
+def test_gradient_routing():
+    model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara+sra2")
+    out = L.training_losses(model, x0, y, z, cfg, disc)
+    out.total.backward()
+    assert all(p.grad is None for p in disc.parameters())  # generator loss never trains D
+    assert all(p.grad is None for p in encoder.parameters())
+    assert model.projectors[0][0].weight.grad.abs().sum() > 0
+    assert model.x_embedder.proj.weight.grad.abs().sum() > 0
+    assert model.sra_head[0].weight.grad.abs().sum() > 0
+    # The adversarial gradient alone reaches the projector through D.
+    model.zero_grad()
+    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv=0.05), disc)
+    (adv_only.total - adv_only.terms["velocity"]).backward()
+    assert model.projectors[0][-1].weight.grad.abs().sum() > 0
+    # D's own step: only D's parameters change.
+    model.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d_before = [p.clone() for p in disc.parameters()]
+    d_loss, acc = L.discriminator_step_loss(disc, z[0], out.hs[0])
+    disc_opt.zero_grad()
+    d_loss.backward()
+    disc_opt.step()
+    assert 0 <= acc <= 1
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, disc.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(L.PRESETS))
+def test_every_preset_overfits_one_batch(preset):
+    model, encoder, disc, _, x0, y, z, cfg = tiny_setup(preset)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(120):
+        out = L.training_losses(model, x0, y, z, cfg, disc, torch.Generator().manual_seed(0))  # one fixed batch
+        assert torch.isfinite(out.total)
+        history.append({k: v.item() for k, v in out.terms.items()})
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    first, last = history[0], history[-1]
+    assert set(first) == {"velocity"} | {k for k in ("patch", "struc", "adv", "vae") if getattr(cfg, k)}
+    assert last["velocity"] < 0.5 * first["velocity"]
+    for term in set(first) - {"velocity"}:
+        assert last[term] < first[term], term  # D is held fixed here, so L_adv must fall too
+
+
+def test_discriminator_learns_to_separate():
+    model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara")
+    h = L.training_losses(model, x0, y, z, cfg, disc).hs[0].detach()
+    first = None
+    for _ in range(30):
+        loss, acc = L.discriminator_step_loss(disc, z[0], h)
+        first = first if first is not None else loss.item()
+        disc_opt.zero_grad()
+        loss.backward()
+        disc_opt.step()
+    assert loss.item() < 0.5 * first and acc.item() == 1.0
