@@ -192,6 +192,27 @@ def align_config(preset, **overrides):
 
 
 @dataclass
+class Noise:
+    """Every random draw of one training step, made outside the model so it can be sliced per rank."""
+
+    t: torch.Tensor  # (B,) times
+    eps: torch.Tensor  # (B, C, H, W) Gaussian noise of the interpolant
+    drop: torch.Tensor  # (B,) bool, labels replaced by the null class (classifier-free guidance)
+
+    def __getitem__(self, sl):
+        """The draws of a slice of the batch (one rank's share of the global batch)."""
+        return Noise(self.t[sl], self.eps[sl], self.drop[sl])
+
+
+def draw_noise(n, shape, cfg, label_dropout, device="cpu", generator=None):
+    """Time, interpolant noise and label dropout for n samples of latent shape (C, H, W)."""
+    t = sample_time(n, cfg.weighting, cfg.path, device, generator)  # (n,)
+    eps = torch.randn((n, *shape), device=device, generator=generator)  # (n, C, H, W)
+    drop = torch.rand(n, device=device, generator=generator) < label_dropout  # (n,)
+    return Noise(t, eps, drop)
+
+
+@dataclass
 class StepLosses:
     """One step's total loss, every component (for logging) and the denoiser's aligned tokens."""
 
@@ -200,18 +221,16 @@ class StepLosses:
     hs: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
 
 
-def training_losses(model, x0, y, z_encs, cfg, disc=None, generator=None):
+def training_losses(model, x0, y, z_encs, cfg, noise, disc=None):
     """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma L_adv + lam_vae L_align.
 
     x0 (B, C, H, W) scaled clean latents; z_encs per encoder (B, N, D) frozen tokens of the clean
-    image; disc the bare discriminator module (its parameters get no gradient from here).
+    image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here).
     """
-    b = x0.shape[0]
-    t = sample_time(b, cfg.weighting, cfg.path, x0.device, generator)  # (B,)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)  # (B, C, H, W)
-    alpha, sigma, d_alpha, d_sigma = (c.view(b, 1, 1, 1) for c in interpolant(t, cfg.path))
-    x_t = alpha * x0 + sigma * eps
-    out = model(x_t, t, y)
+    t, eps = noise.t, noise.eps
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, cfg.path))  # (B, 1, 1, 1)
+    x_t = alpha * x0 + sigma * eps  # (B, C, H, W)
+    out = model(x_t, t, y, drop=noise.drop)
     terms = {"velocity": velocity_loss(out.v, d_alpha * x0 + d_sigma * eps)}
     if cfg.needs_encoder and len(out.zs) != len(z_encs):
         raise ValueError(f"model has {len(out.zs)} projectors but {len(z_encs)} encoders were given")

@@ -100,10 +100,14 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
-    def forward(self, y):
-        """(B,) int labels -> (B, hidden); in training each label is dropped with dropout_prob."""
-        if self.training and self.dropout_prob > 0:
+    def forward(self, y, drop=None):
+        """(B,) int labels -> (B, hidden); drop (B,) bool forces the null class (REPA's force_drop_ids).
+
+        Without drop, training mode drops each label with dropout_prob from the global RNG, as REPA.
+        """
+        if drop is None and self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        if drop is not None:
             y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
@@ -269,14 +273,14 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, t, y, align=True):
+    def forward(self, x, t, y, align=True, drop=None):
         """x (B, C, H, W) noisy latent, t (B,) in [0, 1], y (B,) labels -> SiTOutput.
 
-        align=False skips the projectors and the SRA^2 head (sampling needs only the velocity).
+        align=False skips the projectors and the SRA^2 head (sampling needs only the velocity);
+        drop (B,) bool replaces labels by the null class (else training mode draws label dropout).
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
-        b, n, h = x.shape
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, H)
+        c = self.t_embedder(t) + self.y_embedder(y, drop)  # (B, H)
         zs, latent = [], None
         for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training:
@@ -292,10 +296,11 @@ class SiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes: every preset is built from this one table (SiT / DiT Table 1; alignment taps from the
+# Sizes: every preset is built from this one table (S..XL: SiT / DiT Table 1; alignment taps from the
 # papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and XL).
 
 SIZES = {
+    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  repa_depth=2, sra_depth=1),  # tiny: smoke runs, tests
     "S":  dict(depth=12, hidden_size=384,  num_heads=6,  repa_depth=4, sra_depth=2),
     "B":  dict(depth=12, hidden_size=768,  num_heads=12, repa_depth=4, sra_depth=2),
     "L":  dict(depth=24, hidden_size=1024, num_heads=16, repa_depth=8, sra_depth=8),
@@ -307,7 +312,7 @@ MODEL_NAMES = [f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES]
 
 def size_config(name):
     """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size, repa_depth, sra_depth)."""
-    m = re.fullmatch(r"SiT-(S|B|L|XL)/(\d+)", name)
+    m = re.fullmatch(r"SiT-(T|S|B|L|XL)/(\d+)", name)
     if not m or int(m.group(2)) not in PATCH_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     return dict(SIZES[m.group(1)], patch_size=int(m.group(2)))

@@ -40,10 +40,9 @@ def encode_moments(vae, images):
     return torch.cat([dist.mean, dist.std], dim=1).float()  # (B, 8, h, w)
 
 
-def sample_latent(moments, generator=None):
-    """Moments (B, 8, h, w) -> scaled x0 = (mean + std * eps) * 0.18215, redrawn every step as REPA."""
+def sample_latent(moments, eps):
+    """Moments (B, 8, h, w) and eps (B, 4, h, w) -> scaled x0 = (mean + std * eps) * 0.18215 (REPA, every step)."""
     mean, std = moments.float().chunk(2, dim=1)  # (B, 4, h, w) each
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
     return (mean + std * eps) * LATENT_SCALE
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import losses as L
 from discriminator import Discriminator, build_discriminator, is_disc_step
-from model import SiT
+from model import SiT, SiTOutput
 
 
 def test_interpolant_closed_forms_and_derivatives():
@@ -122,6 +122,26 @@ def test_discriminator_shapes_and_schedule():
         L.tokens_to_map(torch.randn(1, 6, 3))
 
 
+def noise(x0, seed=None):
+    """One step's random draws for the batch x0 (fixed when seeded)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    return L.draw_noise(x0.shape[0], x0.shape[1:], L.align_config("none"), 0.1, generator=g)
+
+
+def test_noise_draws_and_slicing():
+    n = noise(torch.zeros(6, 4, 2, 2), seed=0)
+    assert n.t.shape == (6,) and n.eps.shape == (6, 4, 2, 2) and n.drop.dtype == torch.bool
+    assert torch.equal(n[2:4].eps, n.eps[2:4]) and torch.equal(n[2:4].t, n.t[2:4])
+    assert torch.equal(noise(torch.zeros(6, 4, 2, 2), seed=0).eps, n.eps)
+    x0 = torch.randn(6, 4, 2, 2)
+    alpha, sigma, _, _ = L.interpolant(n.t.view(-1, 1, 1, 1))
+    calls = []
+    model = lambda x, t, y, drop: calls.append((x, t, drop)) or SiTOutput(torch.zeros_like(x), [], None)
+    out = L.training_losses(model, x0, torch.zeros(6, dtype=torch.long), [], L.align_config("none"), n)
+    assert torch.allclose(calls[0][0], alpha * x0 + sigma * n.eps) and calls[0][2] is n.drop
+    assert out.terms["velocity"].item() == pytest.approx((n.eps - x0).square().mean().item())  # v = eps - x0
+
+
 def tiny_setup(preset, seed=0):
     """A tiny SiT with projector and SRA^2 head, a frozen 'encoder', a discriminator and one batch."""
     torch.manual_seed(seed)
@@ -137,7 +157,7 @@ def tiny_setup(preset, seed=0):
 
 def test_gradient_routing():
     model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara+sra2")
-    out = L.training_losses(model, x0, y, z, cfg, disc)
+    out = L.training_losses(model, x0, y, z, cfg, noise(x0), disc)
     out.total.backward()
     assert all(p.grad is None for p in disc.parameters())  # generator loss never trains D
     assert all(p.grad is None for p in encoder.parameters())
@@ -146,7 +166,7 @@ def test_gradient_routing():
     assert model.sra_head[0].weight.grad.abs().sum() > 0
     # The adversarial gradient alone reaches the projector through D.
     model.zero_grad()
-    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv=0.05), disc)
+    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv=0.05), noise(x0), disc)
     (adv_only.total - adv_only.terms["velocity"]).backward()
     assert model.projectors[0][-1].weight.grad.abs().sum() > 0
     # D's own step: only D's parameters change.
@@ -170,7 +190,7 @@ def test_every_preset_overfits_one_batch(preset):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for _ in range(120):
-        out = L.training_losses(model, x0, y, z, cfg, disc, torch.Generator().manual_seed(0))  # one fixed batch
+        out = L.training_losses(model, x0, y, z, cfg, noise(x0, seed=0), disc)  # one fixed batch
         assert torch.isfinite(out.total)
         history.append({k: v.item() for k, v in out.terms.items()})
         opt.zero_grad()
@@ -185,7 +205,7 @@ def test_every_preset_overfits_one_batch(preset):
 
 def test_discriminator_learns_to_separate():
     model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara")
-    h = L.training_losses(model, x0, y, z, cfg, disc).hs[0].detach()
+    h = L.training_losses(model, x0, y, z, cfg, noise(x0), disc).hs[0].detach()
     first = None
     for _ in range(30):
         loss, acc = L.discriminator_step_loss(disc, z[0], h)

@@ -50,7 +50,7 @@ def test_initialization_matches_repa_with_the_same_seed():
 
 
 def test_size_table_and_parameter_count():
-    assert len(MODEL_NAMES) == 12
+    assert len(MODEL_NAMES) == 15
     assert size_config("SiT-XL/2") == dict(SIZES["XL"], patch_size=2)
     with torch.device("meta"):  # no memory: shapes only
         xl = build_sit("SiT-XL/2", z_dims=[])
