@@ -1,0 +1,282 @@
+"""sample.py: REPA sampler parity, per-sample seeding, grid / npz outputs, resume, checkpoint loading."""
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from model import SiT
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = torch.load(os.path.join(REPO, "tests", "data", "repa_sampler_reference.pt"), weights_only=True)
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            encoder_depth=1, z_dims=[8], projector_dim=8)
+
+
+def reference_model():
+    """The tiny SiT whose REPA sampler outputs the fixture holds (built by tests/data/make_repa_reference.py)."""
+    model = SiT(**REF["config"])
+    model.load_state_dict(REF["state_dict"])
+    return model.eval()
+
+
+def perturbed(model, seed):
+    """model with every weight (zero-initialised ones too) moved by seeded noise, so outputs are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    model.load_state_dict({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()})
+    return model.eval()
+
+
+def save_project_ckpt(path, config=TINY):
+    """A train.py-style checkpoint with different raw and EMA weights; returns (raw, ema) models."""
+    raw, ema = perturbed(SiT(**config), 1), perturbed(SiT(**config), 2)
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), config=dict(model=raw.config), step=5), path)
+    return raw, ema
+
+
+def outputs(model):
+    """A fixed probe of a model's velocity output."""
+    g = torch.Generator().manual_seed(3)
+    c, s = model.config["in_channels"], model.config["input_size"]
+    x, t, y = torch.randn(2, c, s, s, generator=g), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    with torch.no_grad():
+        return model(x, t, y, align=False).v
+
+
+def run(argv):
+    """sample.py's main on a command line."""
+    sample.main(sample.parse_args(argv))
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """Path of a tiny train.py-style checkpoint."""
+    path = str(tmp_path / "tiny.pt")
+    save_project_ckpt(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers against REPA's samplers.py
+
+
+@pytest.mark.parametrize("case", REF["cases"], ids=lambda c: f"{c['sampler']}{'-heun' * c['heun']}-cfg{c['cfg']}")
+def test_samplers_match_repa(case):
+    """SDE, Euler and Heun (CFG and guidance interval included) equal REPA's samplers given the same noise."""
+    model = reference_model()
+    velocity = sample.guided_velocity(model, case["y"], case["cfg"], case["guidance_low"], case["guidance_high"])
+    torch.manual_seed(case["global_seed"])  # REPA drew x and y from the global RNG, then the SDE noise
+    torch.randn(case["x"].shape), torch.randint(0, 10, case["y"].shape)
+    if case["sampler"] == "sde":
+        out = sample.euler_maruyama(velocity, case["x"], case["num_steps"])  # default noise: the global RNG
+    else:
+        out = sample.euler_ode(velocity, case["x"], case["num_steps"], heun=case["heun"])
+    assert out.dtype == torch.float64 and case["out"].abs().max() > 1
+    torch.testing.assert_close(out, case["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_interval_evaluations():
+    """Outside the interval one conditional forward of B; inside one forward of 2B (cond, then null labels)."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        """Records (batch, t, labels) of every call; velocity 0."""
+
+        num_classes = 10
+
+        def forward(self, x, t, y, align):
+            calls.append((len(x), round(t[0].item(), 4), y.tolist()))
+            return (torch.zeros_like(x),)
+
+    velocity = sample.guided_velocity(Recorder(), torch.tensor([3, 4]), cfg=2.0, guidance_low=0.3, guidance_high=0.7)
+    sample.euler_ode(velocity, torch.zeros(2, 4, 8, 8), num_steps=8, heun=True)
+    sizes = [(t, b) for b, t, _ in calls]
+    # Steps starting at t in [0.3, 0.7] are guided, Heun's second call (at t_next) included, as REPA does.
+    expected = [(1.0, 2), (0.875, 2), (0.875, 2), (0.75, 2), (0.75, 2), (0.625, 2), (0.625, 4), (0.5, 4), (0.5, 4),
+                (0.375, 4), (0.375, 4), (0.25, 4), (0.25, 2), (0.125, 2), (0.125, 2)]
+    assert sizes == expected
+    assert calls[6][2] == [3, 4, 10, 10]  # conditional half first, then the null class
+
+
+def test_per_sample_noise_matches_repa_and_ignores_batching():
+    """Sample i = REPA's SDE run alone with the global RNG seeded by sample_seed(seed, i), in any batch order."""
+    ref = REF["per_index"]
+    assert [sample.sample_seed(ref["seed"], i) for i in ref["indices"]] == ref["seeds"]
+    model = reference_model()
+    args = sample.parse_args(["--ckpt", "unused", "--seed", str(ref["seed"]), "--num-steps", str(ref["num_steps"]),
+                              "--cfg", str(ref["cfg"]), "--guidance-high", str(ref["guidance_high"])])
+    out = sample.sample_latents(model, ref["indices"], args, "cpu")  # one batch of 3; REPA ran batches of 1
+    torch.testing.assert_close(out, ref["out"], rtol=1e-5, atol=1e-5)
+    shuffled = sample.sample_latents(model, [2, 0], args, "cpu")
+    torch.testing.assert_close(shuffled, ref["out"][[2, 0]], rtol=1e-5, atol=1e-5)
+    args.seed += 1
+    assert (sample.sample_latents(model, [0], args, "cpu") - ref["out"][:1]).abs().max() > 0.1
+
+
+def test_class_labels_keep_the_noise():
+    """--class-labels changes the labels only: a model that ignores labels gives the same latents."""
+    model = reference_model()
+    model.y_embedder.embedding_table.weight.data.zero_()  # labels now have no effect
+    args = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--mode", "ode"])
+    labelled = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--mode", "ode", "--class-labels", "1,2"])
+    torch.testing.assert_close(sample.sample_latents(model, [0, 1], args, "cpu"),
+                               sample.sample_latents(model, [0, 1], labelled, "cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
+    """The grid is written, the same seed gives the same PNG, and its tiles are samples 0..n-1 of an npz run."""
+    common = ["--ckpt", ckpt, "--num-steps", "3", "--vae", "tiny-random", "--batch-size", "3", "--cfg", "1.5"]
+    for name in ("a", "b"):
+        run(common + ["--grid-size", "4", "--out", str(tmp_path / f"{name}.png")])
+    grid = np.asarray(Image.open(tmp_path / "a.png"))
+    assert grid.shape == (128, 128, 3) and grid.std() > 1  # 2 x 2 tiles of 64 px (tiny VAE: 8x upsampling)
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "b.png")))
+    run(common + ["--num-samples", "4", "--out", str(tmp_path / "s.npz")])
+    samples = np.load(tmp_path / "s.npz")["arr_0"]
+    np.testing.assert_array_equal(grid, sample.tile(samples))
+    run(common + ["--grid-size", "4", "--seed", "1", "--out", str(tmp_path / "c.png")])
+    assert np.abs(np.asarray(Image.open(tmp_path / "c.png")).astype(int) - grid).mean() > 1
+
+
+def test_latent_output_without_vae(ckpt, tmp_path):
+    """--vae none saves the latents in [-4, 4] as 4-channel uint8 (h, w, 4), floor or round as asked."""
+    model = sample.load_checkpoint(ckpt)
+    args = sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none", "--quantize", "floor"])
+    latents = sample.sample_latents(model, [0, 1], args, "cpu").float()
+    images = sample.generate_images(model, None, [0, 1], args, "cpu")
+    assert images.shape == (2, 8, 8, 4) and images.dtype == np.uint8
+    expected = (latents / 4 * 127.5 + 127.5).clamp(0, 255).floor().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(images, expected)
+
+
+def test_resume_skips_written_samples(ckpt, tmp_path, monkeypatch):
+    """A second run generates only the missing samples; the npz equals one uninterrupted run."""
+    common = ["--ckpt", ckpt, "--num-steps", "3", "--vae", "none", "--batch-size", "2", "--mode", "ode"]
+    run(common + ["--num-samples", "3", "--out", str(tmp_path / "r.npz")])
+    os.remove(tmp_path / "r" / "000001.png")  # as if the run had died before writing it
+    done = []
+    original = sample.generate_images
+    monkeypatch.setattr(sample, "generate_images", lambda m, v, idx, a, d: done.extend(idx) or original(m, v, idx, a, d))
+    run(common + ["--num-samples", "5", "--out", str(tmp_path / "r.npz")])
+    assert sorted(done) == [1, 3, 4]
+    run(common + ["--num-samples", "5", "--batch-size", "5", "--out", str(tmp_path / "fresh.npz")])
+    resumed, fresh = np.load(tmp_path / "r.npz")["arr_0"], np.load(tmp_path / "fresh.npz")["arr_0"]
+    assert resumed.shape == (5, 8, 8, 4)
+    np.testing.assert_allclose(resumed, fresh, atol=1)  # batch 2 vs 5: fp32 noise may flip a rounding
+    with pytest.raises(SystemExit, match="other settings.*cfg"):
+        run(common + ["--num-samples", "5", "--cfg", "2", "--out", str(tmp_path / "r.npz")])
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_npz_as_one(ckpt, tmp_path):
+    """torchrun with 2 gloo processes writes the same samples.npz as a single process."""
+    common = ["--ckpt", ckpt, "--num-steps", "4", "--vae", "none", "--batch-size", "1", "--num-samples", "5",
+              "--cfg", "1.5", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(REPO, "sample.py"), *common, "--out", str(tmp_path / "two.npz")],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    run(common + ["--out", str(tmp_path / "one.npz")])
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert list(two.keys()) == ["arr_0"] and two["arr_0"].shape == (5, 8, 8, 4) and two["arr_0"].std() > 1
+    np.testing.assert_array_equal(two["arr_0"], one["arr_0"])  # batch 1 everywhere: bit-identical
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_project_checkpoint_ema_and_raw_weights(ckpt):
+    """EMA weights by default, --weights model for the raw ones; config rebuilt from the checkpoint."""
+    raw, ema = save_project_ckpt(ckpt)
+    loaded = sample.load_checkpoint(ckpt)
+    assert loaded.config == ema.config and not loaded.training
+    torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(sample.load_checkpoint(ckpt, "model")), outputs(raw), rtol=0, atol=0)
+
+
+def test_repa_checkpoint_loads(tmp_path):
+    """REPA's {model, ema, opt, args, steps} with an argparse.Namespace: heads from args.model, depths from args."""
+    config = dict(TINY, num_heads=16, encoder_depth=2, z_dims=[8, 6], projector_dim=12)  # 16 heads: SiT-XL's
+    raw, ema = perturbed(SiT(**config), 4), perturbed(SiT(**config), 5)
+    opt = torch.optim.AdamW(raw.parameters())
+    args = argparse.Namespace(model="SiT-XL/2", num_classes=10, encoder_depth=2, qk_norm=False, path_type="linear",
+                              cfg_prob=0.1, enc_type="dinov2-vit-b")
+    path = tmp_path / "repa.pt"
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=args, steps=400000), path)
+    loaded = sample.load_checkpoint(str(path))
+    assert loaded.config == ema.config
+    torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(sample.load_checkpoint(str(path), "model")), outputs(raw), rtol=0, atol=0)
+
+
+def test_bare_repa_state_dict_loads(tmp_path):
+    """A bare state dict (REPA's released last.pt) loads: sizes inferred, 64-dim heads, encoder depth 8 capped."""
+    config = dict(TINY, hidden_size=64, num_heads=1, depth=3, encoder_depth=3, z_dims=[8])
+    net = perturbed(SiT(**config), 6)
+    torch.save(net.state_dict(), tmp_path / "last.pt")
+    loaded = sample.load_checkpoint(str(tmp_path / "last.pt"))
+    assert loaded.config == net.config
+    torch.testing.assert_close(outputs(loaded), outputs(net), rtol=0, atol=0)
+
+
+def corrupt(kind, path):
+    """Write a broken checkpoint of the given kind at path."""
+    net = SiT(**TINY)
+    good = dict(model=net.state_dict(), ema=net.state_dict(), config=dict(model=net.config), step=1)
+    if kind == "truncated":
+        torch.save(good, path)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif kind == "foreign":
+        torch.save(dict(good, ema={**good["ema"], "head.weight": torch.zeros(3)}), path)
+    elif kind == "shape":
+        torch.save(dict(good, ema={**good["ema"], "pos_embed": torch.zeros(1, 16, 48)}), path)
+    elif kind == "no-ema":
+        torch.save(dict(model=good["model"], step=1), path)
+    elif kind == "pickled":
+        torch.save(dict(good, args=datetime.date(2024, 1, 1)), path)  # weights_only allows only Namespace here
+    elif kind == "not-sit":
+        torch.save({"encoder.weight": torch.zeros(2, 2)}, path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "unreadable checkpoint"),
+    ("foreign", "does not fit the model: unexpected key 'head.weight'"),
+    ("shape", r"'pos_embed' has shape \(1, 16, 48\), the model wants \(1, 16, 32\)"),
+    ("no-ema", "no 'ema' state dict in the checkpoint"),
+    ("pickled", "unreadable checkpoint"),
+    ("not-sit", "not a SiT state dict"),
+    ("missing", "no such checkpoint file"),
+])
+def test_bad_checkpoints_give_one_line_errors(tmp_path, kind, message):
+    """Each broken checkpoint exits with a one-line message that names the problem."""
+    path = str(tmp_path / "bad.pt")
+    corrupt(kind, path)
+    with pytest.raises(SystemExit, match=message) as e:
+        sample.load_checkpoint(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cfg", "0.5"], "must be >= 1"),
+    (["--guidance-low", "0.8", "--guidance-high", "0.7"], "guidance-low"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--num-samples", "4", "--out", "x.png"], "must end in .npz"),
+    (["--class-labels", "3,99"], r"--class-labels \[99\]"),
+])
+def test_bad_options_exit_with_a_message(ckpt, tmp_path, argv, message):
+    """Bad command lines stop with a clear message before any sampling."""
+    with pytest.raises(SystemExit, match=message):
+        run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), *argv])
