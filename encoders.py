@@ -83,6 +83,8 @@ class DinoV2Encoder(FrozenEncoder):
         # img_size makes timm resample the 37x37 pretrained pos-embed to the 16x16 grid (bicubic, antialiased: the
         # same resample_abs_pos_embed call REPA makes on the torch.hub model)
         kwargs = dict(img_size=input_size, num_classes=0)
+        if weights is not None and not os.path.isfile(weights):
+            raise FileNotFoundError(f"encoder weights file {weights} does not exist")
         if weights is not None:
             model = load_timm_weights(timm.create_model(timm_name, pretrained=False, **kwargs), weights)
         elif pretrained:
@@ -113,18 +115,15 @@ def load_timm_weights(model, path):
     """Load a local checkpoint (DINOv2's own .pth or timm's .safetensors / .pth) into a timm ViT, pos-embed resampled."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"encoder weights file {path} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    # converts the official DINOv2 key layout (mask_token, register_tokens) and resamples the pos-embed to the grid
-    state = checkpoint_filter_fn(state, model)
     try:
-        model.load_state_dict(state, strict=True)
+        # converts the official DINOv2 key layout (mask_token, register_tokens), resamples the pos-embed to the grid
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
     except RuntimeError as e:
         raise RuntimeError(f"encoder weights {path} do not fit {type(model).__name__} "
                            f"(embed_dim {model.embed_dim}): wrong model size or variant? {e}") from e
@@ -166,7 +165,7 @@ def load_encoders(spec, device, resolution=256, weights=None, pretrained=True):
 
     weights: None, or local checkpoint files, comma-separated in the order of spec (an empty entry downloads).
     """
-    names = [n for n in spec.split(",") if n.strip()]
+    names = [canonical_name(n) for n in spec.split(",") if n.strip()]  # all names checked before any download
     if not names:
         raise ValueError(f"empty encoder spec {spec!r}: name at least one encoder, e.g. dinov2-vit-b")
     paths = weights.split(",") if weights else [""] * len(names)
