@@ -1,0 +1,468 @@
+"""Train SiT with REPA / SARA / SRA^2 representation alignment.
+
+    torchrun --nproc_per_node=8 train.py --align sara --data-dir data/imagenet256   # SARA Table 4
+    python train.py --preset smoke --align sara                                        # CPU, minutes
+
+One process per GPU under torchrun (NCCL; gloo on CPU), one plain process otherwise. Re-running the
+same command resumes from the newest checkpoint in the run folder and continues exactly.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import losses
+from data import LatentImageDataset, SyntheticDataset
+from discriminator import build_discriminator, is_disc_step
+from encoders import TINY_RANDOM, load_encoders
+from model import SiT, size_config
+from sample import LATENT_RANGE, euler_maruyama, guided_velocity, save_atomic, tile
+from vae import decode, load_vae, sample_latent, to_uint8
+
+log = logging.getLogger("train")
+SYNTHETIC = "synthetic"  # --data-dir value for the built-in procedural dataset
+
+# ----------------------------------------------------------------------------------------------
+# Run presets: the paper's ImageNet 256 recipe (SARA Table 4) and a CPU smoke run of the same code.
+
+PRESETS = {
+    "imagenet256": dict(model="SiT-XL/2", data_dir="data/imagenet256", enc_type="dinov2-vit-b", vae="ema",
+                        batch_size=256, max_steps=400_000, ckpt_every=50_000, sample_every=10_000, log_every=100,
+                        resolution=256, num_workers=8, precision="fp16", sample_steps=250, disc_pretrained=True),
+    "smoke":       dict(model="SiT-T/2", data_dir=SYNTHETIC, enc_type=TINY_RANDOM, vae=TINY_RANDOM,
+                        batch_size=8, max_steps=20, ckpt_every=10, sample_every=20, log_every=5,
+                        resolution=64, num_workers=0, precision="fp32", sample_steps=10, disc_pretrained=False),
+}
+# Flags that may change when a run is resumed; any other difference means another experiment.
+RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
+                     "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size"}
+
+
+def fail(msg):
+    """Stop with a one-line error (what was wrong and what to do), never a traceback."""
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def parse_args(argv=None):
+    """Command line; every flag left unset takes its value from --preset."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="imagenet256", choices=list(PRESETS), help="run preset the other flags override")
+    a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (METHOD.md section 3)")
+    a("--model", help="SiT size, e.g. SiT-XL/2, SiT-B/2 (T is a tiny test size)")
+    a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from prepare.py, or '{SYNTHETIC}'")
+    a("--synthetic-images", type=int, default=256, help="number of images of the synthetic dataset")
+    a("--synthetic-classes", type=int, default=10, help="number of classes of the synthetic dataset")
+    a("--resolution", type=int, help="image resolution in pixels (latents are 8x smaller)")
+    a("--enc-type", help="encoder(s) as REPA's --enc-type, comma-separated, e.g. dinov2-vit-b; or tiny-random")
+    a("--enc-weights", help="local encoder checkpoint(s), comma-separated, instead of downloading")
+    a("--vae", help="SD-VAE for sample grids: ema, mse, a hub id, a local folder, tiny-random, or none")
+    # Optimisation (SARA Table 4)
+    a("--batch-size", type=int, help="global batch size, split evenly over the ranks")
+    a("--max-steps", type=int, help="total optimizer steps")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    a("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    a("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    a("--precision", choices=["fp16", "bf16", "fp32"], help="fp16 (with a GradScaler), bf16 or fp32")
+    a("--max-bad-steps", type=int, default=50, help="stop after this many consecutive non-finite steps")
+    a("--seed", type=int, default=0, help="global seed; every draw is a function of it and the step")
+    # Model and alignment
+    a("--encoder-depth", type=int, help="REPA/SARA tap block (default: 4 for S/B, 8 for L/XL)")
+    a("--projector-dim", type=int, default=2048, help="REPA projector hidden width")
+    a("--sra-depth", type=int, help="SRA^2 tap block (default: 2 for S/B, 8 for L/XL)")
+    a("--sra-mlp-layers", type=int, default=5, help="SRA^2 head depth (SRA^2 Table 1: 2 or 5)")
+    a("--sra-hidden-dim", type=int, help="SRA^2 head width (default 2 x hidden size)")
+    a("--patch-weight", type=float, help="lambda of the patch term, SARA (6) (preset default 0.5)")
+    a("--struc-weight", type=float, help="beta of the structural term, SARA (8) (preset default 0.5)")
+    a("--adv-weight", type=float, help="gamma of the adversarial term, SARA (10) (preset default 0.05)")
+    a("--sra-weight", type=float, help="lambda of the SRA^2 term, SRA^2 (8) (preset default 1.0)")
+    a("--struc-reduction", choices=["mean", "sum"], help="SARA (8) reduction over the N x N entries")
+    a("--sra-objective", choices=["smooth_l1", "l1", "l2", "cosine"], help="SRA^2 alignment objective")
+    a("--sra-beta", type=float, help="smooth-L1 beta of SRA^2 (7) (default 0.05)")
+    a("--sra-t-range", type=float, nargs=2, metavar=("LO", "HI"), help="apply SRA^2 only for t in [LO, HI]")
+    a("--path-type", choices=["linear", "cosine"], help="interpolant (default linear)")
+    a("--weighting", choices=["uniform", "lognormal"], help="training time distribution (default uniform)")
+    a("--disc-every", type=int, default=5, help="one discriminator update per this many generator steps")
+    a("--disc-lr", type=float, default=2e-4, help="discriminator Adam learning rate")
+    a("--disc-betas", type=float, nargs=2, default=(0.5, 0.999), help="discriminator Adam betas")
+    a("--disc-pretrained", type=int, choices=[0, 1], help="1: ImageNet ResNet-18 trunk (paper); 0: random")
+    # Speed
+    a("--tf32", type=int, choices=[0, 1], default=1, help="TF32 matmuls on GPU")
+    a("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the model")
+    a("--grad-checkpointing", type=int, choices=[0, 1], default=0, help="activation checkpointing per block")
+    a("--num-workers", type=int, help="data loader workers per rank")
+    # Output
+    a("--out", default="runs", help="folder that holds the run folders")
+    a("--run-name", help="run folder name (default: preset-align-model)")
+    a("--ckpt-every", type=int, help="checkpoint every this many steps (and at the end)")
+    a("--keep-ckpts", type=int, default=3, help="how many newest checkpoints to keep")
+    a("--log-every", type=int, help="log line and metrics.jsonl row every this many steps")
+    a("--sample-every", type=int, help="EMA sample grid every this many steps (0: never)")
+    a("--sample-steps", type=int, help="SDE steps of the sample grid")
+    return p.parse_args(argv)
+
+
+def resolve_config(args, world=1):
+    """The run's full configuration as a plain dict: preset, then flags, then derived values."""
+    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    try:
+        size = size_config(cfg["model"])
+        align = losses.align_config(
+            cfg["align"], patch=cfg.get("patch_weight"), struc=cfg.get("struc_weight"), adv=cfg.get("adv_weight"),
+            vae=cfg.get("sra_weight"), struc_reduction=cfg.get("struc_reduction"), vae_objective=cfg.get("sra_objective"),
+            vae_beta=cfg.get("sra_beta"), vae_t_lo=(cfg.get("sra_t_range") or [None])[0],
+            vae_t_hi=(cfg.get("sra_t_range") or [None, None])[1], path=cfg.get("path_type"), weighting=cfg.get("weighting"))
+    except ValueError as e:
+        fail(str(e))
+    if cfg["batch_size"] % world:
+        fail(f"--batch-size {cfg['batch_size']} does not divide by the {world} ranks; use a multiple of {world}")
+    if cfg["resolution"] % 8:
+        fail(f"--resolution {cfg['resolution']} must be a multiple of 8 (the VAE downsamples 8x)")
+    cfg["align_config"] = asdict(align)
+    cfg["encoder_depth"] = cfg.get("encoder_depth") or size["repa_depth"]
+    cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.vae else 0
+    cfg["run_name"] = cfg.get("run_name") or f"{cfg['preset']}-{cfg['align']}-{cfg['model'].replace('/', '')}"
+    cfg["world_size"] = world
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup and data
+
+
+def setup_distributed():
+    """(rank, world size, device): torchrun's environment if present, else one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class GlobalBatchSampler(Sampler):
+    """Endless batches: this rank's slice of global batch i of epoch e = randperm(seed, e)[i*G : (i+1)*G].
+
+    The composition of every global batch depends only on the seed, so any number of ranks sees the
+    same data as one process, and a resumed run restarts at the exact batch it stopped at.
+    """
+
+    def __init__(self, size, global_batch, rank, world, seed, start_step):
+        if size < global_batch:
+            fail(f"the dataset has {size} images, fewer than one global batch of {global_batch}")
+        self.size, self.global_batch, self.seed, self.start_step = size, global_batch, seed, start_step
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self.per_epoch = size // global_batch  # the last partial batch of an epoch is dropped
+
+    def __iter__(self):
+        """Index lists of length global_batch / world, from start_step on, forever."""
+        step, epoch, perm = self.start_step, -1, None
+        while True:
+            e, i = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + e))
+            start = i * self.global_batch + self.offset
+            yield perm[start : start + self.local].tolist()
+            step += 1
+
+
+def build_dataset(cfg):
+    """The REPA-layout dataset of --data-dir, or the synthetic one (loudly labelled)."""
+    if cfg["data_dir"] == SYNTHETIC:
+        return SyntheticDataset(cfg["synthetic_images"], cfg["synthetic_classes"], cfg["resolution"], cfg["seed"])
+    try:
+        dataset = LatentImageDataset(cfg["data_dir"])
+    except ValueError as e:
+        fail(str(e))
+    if dataset.resolution != cfg["resolution"]:
+        fail(f"{cfg['data_dir']} holds {dataset.resolution} px images but --resolution is {cfg['resolution']}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_paths(run_dir):
+    """Finished checkpoints of a run, oldest first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in names]
+
+
+def load_run_checkpoint(path, cfg):
+    """A checkpoint of this run, checked to be whole and written by the same configuration."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files and foreign pickles fail in many ways; all mean "not ours"
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+             "delete it to resume from the previous one")
+    missing = {"model", "ema", "opt", "step", "rng", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
+    if missing:
+        fail(f"{path} is not a train.py checkpoint (missing {sorted(missing)}); use another --run-name")
+    diff = sorted(k for k in set(cfg) | set(ckpt["config"]) if k not in RESUMABLE_CHANGES
+                  and cfg.get(k) != ckpt["config"].get(k))
+    if diff:
+        k = diff[0]
+        fail(f"{path} was written by another config ({k}: {ckpt['config'].get(k)!r} there, {cfg.get(k)!r} now"
+             f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); use another --run-name or the same flags")
+    return ckpt
+
+
+def rng_state(gen, device):
+    """Every random state the run reads: torch's CPU and CUDA RNGs and the shared step generator."""
+    state = {"cpu": torch.get_rng_state(), "gen": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, gen, device):
+    """Restore rng_state()."""
+    torch.set_rng_state(state["cpu"])
+    gen.set_state(state["gen"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """DiT / REPA EMA over parameters: ema <- decay * ema + (1 - decay) * model."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def write_sample_grid(ema, vae, cfg, step, run_dir, device):
+    """A grid of EMA samples for fixed classes and noise (SDE, no guidance), decoded when there is a VAE."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    n, c, s = 16, ema.in_channels, ema.config["input_size"]
+    x = torch.randn(n, c, s, s, generator=g).to(device)  # (16, C, h, w) the same every time
+    y = (torch.arange(n) * 997 % ema.num_classes).to(device)  # 16 fixed, spread-out classes
+
+    def noise(like):
+        """The SDE's fresh noise, from the grid's own generator."""
+        return torch.randn(like.shape, generator=g, dtype=like.dtype).to(device)
+
+    latents = euler_maruyama(guided_velocity(ema, y), x, cfg["sample_steps"], noise).float()  # (16, C, h, w)
+    images = decode(vae, latents) if vae is not None else to_uint8(latents[:, :3] / LATENT_RANGE)  # (16, 3, H, W)
+    path = os.path.join(run_dir, "samples", f"{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_atomic(path, lambda tmp: Image.fromarray(tile(images.permute(0, 2, 3, 1).cpu().numpy())).save(tmp, format="PNG"))
+
+
+def setup_logging(run_dir, rank):
+    """Rank 0 logs INFO to stderr and run_dir/log.txt; other ranks only warnings."""
+    handlers = [logging.StreamHandler()]
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "log.txt")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(args):
+    """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
+    rank, world, device = setup_distributed()
+    cfg = resolve_config(args, world)
+    run_dir = os.path.join(cfg["out"], cfg["run_name"])
+    setup_logging(run_dir, rank)
+    align = losses.AlignConfig(**cfg["align_config"])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+
+    dataset = build_dataset(cfg)
+    random_parts = ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + (
+        [f"encoder ({TINY_RANDOM})"] if align.needs_encoder and cfg["enc_type"] == TINY_RANDOM else []) + (
+        ["discriminator trunk (random ResNet-18)"] if align.adv and not cfg["disc_pretrained"] else []) + (
+        [f"vae ({TINY_RANDOM})"] if cfg["vae"] == TINY_RANDOM and cfg["sample_every"] else [])
+    cfg["random_components"] = random_parts  # in config.json and every checkpoint: no silent stand-ins
+    for part in random_parts:
+        log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
+
+    encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
+                if align.needs_encoder else [])
+    model = SiT(
+        input_size=cfg["resolution"] // 8, num_classes=dataset.num_classes, class_dropout_prob=cfg["class_dropout"],
+        encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
+        sra_depth=cfg["sra_depth"], sra_mlp_layers=cfg["sra_mlp_layers"], sra_hidden_dim=cfg.get("sra_hidden_dim"),
+        grad_checkpointing=bool(cfg["grad_checkpointing"]), **{k: v for k, v in size_config(cfg["model"]).items()
+                                                               if k not in ("repa_depth", "sra_depth")},
+    ).to(device)
+    cfg["model_config"] = model.config
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # DiT-style EMA: a copy, no grad, eval mode
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                            weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+    disc = disc_opt = disc_scaler = None
+    if align.adv:
+        disc, disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]), cfg["disc_lr"],
+                                             tuple(cfg["disc_betas"]))
+        disc = disc.to(device)
+        disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+    gen = torch.Generator(device).manual_seed(cfg["seed"])  # the same on every rank: one global draw per step
+
+    step = 0
+    ckpts = checkpoint_paths(run_dir)
+    if ckpts:
+        ckpt = load_run_checkpoint(ckpts[-1], cfg)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
+            disc_scaler.load_state_dict(ckpt["disc_scaler"])
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], gen, device)
+        step = ckpt["step"]
+        log.info("resumed from %s at step %d", ckpts[-1], step)
+    else:
+        torch.manual_seed(cfg["seed"] + rank)  # per-rank global RNG (nothing in the step depends on it)
+
+    if rank == 0:
+        save_atomic(os.path.join(run_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    vae = load_vae(cfg["vae"], device) if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none" else None
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and disc else disc
+    forward_model = torch.compile(ddp_model) if cfg["compile"] else ddp_model
+
+    local_batch = cfg["batch_size"] // world
+    loader = DataLoader(
+        dataset, batch_sampler=GlobalBatchSampler(len(dataset), cfg["batch_size"], rank, world, cfg["seed"], step),
+        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
+        generator=torch.Generator())  # a private generator: iterating never touches the global RNG
+    amp = dict(device_type=device.type, dtype=torch.float16 if cfg["precision"] == "fp16" else torch.bfloat16,
+               enabled=cfg["precision"] != "fp32")
+    rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
+    latent_shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
+    stats, bad_in_a_row, t_last = {}, 0, time.time()
+    model.train()
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
+    for images, moments, labels in loader:
+        if step >= cfg["max_steps"]:
+            break
+        images, moments, labels = (x.to(device, non_blocking=True) for x in (images, moments, labels))
+        noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, gen)[rows]
+        x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=gen)[rows])
+        with torch.autocast(**amp):
+            with torch.no_grad():
+                z_encs = [enc(images) for enc in encoders]  # per encoder (B, N, D) on the clean image
+            out = losses.training_losses(forward_model, x0, labels, z_encs, align, noise, disc)
+        scaler.scale(out.total).backward()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        finite = bool(torch.isfinite(grad_norm))  # all-reduced gradients: every rank agrees
+        if finite:
+            scaler.step(opt)
+            update_ema(ema, model, cfg["ema_decay"])
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
+        record = {k: v.detach().float() for k, v in out.terms.items()}
+        record.update(grad_norm=grad_norm.detach().float(), bad_steps=torch.tensor(float(not finite)))
+        if disc is not None and is_disc_step(step, cfg["disc_every"]):
+            with torch.autocast(**amp):
+                d_loss, d_acc = losses.discriminator_step_loss(ddp_disc, z_encs[0], out.hs[0])
+            disc_scaler.scale(d_loss).backward()
+            disc_scaler.step(disc_opt)
+            disc_scaler.update()
+            disc_opt.zero_grad(set_to_none=True)
+            record.update(disc_loss=d_loss.detach().float(), disc_acc=d_acc.detach().float())
+        step += 1
+        bar.update(1)
+        for k, v in record.items():
+            stats.setdefault(k, []).append(v)
+        if bad_in_a_row >= cfg["max_bad_steps"]:
+            fail(f"{bad_in_a_row} non-finite steps in a row at step {step}; the newest checkpoint is still good: "
+                 "lower --lr or use --precision bf16/fp32")
+        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+            t_now = time.time()
+            row = reduce_stats(stats, world)
+            row.update(step=step, sec_per_step=(t_now - t_last) / len(stats["velocity"]),
+                       images_per_sec=cfg["batch_size"] * len(stats["velocity"]) / (t_now - t_last))
+            stats, t_last = {}, t_now
+            if rank == 0:
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
+            write_sample_grid(ema, vae, cfg, step, run_dir, device)
+        if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
+            save_checkpoint(run_dir, cfg, step, model, ema, opt, scaler, disc, disc_opt, disc_scaler, gen, device,
+                            rank, world)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def reduce_stats(stats, world):
+    """Mean of each logged quantity over the interval and the ranks (bad_steps summed)."""
+    keys = sorted(stats)
+    means = torch.stack([torch.stack(stats[k]).mean() for k in keys])
+    if world > 1:
+        dist.all_reduce(means)
+        means /= world
+    row = dict(zip(keys, means.tolist()))
+    row["bad_steps"] = round(row["bad_steps"] * len(stats["velocity"]))  # ranks agree on every skip
+    return row
+
+
+def save_checkpoint(run_dir, cfg, step, model, ema, opt, scaler, disc, disc_opt, disc_scaler, gen, device, rank, world):
+    """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts."""
+    rng = [rng_state(gen, device)]
+    if world > 1:  # every rank's RNG, so each resumes its own stream
+        rng = [None] * world
+        dist.all_gather_object(rng, rng_state(gen, device))
+    if rank == 0:
+        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
+                    step=step, rng=rng, config=cfg)
+        if disc is not None:
+            ckpt.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict(), disc_scaler=disc_scaler.state_dict())
+        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
+            os.remove(old)
+        log.info("saved %s", path)
+    if world > 1:
+        dist.barrier()
+
+
+def trim_metrics(path, step):
+    """Drop metrics rows past the resumed step, so a resumed run's metrics.jsonl has no duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    save_atomic(path, lambda tmp: Path(tmp).write_text("".join(rows)))
+
+
+if __name__ == "__main__":
+    main(parse_args())
