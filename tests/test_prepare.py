@@ -1,0 +1,167 @@
+"""prepare.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on 2 ranks."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import prepare
+import vae as vae_lib
+from data import LatentImageDataset
+
+# (class folder, file name, width, height); 'goldfish' is class 1 of the sorted folder names
+SOURCE = [("tench", "b.JPEG", 300, 400), ("tench", "a.png", 1030, 600), ("goldfish", "x.JPEG", 90, 100),
+          ("goldfish", "sub/y.JPEG", 520, 600), ("zebra", "z.JPEG", 64, 64)]
+
+
+def write_source(root):
+    """Random images in class folders; returns root."""
+    rng = np.random.default_rng(0)
+    for folder, name, w, h in SOURCE:
+        os.makedirs(os.path.join(root, folder, os.path.dirname(name)), exist_ok=True)
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, folder, name))
+    return str(root)
+
+
+TINY = ["--resolution", "32", "--vae", "tiny-random", "--workers", "0", "--batch-size", "2"]
+
+
+def run(source, dest, *extra):
+    """prepare.py in this process with the tiny VAE at 32 px."""
+    prepare.main(prepare.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
+
+
+def snapshot(dest):
+    """{relative path: (bytes, mtime_ns)} of every file under dest."""
+    out = {}
+    for d, _, files in os.walk(dest):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_center_crop_halves_then_crops_exactly():
+    """1024x512 red | green green | blue: one BOX halving to 512x256, no resize, the middle 256 columns = green."""
+    array = np.zeros((512, 1024, 3), np.uint8)
+    array[:, :256, 0] = 255
+    array[:, 256:768, 1] = 255
+    array[:, 768:, 2] = 255
+    out = prepare.center_crop_dhariwal(PIL.Image.fromarray(array), 256)
+    assert out.shape == (256, 256, 3) and np.all(out == [0, 255, 0])
+
+
+def test_center_crop_non_integer_scale():
+    """400x300 to 64: two halvings (300 >= 128, 150 >= 128) to 100x75, bicubic to 85x64, columns 10..73 kept."""
+    array = np.tile(np.arange(400, dtype=np.float64)[None, :, None] * 255 / 399, (300, 1, 3)).astype(np.uint8)
+    image = PIL.Image.fromarray(array)
+    out = prepare.center_crop_dhariwal(image, 64)
+    halved = image.resize((200, 150), PIL.Image.Resampling.BOX).resize((100, 75), PIL.Image.Resampling.BOX)
+    expected = np.array(halved.resize((85, 64), PIL.Image.Resampling.BICUBIC))[:, 10:74]
+    assert out.shape == (64, 64, 3) and np.array_equal(out, expected)
+    assert np.all(np.diff(out[32, :, 0].astype(int)) >= 0)  # a left-to-right ramp stays one: not transposed
+    # portrait 300x500 to 256: no halving (300 < 512), bicubic to 256x427, rows 85..340 kept
+    tall = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 300, 3), dtype=np.uint8))
+    expected = np.array(tall.resize((256, 427), PIL.Image.Resampling.BICUBIC))[85:341]
+    assert np.array_equal(prepare.center_crop_dhariwal(tall, 256), expected)
+
+
+@pytest.mark.slow
+def test_end_to_end_then_resume(tmp_path):
+    """Class folders -> REPA layout that LatentImageDataset reads with the right labels, crops and latents; a second
+    run rewrites no image or latent; a lost latent is redone."""
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
+    run(source, dest)
+    ds = LatentImageDataset(dest)
+    # sorted relative paths: goldfish/sub/y, goldfish/x, tench/a, tench/b, zebra/z; classes in sorted folder order
+    order = ["goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"]
+    assert len(ds) == 5 and ds.num_classes == 3 and ds.resolution == 32 and ds.latent_size == 4
+    assert [ds[i][2].item() for i in range(5)] == [0, 0, 1, 1, 2]
+    vae = vae_lib.load_vae("tiny-random")
+    for i, name in enumerate(order):
+        image, moments, _ = ds[i]
+        expected = prepare.center_crop_dhariwal(PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
+        torch.testing.assert_close(moments, vae_lib.encode_moments(vae, image[None])[0])
+    with open(os.path.join(dest, "vae-sd", "dataset.json")) as f:
+        meta = json.load(f)
+    assert meta["labels"][2] == ["00000/img-mean-std-00000002.npy", 1]
+    assert meta["classes"] == ["goldfish", "tench", "zebra"] and meta["vae"] == "tiny-random"
+    with open(os.path.join(dest, "images", "dataset.json")) as f:
+        assert json.load(f)["labels"][4] == ["00000/img00000004.png", 2]
+
+    before = snapshot(dest)
+    run(source, dest)
+    assert snapshot(dest) == before  # same files, same bytes, not even rewritten
+    lost = os.path.join(dest, "vae-sd", "00000", "img-mean-std-00000003.npy")
+    os.remove(lost)  # as if stopped between the PNG and its latent
+    run(source, dest)
+    after = snapshot(dest)
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in before if not k.endswith("00003.npy") and "dataset.json" not in k)
+    # redone in a batch of one instead of two: equal up to float rounding of the convolutions
+    redone, original = (np.load(io.BytesIO(s["vae-sd/00000/img-mean-std-00000003.npy"][0])) for s in (after, before))
+    assert redone.shape == (8, 4, 4) and redone.dtype == np.float32
+    np.testing.assert_allclose(redone, original, rtol=1e-5, atol=1e-6)
+
+
+def test_max_images_and_png_compression(tmp_path):
+    """--max-images takes the first images in sorted order; compressed PNGs decode to the same pixels."""
+    source = write_source(tmp_path / "src")
+    run(source, str(tmp_path / "a"), "--max-images", "2")
+    run(source, str(tmp_path / "b"), "--max-images", "2", "--png-compress", "9")
+    a, b = LatentImageDataset(str(tmp_path / "a")), LatentImageDataset(str(tmp_path / "b"))
+    assert len(a) == 2 and a.num_classes == 3  # the json records all classes, not just those seen
+    assert torch.equal(a[1][0], b[1][0])
+    size = os.path.getsize(os.path.join(tmp_path, "a", "images", "00000", "img00000001.png"))
+    assert size > os.path.getsize(os.path.join(tmp_path, "b", "images", "00000", "img00000001.png"))
+
+
+def test_bad_source_is_a_clear_exit(tmp_path):
+    """Missing source, no class folders, no images, a bad resolution: one-line SystemExit messages."""
+    cases = {"missing": "is not a directory", "loose": "no class folders", "empty": "no images in the class folders"}
+    os.makedirs(tmp_path / "loose")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "loose" / "a.png")
+    os.makedirs(tmp_path / "empty" / "cls")
+    (tmp_path / "empty" / "cls" / "readme.txt").write_text("no images here")
+    for case, message in cases.items():
+        with pytest.raises(SystemExit, match=message):
+            run(str(tmp_path / case), str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        run(write_source(tmp_path / "src"), str(tmp_path / "out"), "--resolution", "30")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_every_flag_has_help():
+    """argparse help on every flag, and the defaults REPA's preprocessing uses."""
+    actions = [a for a in prepare.build_parser()._actions if a.dest != "help"]
+    assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
+    args = prepare.parse_args(["--source", "s", "--dest", "d"])
+    assert args.resolution == 256 and args.vae == "mse" and args.png_compress == 0 and args.max_images is None
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(tmp_path):
+    """torchrun with 2 gloo ranks writes the same files as one process."""
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "ddp")
+    run(source, str(tmp_path / "single"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "prepare.py",
+               "--source", source, "--dest", dest, *TINY]
+    result = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "rank 0 of 2: 3 to do" in result.stderr  # images 0, 2, 4: a strided shard, not all five
+    single, ddp = snapshot(tmp_path / "single"), snapshot(dest)
+    assert single.keys() == ddp.keys() and len(single) == 12
+    for k in single:  # PNGs and labels to the byte; latents to float rounding (the batches are made up differently)
+        if k.endswith(".npy"):
+            np.testing.assert_allclose(*(np.load(io.BytesIO(s[k][0])) for s in (single, ddp)), rtol=1e-5, atol=1e-6)
+        else:
+            assert single[k][0] == ddp[k][0], k
