@@ -50,6 +50,7 @@ class LatentImageDataset(Dataset):
     synthetic = False
 
     def __init__(self, data_dir):
+        """Index data_dir and validate it; ValueError with the fix when the layout is broken."""
         if not os.path.isdir(data_dir):
             raise ValueError(f"data dir {data_dir} does not exist: {PREPARE_HINT}")
         self.images_dir = os.path.join(data_dir, "images")
@@ -64,7 +65,10 @@ class LatentImageDataset(Dataset):
         if len(self.image_fnames) != len(self.feature_fnames):
             raise ValueError(f"{len(self.image_fnames)} images in {self.images_dir} but {len(self.feature_fnames)} "
                              f"latent files in {self.features_dir}: an interrupted preparation? re-run prepare.py")
-        self.labels, self.num_classes = self.read_labels()
+        self.labels, self.num_classes, self.vae = self.read_labels()
+        if self.vae == "tiny-random":
+            log.warning("data: %s was encoded with the TINY RANDOM VAE (prepare.py --vae tiny-random): "
+                        "for smoke runs and tests only", self.features_dir)
         image = load_image(os.path.join(self.images_dir, self.image_fnames[0]))
         self.resolution = image.shape[-2]
         moments = np.load(os.path.join(self.features_dir, self.feature_fnames[0]), mmap_mode="r")
@@ -76,7 +80,7 @@ class LatentImageDataset(Dataset):
         self.latent_size = expected[1]
 
     def read_labels(self):
-        """Labels of the latent files from vae-sd/dataset.json, in feature order, and the number of classes."""
+        """(labels in feature order, number of classes, VAE name or None) from vae-sd/dataset.json."""
         path = os.path.join(self.features_dir, "dataset.json")
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing (it holds the class labels): {PREPARE_HINT}")
@@ -93,7 +97,10 @@ class LatentImageDataset(Dataset):
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.min() < 0:
             raise ValueError(f"{path}: labels must be one class index >= 0 per file, got {labels.dtype} "
                              f"of shape {labels.shape}")
-        return labels.astype(np.int64), int(meta.get("num_classes", labels.max() + 1))
+        num_classes = int(meta.get("num_classes", labels.max() + 1))  # prepare.py stores it; REPA's json does not
+        if labels.max() >= num_classes:
+            raise ValueError(f"{path}: label {labels.max()} but num_classes {num_classes}: re-run prepare.py")
+        return labels.astype(np.int64), num_classes, meta.get("vae")  # vae: written by prepare.py only
 
     def __len__(self):
         """Number of (image, latent) pairs."""
@@ -128,8 +135,7 @@ def synthetic_moments(image):
 
 
 def synthetic_image(label, num_classes, resolution, rng):
-    """A procedural uint8 picture (3, H, W) of class label: class colours, shape and stripe angle/frequency,
-    with position, size, phase and noise drawn from rng."""
+    """Procedural uint8 picture (3, H, W): colours, shape, stripes set by the class; placement and noise by rng."""
     hue = (label * 0.618034) % 1  # golden-ratio hues keep neighbouring classes apart
     fg = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
     bg = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1, 0.6, 0.35))
@@ -150,11 +156,12 @@ def synthetic_image(label, num_classes, resolution, rng):
 
 
 class SyntheticDataset(Dataset):
-    """SYNTHETIC class-conditional data for smoke runs and tests: procedural images and VAE-like moments, no download."""
+    """SYNTHETIC class-conditional data for smoke runs and tests: procedural images, VAE-like moments, no download."""
 
     synthetic = True
 
     def __init__(self, num_images=1024, num_classes=10, resolution=256, seed=0):
+        """num_images items (label = index % num_classes) at resolution px, fixed by seed."""
         if resolution % 16 or resolution <= 0:
             raise ValueError(f"synthetic resolution must be a positive multiple of 16 (8x VAE, 2x patches), "
                              f"got {resolution}")

@@ -55,6 +55,7 @@ class FrozenEncoder(nn.Module):
     """Base of the frozen encoders: no gradients, always in eval mode, checks the input resolution."""
 
     def __init__(self, name, embed_dim, resolution, pretrained):
+        """Record what every encoder reports: name, token width, input resolution, real weights or not."""
         super().__init__()
         self.name, self.embed_dim, self.resolution, self.pretrained = name, embed_dim, resolution, pretrained
 
@@ -73,6 +74,7 @@ class DinoV2Encoder(FrozenEncoder):
     """A timm DINOv2 ViT returning x_norm_patchtokens for raw uint8 images, preprocessed as REPA does."""
 
     def __init__(self, name, resolution=256, pretrained=True, weights=None):
+        """Canonical name; weights from a local file, else timm's download, else random (pretrained=False)."""
         import timm
 
         if resolution % 256:
@@ -112,7 +114,7 @@ class DinoV2Encoder(FrozenEncoder):
 
 
 def load_timm_weights(model, path):
-    """Load a local checkpoint (DINOv2's own .pth or timm's .safetensors / .pth) into a timm ViT, pos-embed resampled."""
+    """Load a local checkpoint (DINOv2's own .pth or timm's .safetensors / .pth) into a timm ViT, pos-embed resampled"""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if path.endswith(".safetensors"):
@@ -134,6 +136,7 @@ class TinyRandomEncoder(FrozenEncoder):
     """Smoke runs and tests only: a seeded random 16x16-stride conv patchifier + LayerNorm, no real representation."""
 
     def __init__(self, resolution=256, embed_dim=32, seed=0):
+        """Random weights from seed, built without touching the global RNG."""
         if resolution % 16:
             raise ValueError(f"tiny-random encoder needs a resolution divisible by 16, got {resolution}")
         super().__init__(TINY_RANDOM, embed_dim, resolution, pretrained=False)
@@ -161,10 +164,9 @@ def build_encoder(name, resolution=256, pretrained=True, weights=None):
 
 
 def load_encoders(spec, device, resolution=256, weights=None, pretrained=True):
-    """REPA's --enc-type spec ('dinov2-vit-b' or 'dinov2-vit-b,dinov2-vit-l') -> list of frozen eval encoders.
-
-    weights: None, or local checkpoint files, comma-separated in the order of spec (an empty entry downloads).
-    """
+    """REPA's --enc-type spec ('dinov2-vit-b,dinov2-vit-l') -> list of frozen eval encoders."""
+    # weights: None, or local checkpoint files comma-separated in the order of spec (an empty entry downloads);
+    # pretrained=False builds the DINOv2 architectures with random weights (tests)
     names = [canonical_name(n) for n in spec.split(",") if n.strip()]  # all names checked before any download
     if not names:
         raise ValueError(f"empty encoder spec {spec!r}: name at least one encoder, e.g. dinov2-vit-b")

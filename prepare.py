@@ -98,6 +98,7 @@ class CroppedImages(Dataset):
     """(index, center-cropped uint8 image (3, R, R)) for a list of (index, source path) pairs."""
 
     def __init__(self, items, resolution):
+        """items: (index, source path) pairs; resolution: side of the crop."""
         self.items, self.resolution = items, resolution
 
     def __len__(self):

@@ -45,6 +45,7 @@ def test_repa_pairing_and_item_format(tmp_path):
     """Images and latents pair by sorted relative path (as REPA does); labels come from the latent names."""
     ds = LatentImageDataset(str(write_repa_dir(tmp_path)))
     assert len(ds) == 4 and ds.resolution == 16 and ds.latent_size == 2 and ds.synthetic is False
+    assert ds.vae is None  # REPA's dataset.json does not say
     assert ds.image_fnames == ["a/img10.png", "a/img9.png", "b/img11.png", "b/img2.png"]
     assert ds.num_classes == 3  # max label 2, + 1
     expected_k = [10, 9, 11, 2]
@@ -100,6 +101,8 @@ BAD_INPUTS = {
     "labels null": (lambda root: write_json(root, {"labels": None}), "has no labels.*prepare.py"),
     "label missing": (lambda root: write_json(root, {"labels": [[n, 0] for n in LATENT_NAMES[1:]]}),
                       "no label for 1 latent files .*a/m9.npy"),
+    "label beyond num_classes": (lambda root: write_json(root, {"labels": [[n, 5] for n in LATENT_NAMES],
+                                                                "num_classes": 3}), "label 5 but num_classes 3"),
     "float labels": (lambda root: write_json(root, {"labels": [[n, 0.5] for n in LATENT_NAMES]}),
                      "one class index"),
     "wrong moments shape": (lambda root: np.save(os.path.join(root, "vae-sd", "a/m10.npy"),
@@ -140,8 +143,7 @@ def test_synthetic_is_deterministic_and_labelled(caplog):
 
 
 def test_synthetic_moments_follow_image_and_class():
-    """Moments are the documented function of the image, x0 is roughly standardised, and the class is readable
-    from the latent by a nearest-class-mean rule on held-out items."""
+    """Moments follow the image, x0 is roughly standardised, the class is readable from the latent (held out)."""
     ds = SyntheticDataset(num_images=300, num_classes=10, resolution=64, seed=0)
     items = [ds[i] for i in range(300)]
     image, moments, _ = items[5]

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -74,12 +75,13 @@ def test_center_crop_non_integer_scale():
 
 
 @pytest.mark.slow
-def test_end_to_end_then_resume(tmp_path):
-    """Class folders -> REPA layout that LatentImageDataset reads with the right labels, crops and latents; a second
-    run rewrites no image or latent; a lost latent is redone."""
+def test_end_to_end_then_resume(tmp_path, caplog):
+    """Class folders -> REPA layout read back with the right labels, crops, latents; a re-run rewrites nothing."""
     source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
     run(source, dest)
-    ds = LatentImageDataset(dest)
+    with caplog.at_level(logging.WARNING):
+        ds = LatentImageDataset(dest)
+    assert ds.vae == "tiny-random" and "TINY RANDOM VAE" in caplog.text
     # sorted relative paths: goldfish/sub/y, goldfish/x, tench/a, tench/b, zebra/z; classes in sorted folder order
     order = ["goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"]
     assert len(ds) == 5 and ds.num_classes == 3 and ds.resolution == 32 and ds.latent_size == 4
