@@ -5,7 +5,9 @@
 
 The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data, linear path). Every sample's initial
 noise, label and SDE noise come from its own generator seeded by (seed, global index), so the images do
-not depend on the number of processes or the batch size, and an interrupted run resumes where it stopped.
+not depend on the number of processes or the batch size (beyond fp32 kernel noise, which can flip a rare
+uint8 rounding when batches are composed differently), and an interrupted run resumes where it stopped.
+--vae none (smoke runs) saves the final scaled latents instead of images: [-4, 4] mapped to uint8, h x w x 4.
 """
 
 import argparse
@@ -162,7 +164,7 @@ def infer_config(state, args=None):
         raise SystemExit(f"path_type={args.path_type!r}: sample.py implements the linear path only")
     try:  # heads leave no trace in the weights: from args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
-    except (AttributeError, ValueError):
+    except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
         preset = [s for s in SIZES.values() if (s["depth"], s["hidden_size"]) == (depth, hidden)]
         num_heads = preset[0]["num_heads"] if preset else max(1, hidden // 64)
     num_classes = getattr(args, "num_classes", rows - 1)  # REPA always trains with a null class
@@ -325,7 +327,7 @@ def setup(args):
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", local if world > 1 else device.index or 0)  # torchrun: one GPU per rank
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if world > 1:

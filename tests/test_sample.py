@@ -87,11 +87,12 @@ def test_guidance_interval_evaluations():
     calls = []
 
     class Recorder(torch.nn.Module):
-        """Records (batch, t, labels) of every call; velocity 0."""
+        """A stand-in SiT that records (batch, t, labels) of every call."""
 
         num_classes = 10
 
         def forward(self, x, t, y, align):
+            """Record the call; velocity 0."""
             calls.append((len(x), round(t[0].item(), 4), y.tolist()))
             return (torch.zeros_like(x),)
 
@@ -120,14 +121,18 @@ def test_per_sample_noise_matches_repa_and_ignores_batching():
     assert (sample.sample_latents(model, [0], args, "cpu") - ref["out"][:1]).abs().max() > 0.1
 
 
-def test_class_labels_keep_the_noise():
-    """--class-labels changes the labels only: a model that ignores labels gives the same latents."""
+def test_class_labels_replace_labels_and_keep_the_noise(monkeypatch):
+    """--class-labels are used in turn by global index; the noise stays that of the random-label run."""
     model = reference_model()
-    model.y_embedder.embedding_table.weight.data.zero_()  # labels now have no effect
-    args = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--mode", "ode"])
-    labelled = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--mode", "ode", "--class-labels", "1,2"])
-    torch.testing.assert_close(sample.sample_latents(model, [0, 1], args, "cpu"),
-                               sample.sample_latents(model, [0, 1], labelled, "cpu"))
+    model.y_embedder.embedding_table.weight.data.zero_()  # labels now have no effect on the velocity
+    seen = []
+    original = sample.guided_velocity
+    monkeypatch.setattr(sample, "guided_velocity", lambda m, y, *a: seen.append(y.tolist()) or original(m, y, *a))
+    args = sample.parse_args(["--ckpt", "unused", "--num-steps", "3"])
+    labelled = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--class-labels", "7,2"])
+    torch.testing.assert_close(sample.sample_latents(model, [0, 1, 2], args, "cpu"),
+                               sample.sample_latents(model, [0, 1, 2], labelled, "cpu"))
+    assert seen[1] == [7, 2, 7] and seen[0] != seen[1]
 
 
 # ----------------------------------------------------------------------------------------------
