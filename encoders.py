@@ -114,7 +114,7 @@ class DinoV2Encoder(FrozenEncoder):
 
 
 def load_timm_weights(model, path):
-    """Load a local checkpoint (DINOv2's own .pth or timm's .safetensors / .pth) into a timm ViT, pos-embed resampled"""
+    """Load a local checkpoint (DINOv2's own .pth, timm's .safetensors or .pth) into a timm ViT."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if path.endswith(".safetensors"):

@@ -13,6 +13,7 @@ renamed, so an interrupted run leaves no half-written file behind.
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ def build_parser():
     p.add_argument("--max-images", type=int, default=None, help="only the first N images in sorted order")
     p.add_argument("--png-compress", type=int, default=0, choices=range(10),
                    help="PNG zlib level: 0 as REPA/edm2 (uncompressed, fastest to read), up to 9 (smallest)")
-    p.add_argument("--device", default=None, help="torch device for the VAE (default: this rank's GPU, else cpu)")
+    p.add_argument("--device", default=None, help="torch device for the VAE; None: this rank's GPU, else cpu")
     return p
 
 
@@ -142,7 +143,8 @@ def init_distributed(device):
         return 0, 1, device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24),
                             device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
