@@ -1,0 +1,422 @@
+"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI and bad input.
+
+Everything runs on CPU with seeded random Inception weights; nothing touches the network.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import fid
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The Inception network with seeded random weights."""
+    return fid.randomize_weights(fid.FIDInception(), seed=0).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def weights_file(model, tmp_path_factory):
+    """The random weights saved as a state-dict file, and its sha256."""
+    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path), fid.sha256_of(path)
+
+
+def images(n, seed, size=32):
+    """n random uint8 (n,size,size,3) images."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def fast_fid(mu1, sigma1, mu2, sigma2):
+    """Test double for fid_from_stats: tr sqrtm(s1 s2) via two symmetric eigh's (MKL), ~20x faster at 2048-d."""
+    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # sqrtm(s1), symmetric
+    tr_covmean = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum().item()  # = tr sqrtm(s1 s2)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def random_spd(dim, seed):
+    """A random well-conditioned symmetric positive definite matrix."""
+    a = np.random.default_rng(seed).standard_normal((dim, 2 * dim))
+    return a @ a.T / (2 * dim) + 0.1 * np.eye(dim)
+
+
+# ------------------------------------------------------------------------------------------
+# FID
+# ------------------------------------------------------------------------------------------
+
+
+def test_fid_of_identical_stats_is_zero():
+    sigma = random_spd(32, 0)
+    mu = np.random.default_rng(1).standard_normal(32)
+    assert abs(fid.fid_from_stats(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_fid_of_diagonal_gaussians_matches_closed_form():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
+    var1, var2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()
+    got = fid.fid_from_stats(mu1, np.diag(var1), mu2, np.diag(var2))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_scaled_full_covariance_matches_closed_form():
+    # sigma2 = c^2 sigma1 gives tr(s1) + c^2 tr(s1) - 2c tr(s1) = (1 - c)^2 tr(s1)
+    sigma, c = random_spd(24, 3), 1.7
+    mu1, mu2 = np.zeros(24), np.full(24, 0.5)
+    got = fid.fid_from_stats(mu1, sigma, mu2, c**2 * sigma)
+    assert got == pytest.approx(24 * 0.25 + (1 - c) ** 2 * np.trace(sigma), rel=1e-9)
+
+
+def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def flaky_sqrtm(a):
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
+    var = np.array([1.0, 4.0])
+    with pytest.warns(UserWarning, match="singular"):
+        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var))
+    np.testing.assert_allclose(calls[1], np.diag((var + 1e-6) ** 2))  # (s1 + eps I)(s2 + eps I)
+    assert got == pytest.approx(2 * var.sum() - 2 * (var + 1e-6).sum(), abs=1e-12)
+
+
+def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
+    with pytest.raises(ValueError, match="imaginary"):  # not PSD: sqrtm(diag(-1, 1)) = diag(i, 1)
+        fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="NaN"):
+        fid.fid_from_stats(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="do not match"):
+        fid.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_fast_fid_test_double_agrees_with_fid_from_stats():
+    rng = np.random.default_rng(4)
+    mu1, mu2 = rng.standard_normal(48), rng.standard_normal(48)
+    s1, s2 = random_spd(48, 5), random_spd(48, 6)
+    assert fast_fid(mu1, s1, mu2, s2) == pytest.approx(fid.fid_from_stats(mu1, s1, mu2, s2), rel=1e-10)
+
+
+def test_running_gaussian_matches_numpy_mean_and_cov():
+    x = np.random.default_rng(7).standard_normal((37, 5)) * 3 + 100  # a large offset tests the centring
+    stats = fid.RunningGaussian()
+    for part in np.array_split(x, 4):
+        stats.update(torch.from_numpy(part).float())
+    mu, sigma = stats.finalize()
+    x32 = x.astype(np.float32).astype(np.float64)  # the same float32 inputs the accumulator saw
+    np.testing.assert_allclose(mu, x32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x32, rowvar=False), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.RunningGaussian().finalize()
+
+
+# ------------------------------------------------------------------------------------------
+# Inception Score
+# ------------------------------------------------------------------------------------------
+
+
+def test_inception_score_uniform_is_one_and_one_hot_is_class_count():
+    assert fid.inception_score(np.full((12, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+    one_hot = np.eye(10)[np.arange(20) % 10]  # every class predicted with certainty, equally often
+    assert fid.inception_score(one_hot) == pytest.approx(10.0, rel=1e-12)
+
+
+def test_inception_score_uses_sequential_splits():
+    first = np.eye(6)[np.arange(8) % 4]  # 8 rows over 4 classes -> IS 4
+    second = np.eye(6)[4 + np.arange(4) % 2]  # 4 rows over 2 classes -> IS 2
+    assert fid.inception_score(np.concatenate([first, second]), split_size=8) == pytest.approx(3.0, rel=1e-12)
+    with pytest.raises(ValueError):
+        fid.inception_score(np.zeros((0, 3)))
+
+
+# ------------------------------------------------------------------------------------------
+# Precision / recall
+# ------------------------------------------------------------------------------------------
+
+
+def column(values):
+    """1-D points as an (N,1) float32 feature tensor."""
+    return torch.tensor(values, dtype=torch.float32)[:, None]
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_precision_recall_of_set_with_itself_is_one_and_far_set_is_zero(fp16):
+    feats = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    assert fid.precision_recall(feats, feats, fp16=fp16, block=16) == (1.0, 1.0)
+    assert fid.precision_recall(feats, feats + 100, fp16=fp16, block=16) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_precision_recall_hand_checked(fp16):
+    # k=3 radius = 4th smallest squared distance counting self.
+    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.  samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25, 36, 49.
+    # precision: -5 and -6 lie in no reference ball (25 > 9 from 0; 625 > 361 from 20) -> 4/6.
+    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is within 2.25 of 2 -> 4/5.
+    ref, samples = column([0, 1, 2, 3, 20]), column([0.5, 1, 1.5, 2, -5, -6])
+    precision, recall = fid.precision_recall(ref, samples, fp16=fp16, block=2)
+    assert (precision, recall) == (pytest.approx(4 / 6), pytest.approx(4 / 5))
+    # "inside" is <=: a sample exactly on reference 3's radius (9 = (6 - 3)^2) counts, 6.5 does not
+    assert fid.precision_recall(column([0, 1, 2, 3]), column([6] * 4), fp16=fp16)[0] == 1.0
+    assert fid.precision_recall(column([0, 1, 2, 3]), column([6.5] * 4), fp16=fp16)[0] == 0.0
+
+
+def test_precision_recall_blocked_equals_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    ref, samples = torch.randn(40, 8, generator=gen), torch.randn(33, 8, generator=gen) * 1.3 + 0.4
+    r, s = ref.double().numpy(), samples.double().numpy()
+    d_rr, d_ss = ((r[:, None] - r[None]) ** 2).sum(-1), ((s[:, None] - s[None]) ** 2).sum(-1)
+    d_rs = ((r[:, None] - s[None]) ** 2).sum(-1)
+    r_rad, s_rad = np.sort(d_rr, 1)[:, 3], np.sort(d_ss, 1)[:, 3]
+    precision = (d_rs <= r_rad[:, None]).any(0).mean()
+    recall = (d_rs <= s_rad[None, :]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1  # a case that exercises both outcomes
+    assert fid.precision_recall(ref, samples, fp16=False, block=7) == (pytest.approx(precision), pytest.approx(recall))
+
+
+def test_fp16_distances_round_like_adm_and_fall_back_to_fp32_on_overflow():
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.rand(6, 2048, generator=gen), torch.rand(5, 2048, generator=gen)
+    d16, d32 = fid.pairwise_sq_dists(a, b, fp16=True), fid.pairwise_sq_dists(a, b, fp16=False)
+    assert torch.equal(d16, d16.half().float())  # values are fp16 numbers
+    assert not torch.equal(d16, d32) and torch.allclose(d16, d32, rtol=2e-2)
+    big = a * 100  # squared norms ~7e6 overflow fp16 (max 65504): the whole block is redone in fp32
+    assert torch.equal(fid.pairwise_sq_dists(big, b, fp16=True), fid.pairwise_sq_dists(big, b, fp16=False))
+
+
+def test_manifold_radii_needs_more_than_k_points():
+    with pytest.raises(ValueError, match="more than 3"):
+        fid.manifold_radii(torch.zeros(3, 4))
+
+
+# ------------------------------------------------------------------------------------------
+# Preprocessing and the network
+# ------------------------------------------------------------------------------------------
+
+
+def test_tf1_legacy_resize_matches_hand_computed_values():
+    # 2 -> 3 samples sources 0, 2/3, 4/3 (no half-pixel shift; the last clamps to the edge)
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    expected = torch.tensor([[0, 20 / 3, 10], [40 / 3, 20, 70 / 3], [20, 80 / 3, 30]])
+    torch.testing.assert_close(fid.tf1_resize_bilinear(x, 3)[0, 0], expected)
+    # 4 -> 2 picks sources 0 and 2 (no averaging); same size is the identity
+    row = torch.tensor([[[[0.0, 1.0, 2.0, 3.0]] * 4]])
+    torch.testing.assert_close(fid.tf1_resize_bilinear(row, 2)[0, 0], torch.tensor([[0.0, 2.0], [0.0, 2.0]]))
+    assert torch.equal(fid.tf1_resize_bilinear(row, 4), row)
+
+
+def test_preprocess_scales_like_the_graph():
+    imgs = torch.tensor([0, 128, 255], dtype=torch.uint8).repeat(1, 5, 5, 1)  # 1,5,5,3
+    x = fid.preprocess(imgs)
+    assert x.shape == (1, 3, 299, 299)
+    torch.testing.assert_close(x[0, :, 100, 100], torch.tensor([-1.0, 0.0, 127 / 128]))
+
+
+@pytest.mark.slow
+def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
+    pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load checks every name)
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: model.state_dict())
+    other = pytorch_fid_inception.fid_inception_v3().eval()
+    seen = {}
+    other.avgpool.register_forward_hook(lambda m, i, out: seen.update(pool=out.flatten(1)))
+    other.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: seen.update(spatial=out))
+
+    x = fid.preprocess(torch.from_numpy(images(2, seed=0, size=48)))
+    with torch.no_grad():
+        pool, spatial, logits = model(x)
+        logits_other = other(x) - other.fc.bias  # pytorch-fid's head adds the bias; ADM's logits do not
+    spatial_other = seen["spatial"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # N,H,W,C as TF
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
+    assert pool.std() > 0.3 and spatial.std() > 0.3 and logits.std() > 1  # random weights still carry signal
+    torch.testing.assert_close(pool, seen["pool"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spatial, spatial_other, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, logits_other, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# Weights, image sets, reference statistics
+# ------------------------------------------------------------------------------------------
+
+
+def test_load_inception_checks_sha256_and_uses_the_hub_cache(weights_file, model, tmp_path, monkeypatch):
+    path, digest = weights_file
+    loaded, got = fid.load_inception(path, digest[:8])
+    assert got == digest and torch.equal(loaded.fc.weight, model.fc.weight)
+    with pytest.raises(ValueError, match="sha256"):
+        fid.load_inception(path)  # the default expects the published file
+    with pytest.raises(ValueError, match="not found"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load"):
+        fid.load_inception(str(junk), "")
+    # without --weights the torch.hub cache is used; a file already there is not downloaded again
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    os.symlink(path, tmp_path / "checkpoints" / os.path.basename(fid.WEIGHTS_URL))
+    assert fid.load_inception(None, digest)[1] == digest
+
+
+def test_image_set_streams_npz_and_png_folder_identically(tmp_path):
+    arr = images(7, seed=3, size=8)
+    np.savez(tmp_path / "set.npz", arr_0=arr)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(arr):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    for path in (tmp_path / "set.npz", folder):
+        image_set = fid.ImageSet(str(path))
+        batches = list(image_set.batches(3))
+        assert len(image_set) == 7 and [len(b) for b in batches] == [3, 3, 1]
+        assert image_set.n_batches(3) == 3
+        np.testing.assert_array_equal(np.concatenate(batches), arr)
+    Image.fromarray(images(1, seed=4, size=9)[0]).save(folder / "999.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        list(fid.ImageSet(str(folder)).batches(3))
+
+
+def test_read_npz_stats_validates(tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    np.savez(tmp_path / "ok.npz", arr_0=images(1, 0), mu=mu, sigma=sigma)
+    pool, spatial = fid.read_npz_stats(str(tmp_path / "ok.npz"))
+    assert spatial is None and np.array_equal(pool[1], sigma)
+    bad = {
+        "only one": dict(mu=mu),
+        "expected": dict(mu=np.zeros(10), sigma=np.eye(10)),
+        "NaN": dict(mu=np.full(2048, np.nan), sigma=sigma),
+        "floating": dict(mu=mu.astype(np.int64), sigma=sigma),
+    }
+    for message, arrays in bad.items():
+        np.savez(tmp_path / "bad.npz", arr_0=images(1, 0), **arrays)
+        with pytest.raises(ValueError, match=message):
+            fid.read_npz_stats(str(tmp_path / "bad.npz"))
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+
+def cli(*argv, weights=None):
+    """Run fid.main in-process with small-set flags (and the random weights when given)."""
+    flags = ["--min-images", "4", "--is-split", "3", "--batch-size", "4", "--device", "cpu"]
+    if weights:
+        flags += ["--weights", weights[0], "--weights-sha256", weights[1]]
+    return fid.main(fid.parse_args([*map(str, argv), *flags]))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monkeypatch):
+    computed = []
+    monkeypatch.setattr(fid, "fid_from_stats", lambda *s: computed.append(s) or fast_fid(*s))
+    arr = images(6, seed=5)
+    np.savez(tmp_path / "ref.npz", arr_0=arr)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, im in enumerate(arr):
+        Image.fromarray(im).save(folder / f"{i}.png")
+
+    results = cli(tmp_path / "ref.npz", folder, weights=weights_file)
+    # the same images as samples: FID and sFID vanish, every point is inside the other set's manifold
+    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3  # rounding of rank-5 covariances
+    assert (results["precision"], results["recall"]) == (1.0, 1.0)
+    assert 1.0 < results["inception_score"] <= 3.0  # IS cannot exceed the split size (3)
+    assert [s[0].shape for s in computed] == [(2048,), (2023,)]
+    on_disk = json.loads((tmp_path / "samples.eval.json").read_text())
+    assert on_disk["fid"] == results["fid"] and on_disk["num_samples"] == 6
+
+    cache = fid.cache_path(str(tmp_path / "ref.npz"), weights_file[1])
+    stamp = os.stat(cache).st_mtime_ns
+    with np.load(cache) as c:
+        assert c["pool"].shape == (6, 2048)
+    # different samples: the reference comes from the cache (not rewritten), the numbers move
+    np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
+    other = cli(tmp_path / "ref.npz", tmp_path / "other.npz", "--out", tmp_path / "o.json", weights=weights_file)
+    assert os.stat(cache).st_mtime_ns == stamp and other["fid"] > 1 and other["sfid"] > 1
+    assert json.loads((tmp_path / "o.json").read_text())["recall"] == other["recall"]
+
+
+@pytest.mark.slow
+def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch):
+    monkeypatch.setattr(fid, "fid_from_stats", fast_fid)
+    arr = images(6, seed=8)
+    np.savez(tmp_path / "source.npz", arr_0=arr)
+    out = tmp_path / "ref.npz"
+    cli(tmp_path / "source.npz", "--write-ref", out, "--ref-images", "4", weights=weights_file)
+    with np.load(out) as ref:
+        assert ref["arr_0"].shape == (4, 32, 32, 3)
+        assert all(any(np.array_equal(im, src) for src in arr) for im in ref["arr_0"])  # a subset
+        assert ref["mu"].shape == (2048,) and ref["sigma_s"].shape == (2023, 2023)
+        stored = ref["mu"], ref["sigma"]
+    # statistics cover all 6 source images, so evaluating the source against it gives FID 0
+    results = cli(out, tmp_path / "source.npz", weights=weights_file)
+    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3
+    assert results["recall"] == 1.0 and np.isfinite(stored[1]).all()
+
+
+def bad_input_cases(tmp_path):
+    """(argv, expected message) pairs, each a bad input that must fail before any Inception work."""
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=images(5, 0))
+    cases = []
+
+    def npz(name, **arrays):
+        np.savez(tmp_path / name, **arrays)
+        return tmp_path / name
+
+    cases.append(([tmp_path / "nope.npz", good], "no such file"))
+    cases.append(([npz("nokey.npz", images=images(5, 0)), good], "has no arr_0"))
+    cases.append(([npz("float.npz", arr_0=images(5, 0).astype(np.float32)), good], "must be C-ordered uint8"))
+    cases.append(([npz("rgba.npz", arr_0=np.zeros((5, 8, 8, 4), np.uint8)), good], "must be C-ordered uint8"))
+    cases.append(([npz("few.npz", arr_0=images(3, 0)), good], "fewer than --min-images"))
+    nan_stats = npz("nan.npz", arr_0=images(5, 0), mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    cases.append(([nan_stats, good], "NaN"))
+    cases.append(([good], "expected REF.npz SAMPLES"))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(images(5, 0)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    cases.append(([folder, good], "REF must be an ADM npz"))
+    cases.append(([good, good, "--weights", tmp_path / "missing.pth"], "weights file not found"))
+    wrong = tmp_path / "wrong.pth"
+    wrong.write_bytes(b"\0" * 64)
+    cases.append(([good, good, "--weights", wrong], "sha256"))
+    return cases
+
+
+def test_bad_input_gives_one_line_error(tmp_path):
+    for argv, message in bad_input_cases(tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main(fid.parse_args([*map(str, argv), "--min-images", "4", "--device", "cpu"]))
+        text = str(exit_info.value.code)
+        assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (argv, text)
+
+
+def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"fid.py: error: no such file or folder: {tmp_path / 'a.npz'}"]
+
