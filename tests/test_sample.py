@@ -139,6 +139,7 @@ def test_class_labels_replace_labels_and_keep_the_noise(monkeypatch):
 # Outputs
 
 
+@pytest.mark.slow
 def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
     """The grid is written, the same seed gives the same PNG, and its tiles are samples 0..n-1 of an npz run."""
     common = ["--ckpt", ckpt, "--num-steps", "3", "--vae", "tiny-random", "--batch-size", "3", "--cfg", "1.5"]
