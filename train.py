@@ -295,6 +295,7 @@ def main(args):
     align = losses.AlignConfig(**cfg["align_config"])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
 
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(cfg)
     random_parts = ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + (
         [f"encoder ({TINY_RANDOM})"] if align.needs_encoder and cfg["enc_type"] == TINY_RANDOM else []) + (
@@ -341,8 +342,6 @@ def main(args):
         set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], gen, device)
         step = ckpt["step"]
         log.info("resumed from %s at step %d", ckpts[-1], step)
-    else:
-        torch.manual_seed(cfg["seed"] + rank)  # per-rank global RNG (nothing in the step depends on it)
 
     if rank == 0:
         save_atomic(os.path.join(run_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
@@ -385,7 +384,8 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
         record = {k: v.detach().float() for k, v in out.terms.items()}
-        record.update(grad_norm=grad_norm.detach().float(), bad_steps=torch.tensor(float(not finite)))
+        record.update({"grad_norm": grad_norm.detach().float()} if finite else {})  # ranks agree, so keys match
+        record.update(bad_steps=torch.tensor(float(not finite)))
         if disc is not None and is_disc_step(step, cfg["disc_every"]):
             with torch.autocast(**amp):
                 d_loss, d_acc = losses.discriminator_step_loss(ddp_disc, z_encs[0], out.hs[0])

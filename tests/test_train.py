@@ -1,0 +1,140 @@
+"""train.py: smoke runs per alignment preset, exact resume, DDP equivalence, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
+        "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2"]
+
+
+def run(tmp_path, *flags):
+    """Train in-process with the tiny smoke flags plus flags; returns the run folder."""
+    return train.main(train.parse_args([*TINY, "--out", str(tmp_path), *flags]))
+
+
+def newest(run_dir):
+    """The newest checkpoint of a run, loaded."""
+    return torch.load(train.checkpoint_paths(run_dir)[-1], weights_only=True)
+
+
+def assert_same_state(a, b, keys=("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")):
+    """Bitwise equality of every tensor under the given checkpoint keys."""
+    def flat(x, prefix=""):
+        if isinstance(x, dict):
+            return {k2: v2 for k, v in x.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+        if isinstance(x, (list, tuple)):
+            return {k2: v2 for i, v in enumerate(x) for k2, v2 in flat(v, f"{prefix}{i}.").items()}
+        return {prefix: x}
+    for key in keys:
+        fa, fb = flat(a.get(key)), flat(b.get(key))
+        assert fa.keys() == fb.keys(), key
+        for name in fa:
+            va, vb = fa[name], fb[name]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("align", ["none", "repa", "sara", "sra2", "repa+sra2"])
+def test_smoke_each_alignment_preset(tmp_path, align):
+    run_dir = run(tmp_path, "--align", align, "--max-steps", "4")
+    ckpt = newest(run_dir)
+    assert ckpt["step"] == 4 and ckpt["config"]["align"] == align
+    assert ("disc" in ckpt) == (align == "sara")  # no discriminator without the adversarial term
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4]
+    expected = {"none": {"velocity"}, "repa": {"velocity", "patch"}, "sara": {"velocity", "patch", "struc", "adv"},
+                "sra2": {"velocity", "vae"}, "repa+sra2": {"velocity", "patch", "vae"}}[align]
+    assert expected <= set(rows[0]) and not {"patch", "struc", "adv", "vae"} - expected & set(rows[0])
+    assert all(torch.isfinite(torch.tensor(r["velocity"])) for r in rows)
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert "data (synthetic)" in cfg["random_components"]  # stand-ins are recorded, never silent
+    assert cfg["model_config"]["sra_depth"] == (1 if "sra2" in align else 0)
+
+
+def test_sample_grid_written(tmp_path):
+    run_dir = run(tmp_path, "--align", "none", "--max-steps", "2", "--sample-every", "2", "--sample-steps", "3")
+    path = os.path.join(run_dir, "samples", "0000002.png")
+    from PIL import Image
+    assert Image.open(path).size == (4 * 32, 4 * 32)  # 16 samples, 4x4 grid of 32 px images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_exact_resume_with_discriminator(tmp_path, precision):
+    flags = ["--align", "sara", "--precision", precision, "--disc-every", "2"]
+    straight = run(tmp_path / "a", *flags, "--max-steps", "6")
+    run(tmp_path / "b", *flags, "--max-steps", "3", "--ckpt-every", "3")  # stops at step 3 ...
+    resumed = run(tmp_path / "b", *flags, "--max-steps", "6", "--ckpt-every", "3")  # ... and continues
+    a, b = newest(straight), newest(resumed)
+    assert a["step"] == b["step"] == 6
+    assert_same_state(a, b)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert steps == sorted(set(steps))  # no duplicated rows after the resume
+
+
+def test_resume_rejects_truncated_and_foreign_checkpoints(tmp_path):
+    run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
+    with pytest.raises(SystemExit, match="another config .*align: 'none' there, 'repa' now"):
+        run(tmp_path, "--align", "repa", "--max-steps", "4", "--run-name", os.path.basename(run_dir))
+    path = train.checkpoint_paths(run_dir)[-1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="0000002.pt is not a readable checkpoint"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(SystemExit, match="not a train.py checkpoint"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+
+
+def test_bad_input_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist: run prepare.py"):
+        run(tmp_path, "--data-dir", str(tmp_path / "nowhere"))
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "vae-sd").mkdir()
+    from PIL import Image
+    for i in range(2):
+        Image.new("RGB", (32, 32)).save(tmp_path / "d" / "images" / f"img{i:08d}.png")
+    import numpy as np
+    np.save(tmp_path / "d" / "vae-sd" / "img-mean-std-00000000.npy", np.zeros((8, 4, 4), np.float32))
+    json.dump({"labels": [["img-mean-std-00000000.npy", 0]]}, open(tmp_path / "d" / "vae-sd" / "dataset.json", "w"))
+    with pytest.raises(SystemExit, match="2 images .* but 1 latent files"):
+        run(tmp_path, "--data-dir", str(tmp_path / "d"))
+    with pytest.raises(SystemExit, match="--batch-size 4 does not divide by the 3 ranks"):
+        train.resolve_config(train.parse_args(TINY), world=3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "tiny"])
+    assert "invalid choice: 'tiny'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="fewer than one global batch"):
+        run(tmp_path, "--synthetic-images", "2")
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    one = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
+    halves = [iter(train.GlobalBatchSampler(10, 4, r, 2, seed=0, start_step=0)) for r in range(2)]
+    for _ in range(5):  # crosses epochs (2 batches per epoch, the last 2 images dropped)
+        assert next(one) == next(halves[0]) + next(halves[1])
+    later = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=3))
+    again = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
+    assert next(later) == [next(again) for _ in range(4)][-1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path):
+    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    os.path.join(ROOT, "train.py"), *flags, "--out", str(tmp_path / "ddp")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    one = run(tmp_path / "one", "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3")
+    a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
+    assert b["config"]["world_size"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-5, rtol=1e-4), k
