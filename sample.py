@@ -333,7 +333,10 @@ def setup(args):
     if world > 1:
         if args.num_samples is None:
             raise SystemExit("the grid is made by one process: run without torchrun, or give --num-samples")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)  # bound to this rank's GPU for barriers
+        else:
+            dist.init_process_group("gloo")
     return rank, world, device
 
 
