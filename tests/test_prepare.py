@@ -16,7 +16,7 @@ import prepare
 import vae as vae_lib
 from data import LatentImageDataset
 
-# (class folder, file name, width, height); 'goldfish' is class 1 of the sorted folder names
+# (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1, zebra 2
 SOURCE = [("tench", "b.JPEG", 300, 400), ("tench", "a.png", 1030, 600), ("goldfish", "x.JPEG", 90, 100),
           ("goldfish", "sub/y.JPEG", 520, 600), ("zebra", "z.JPEG", 64, 64)]
 
