@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ PRESETS = {
                         resolution=64, num_workers=0, precision="fp32", sample_steps=10, disc_pretrained=False),
 }
 # Flags that may change when a run is resumed; any other difference means another experiment.
+CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")  # Run fields with state
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
                      "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size"}
 
@@ -286,6 +287,93 @@ def setup_logging(run_dir, rank):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+@dataclass
+class Run:
+    """Everything a training step touches; checkpoints store all but the encoders and wrappers."""
+
+    model: torch.nn.Module  # the bare SiT: saved, EMA'd and clipped
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # the same on every rank: one global draw per step, sliced per rank
+    encoders: list
+    forward_model: torch.nn.Module  # DDP and / or torch.compile wrapper of model
+    disc: torch.nn.Module | None = None
+    disc_opt: torch.optim.Optimizer | None = None
+    disc_scaler: torch.amp.GradScaler | None = None
+    forward_disc: torch.nn.Module | None = None  # DDP wrapper of disc, for D's own step only
+
+
+def build_run(cfg, num_classes, device, world):
+    """Model, EMA, optimizers, scalers, encoders and discriminator from a resolved config."""
+    align = losses.AlignConfig(**cfg["align_config"])
+    encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
+                if align.needs_encoder else [])
+    size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("repa_depth", "sra_depth")}
+    model = SiT(
+        input_size=cfg["resolution"] // 8, num_classes=num_classes, class_dropout_prob=cfg["class_dropout"],
+        encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
+        sra_depth=cfg["sra_depth"], sra_mlp_layers=cfg["sra_mlp_layers"], sra_hidden_dim=cfg.get("sra_hidden_dim"),
+        grad_checkpointing=bool(cfg["grad_checkpointing"]), **size,
+    ).to(device)
+
+    def wrap(module):
+        """DDP under torchrun (gradient all-reduce), the bare module otherwise."""
+        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else module
+
+    run = Run(
+        model=model, ema=copy.deepcopy(model).eval().requires_grad_(False),  # DiT-style EMA: a copy, no grad, eval
+        opt=torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                              weight_decay=cfg["weight_decay"]),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
+        gen=torch.Generator(device).manual_seed(cfg["seed"]), encoders=encoders,
+        forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
+    )
+    if align.adv:
+        disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
+                                                 cfg["disc_lr"], tuple(cfg["disc_betas"]))
+        run.disc = disc.to(device)
+        run.disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+        run.forward_disc = wrap(run.disc)
+    return run
+
+
+def train_step(run, cfg, align, batch, step, rows):
+    """One generator update (and D's, on its schedule) on this rank's batch; returns what to log."""
+    images, moments, labels = batch
+    device = moments.device
+    latent_shape = (run.model.in_channels, run.model.config["input_size"], run.model.config["input_size"])
+    noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, run.gen)[rows]
+    x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=run.gen)[rows])
+    amp = dict(device_type=device.type, dtype=torch.float16 if cfg["precision"] == "fp16" else torch.bfloat16,
+               enabled=cfg["precision"] != "fp32")
+    with torch.autocast(**amp):
+        with torch.no_grad():
+            z_encs = [enc(images) for enc in run.encoders]  # per encoder (B, N, D) on the clean image
+        out = losses.training_losses(run.forward_model, x0, labels, z_encs, align, noise, run.disc)
+    run.scaler.scale(out.total).backward()
+    run.scaler.unscale_(run.opt)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["max_grad_norm"])
+    finite = bool(torch.isfinite(grad_norm))  # all-reduced gradients: every rank agrees
+    if finite:
+        run.scaler.step(run.opt)
+        update_ema(run.ema, run.model, cfg["ema_decay"])
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    record = {k: v.detach().float() for k, v in out.terms.items()}
+    record.update({"grad_norm": grad_norm.detach().float()} if finite else {})
+    record.update(bad_steps=torch.tensor(float(not finite)))
+    if run.disc is not None and is_disc_step(step, cfg["disc_every"]):
+        with torch.autocast(**amp):
+            d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0], out.hs[0])
+        run.disc_scaler.scale(d_loss).backward()
+        run.disc_scaler.step(run.disc_opt)
+        run.disc_scaler.update()
+        run.disc_opt.zero_grad(set_to_none=True)
+        record.update(disc_loss=d_loss.detach().float(), disc_acc=d_acc.detach().float())
+    return record
+
+
 def main(args):
     """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
     rank, world, device = setup_distributed()
@@ -304,96 +392,38 @@ def main(args):
     cfg["random_components"] = random_parts  # in config.json and every checkpoint: no silent stand-ins
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
-
-    encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
-                if align.needs_encoder else [])
-    model = SiT(
-        input_size=cfg["resolution"] // 8, num_classes=dataset.num_classes, class_dropout_prob=cfg["class_dropout"],
-        encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
-        sra_depth=cfg["sra_depth"], sra_mlp_layers=cfg["sra_mlp_layers"], sra_hidden_dim=cfg.get("sra_hidden_dim"),
-        grad_checkpointing=bool(cfg["grad_checkpointing"]), **{k: v for k, v in size_config(cfg["model"]).items()
-                                                               if k not in ("repa_depth", "sra_depth")},
-    ).to(device)
-    cfg["model_config"] = model.config
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # DiT-style EMA: a copy, no grad, eval mode
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                            weight_decay=cfg["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-    disc = disc_opt = disc_scaler = None
-    if align.adv:
-        disc, disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]), cfg["disc_lr"],
-                                             tuple(cfg["disc_betas"]))
-        disc = disc.to(device)
-        disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-    gen = torch.Generator(device).manual_seed(cfg["seed"])  # the same on every rank: one global draw per step
+    run = build_run(cfg, dataset.num_classes, device, world)
+    cfg["model_config"] = run.model.config
 
     step = 0
     ckpts = checkpoint_paths(run_dir)
     if ckpts:
         ckpt = load_run_checkpoint(ckpts[-1], cfg)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_opt"])
-            disc_scaler.load_state_dict(ckpt["disc_scaler"])
-        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], gen, device)
+        for key in CHECKPOINTED:
+            if getattr(run, key) is not None:
+                getattr(run, key).load_state_dict(ckpt[key])
+        set_rng_state(ckpt["rng"], run.gen, device)
         step = ckpt["step"]
         log.info("resumed from %s at step %d", ckpts[-1], step)
-
     if rank == 0:
         save_atomic(os.path.join(run_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
     vae = load_vae(cfg["vae"], device) if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none" else None
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and disc else disc
-    forward_model = torch.compile(ddp_model) if cfg["compile"] else ddp_model
 
     local_batch = cfg["batch_size"] // world
     loader = DataLoader(
         dataset, batch_sampler=GlobalBatchSampler(len(dataset), cfg["batch_size"], rank, world, cfg["seed"], step),
         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
         generator=torch.Generator())  # a private generator: iterating never touches the global RNG
-    amp = dict(device_type=device.type, dtype=torch.float16 if cfg["precision"] == "fp16" else torch.bfloat16,
-               enabled=cfg["precision"] != "fp32")
     rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
-    latent_shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
     stats, bad_in_a_row, t_last = {}, 0, time.time()
-    model.train()
+    run.model.train()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
-    for images, moments, labels in loader:
+    for batch in loader:
         if step >= cfg["max_steps"]:
             break
-        images, moments, labels = (x.to(device, non_blocking=True) for x in (images, moments, labels))
-        noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, gen)[rows]
-        x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=gen)[rows])
-        with torch.autocast(**amp):
-            with torch.no_grad():
-                z_encs = [enc(images) for enc in encoders]  # per encoder (B, N, D) on the clean image
-            out = losses.training_losses(forward_model, x0, labels, z_encs, align, noise, disc)
-        scaler.scale(out.total).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
-        finite = bool(torch.isfinite(grad_norm))  # all-reduced gradients: every rank agrees
-        if finite:
-            scaler.step(opt)
-            update_ema(ema, model, cfg["ema_decay"])
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        record = {k: v.detach().float() for k, v in out.terms.items()}
-        record.update({"grad_norm": grad_norm.detach().float()} if finite else {})  # ranks agree, so keys match
-        record.update(bad_steps=torch.tensor(float(not finite)))
-        if disc is not None and is_disc_step(step, cfg["disc_every"]):
-            with torch.autocast(**amp):
-                d_loss, d_acc = losses.discriminator_step_loss(ddp_disc, z_encs[0], out.hs[0])
-            disc_scaler.scale(d_loss).backward()
-            disc_scaler.step(disc_opt)
-            disc_scaler.update()
-            disc_opt.zero_grad(set_to_none=True)
-            record.update(disc_loss=d_loss.detach().float(), disc_acc=d_acc.detach().float())
+        record = train_step(run, cfg, align, [x.to(device, non_blocking=True) for x in batch], step, rows)
+        bad_in_a_row = bad_in_a_row + 1 if record["bad_steps"] else 0
         step += 1
         bar.update(1)
         for k, v in record.items():
@@ -412,10 +442,9 @@ def main(args):
                 with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
-            write_sample_grid(ema, vae, cfg, step, run_dir, device)
+            write_sample_grid(run.ema, vae, cfg, step, run_dir, device)
         if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
-            save_checkpoint(run_dir, cfg, step, model, ema, opt, scaler, disc, disc_opt, disc_scaler, gen, device,
-                            rank, world)
+            save_checkpoint(run_dir, cfg, step, run, device, rank, world)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
@@ -434,17 +463,11 @@ def reduce_stats(stats, world):
     return row
 
 
-def save_checkpoint(run_dir, cfg, step, model, ema, opt, scaler, disc, disc_opt, disc_scaler, gen, device, rank, world):
+def save_checkpoint(run_dir, cfg, step, run, device, rank, world):
     """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts."""
-    rng = [rng_state(gen, device)]
-    if world > 1:  # every rank's RNG, so each resumes its own stream
-        rng = [None] * world
-        dist.all_gather_object(rng, rng_state(gen, device))
-    if rank == 0:
-        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
-                    step=step, rng=rng, config=cfg)
-        if disc is not None:
-            ckpt.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict(), disc_scaler=disc_scaler.state_dict())
+    if rank == 0:  # every rank holds the same random states: one copy resumes them all
+        ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED if getattr(run, key) is not None}
+        ckpt.update(step=step, rng=rng_state(run.gen, device), config=cfg)
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomic(path, lambda tmp: torch.save(ckpt, tmp))
