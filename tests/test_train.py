@@ -138,3 +138,25 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert b["config"]["world_size"] == 2
     for k, v in a["model"].items():
         assert torch.allclose(v, b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.slow
+def test_train_on_prepared_data(tmp_path):
+    """prepare.py on a few generated class folders (tiny random VAE), then training on its output."""
+    import numpy as np
+    from PIL import Image
+
+    import prepare
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(["n01", "n02"]):
+        (tmp_path / "raw" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "raw" / cls / f"{c}_{i}.JPEG")
+    prepare.main(prepare.parse_args(["--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"),
+                                     "--resolution", "32", "--vae", "tiny-random", "--workers", "0"]))
+    run_dir = run(tmp_path, "--data-dir", str(tmp_path / "data"), "--align", "repa", "--max-steps", "2")
+    ckpt = newest(run_dir)
+    assert ckpt["step"] == 2 and ckpt["config"]["model_config"]["num_classes"] == 2
+    assert not any(part.startswith("data") for part in ckpt["config"]["random_components"])
