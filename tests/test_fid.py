@@ -41,15 +41,6 @@ def images(n, seed, size=32):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def fast_fid(mu1, sigma1, mu2, sigma2):
-    """Test double for fid_from_stats: tr sqrtm(s1 s2) via two symmetric eigh's (MKL), ~20x faster at 2048-d."""
-    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
-    w, v = torch.linalg.eigh(s1)
-    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # sqrtm(s1), symmetric
-    tr_covmean = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum().item()  # = tr sqrtm(s1 s2)
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
 def random_spd(dim, seed):
     """A random well-conditioned symmetric positive definite matrix."""
     a = np.random.default_rng(seed).standard_normal((dim, 2 * dim))
@@ -106,13 +97,6 @@ def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
         fid.fid_from_stats(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="do not match"):
         fid.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
-
-
-def test_fast_fid_test_double_agrees_with_fid_from_stats():
-    rng = np.random.default_rng(4)
-    mu1, mu2 = rng.standard_normal(48), rng.standard_normal(48)
-    s1, s2 = random_spd(48, 5), random_spd(48, 6)
-    assert fast_fid(mu1, s1, mu2, s2) == pytest.approx(fid.fid_from_stats(mu1, s1, mu2, s2), rel=1e-10)
 
 
 def test_running_gaussian_matches_numpy_mean_and_cov():
@@ -323,10 +307,28 @@ def cli(*argv, weights=None):
     return fid.main(fid.parse_args([*map(str, argv), *flags]))
 
 
+def recording_fid(monkeypatch):
+    """Replace fid_from_stats (a 2048-d sqrtm costs tens of seconds here; it is tested above) by a recorder."""
+    calls = []
+
+    def record(mu1, sigma1, mu2, sigma2):
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return float(len(calls))
+
+    monkeypatch.setattr(fid, "fid_from_stats", record)
+    return calls
+
+
+def assert_same_stats(call, same=True):
+    """Check that a recorded FID call compared equal (or clearly different) sample and reference stats."""
+    mu1, sigma1, mu2, sigma2 = call
+    close = np.allclose(mu1, mu2, rtol=1e-6, atol=1e-6) and np.allclose(sigma1, sigma2, rtol=1e-6, atol=1e-6)
+    assert close == same
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monkeypatch):
-    computed = []
-    monkeypatch.setattr(fid, "fid_from_stats", lambda *s: computed.append(s) or fast_fid(*s))
+    calls = recording_fid(monkeypatch)
     arr = images(6, seed=5)
     np.savez(tmp_path / "ref.npz", arr_0=arr)
     folder = tmp_path / "samples"
@@ -335,28 +337,33 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
         Image.fromarray(im).save(folder / f"{i}.png")
 
     results = cli(tmp_path / "ref.npz", folder, weights=weights_file)
-    # the same images as samples: FID and sFID vanish, every point is inside the other set's manifold
-    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3  # rounding of rank-5 covariances
+    # the same images as samples: FID and sFID compare equal statistics (sample first, as ADM), and
+    # every point is inside the other set's manifold
+    assert [c[0].shape for c in calls] == [(2048,), (2023,)] and (results["fid"], results["sfid"]) == (1.0, 2.0)
+    assert_same_stats(calls[0])
+    assert_same_stats(calls[1])
     assert (results["precision"], results["recall"]) == (1.0, 1.0)
     assert 1.0 < results["inception_score"] <= 3.0  # IS cannot exceed the split size (3)
-    assert [s[0].shape for s in computed] == [(2048,), (2023,)]
     on_disk = json.loads((tmp_path / "samples.eval.json").read_text())
-    assert on_disk["fid"] == results["fid"] and on_disk["num_samples"] == 6
+    assert on_disk == results and on_disk["num_samples"] == 6
 
     cache = fid.cache_path(str(tmp_path / "ref.npz"), weights_file[1])
     stamp = os.stat(cache).st_mtime_ns
     with np.load(cache) as c:
         assert c["pool"].shape == (6, 2048)
-    # different samples: the reference comes from the cache (not rewritten), the numbers move
+        np.testing.assert_array_equal(c["mu"], calls[0][2])
+    # different samples: the reference comes from the cache (not rewritten) and the statistics differ
     np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
     other = cli(tmp_path / "ref.npz", tmp_path / "other.npz", "--out", tmp_path / "o.json", weights=weights_file)
-    assert os.stat(cache).st_mtime_ns == stamp and other["fid"] > 1 and other["sfid"] > 1
-    assert json.loads((tmp_path / "o.json").read_text())["recall"] == other["recall"]
+    assert os.stat(cache).st_mtime_ns == stamp and np.array_equal(calls[2][2], calls[0][2])
+    assert_same_stats(calls[2], same=False)
+    assert_same_stats(calls[3], same=False)
+    assert json.loads((tmp_path / "o.json").read_text()) == other
 
 
 @pytest.mark.slow
 def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch):
-    monkeypatch.setattr(fid, "fid_from_stats", fast_fid)
+    calls = recording_fid(monkeypatch)
     arr = images(6, seed=8)
     np.savez(tmp_path / "source.npz", arr_0=arr)
     out = tmp_path / "ref.npz"
@@ -364,12 +371,14 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
     with np.load(out) as ref:
         assert ref["arr_0"].shape == (4, 32, 32, 3)
         assert all(any(np.array_equal(im, src) for src in arr) for im in ref["arr_0"])  # a subset
-        assert ref["mu"].shape == (2048,) and ref["sigma_s"].shape == (2023, 2023)
-        stored = ref["mu"], ref["sigma"]
-    # statistics cover all 6 source images, so evaluating the source against it gives FID 0
+        stored = [ref[key] for key in ("mu", "sigma", "mu_s", "sigma_s")]
+    assert [a.shape for a in stored] == [(2048,), (2048, 2048), (2023,), (2023, 2023)]
+    # evaluating against it uses the stored statistics, which cover all 6 source images
     results = cli(out, tmp_path / "source.npz", weights=weights_file)
-    assert abs(results["fid"]) < 1e-3 and abs(results["sfid"]) < 1e-3
-    assert results["recall"] == 1.0 and np.isfinite(stored[1]).all()
+    for call, (mu, sigma) in zip(calls, (stored[:2], stored[2:])):
+        assert call[2] is not None and np.array_equal(call[2], mu) and np.array_equal(call[3], sigma)
+        assert_same_stats(call)  # the samples are the same 6 images
+    assert results["recall"] == 1.0  # every arr_0 image is also a sample
 
 
 def bad_input_cases(tmp_path):
