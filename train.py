@@ -385,15 +385,15 @@ def main(args):
 
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(cfg)
-    random_parts = ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + (
-        [f"encoder ({TINY_RANDOM})"] if align.needs_encoder and cfg["enc_type"] == TINY_RANDOM else []) + (
-        ["discriminator trunk (random ResNet-18)"] if align.adv and not cfg["disc_pretrained"] else []) + (
+    run = build_run(cfg, dataset.num_classes, device, world)
+    cfg["model_config"] = run.model.config
+    random_parts = ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + [
+        f"encoder ({e.name})" for e in run.encoders if not e.pretrained] + (
+        ["discriminator trunk (random ResNet-18)"] if run.disc is not None and not run.disc.pretrained else []) + (
         [f"vae ({TINY_RANDOM})"] if cfg["vae"] == TINY_RANDOM and cfg["sample_every"] else [])
     cfg["random_components"] = random_parts  # in config.json and every checkpoint: no silent stand-ins
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
-    run = build_run(cfg, dataset.num_classes, device, world)
-    cfg["model_config"] = run.model.config
 
     step = 0
     ckpts = checkpoint_paths(run_dir)
