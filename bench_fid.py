@@ -68,6 +68,7 @@ def synthetic_sets(n, seed):
     basis = torch.randn(64, fid.POOL_DIM, generator=gen) / 8  # shared low-rank structure, as real features have
 
     def features(shift):
+        """(n,2048) ReLU'd rows around `shift`."""
         noise = 0.3 * torch.randn(n, fid.POOL_DIM, generator=gen)
         return (torch.randn(n, 64, generator=gen) @ basis + shift + noise).relu()  # n,2048
 

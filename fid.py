@@ -101,7 +101,8 @@ def tf1_resize_bilinear(x, size):
     y_lo, y_hi, y_w = _legacy_axis(x.shape[2], size, x.device)
     x_lo, x_hi, x_w = _legacy_axis(x.shape[3], size, x.device)
 
-    def blend_columns(rows):  # (N,C,size,W) -> (N,C,size,size), left + (right - left) * w as TF does
+    def blend_columns(rows):
+        """(N,C,size,W) -> (N,C,size,size): left + (right - left) * w, in TF's operation order."""
         left = rows[..., x_lo]
         return left + (rows[..., x_hi] - left) * x_w
 
@@ -125,6 +126,7 @@ class BasicConv(nn.Module):
     """Bias-free convolution, batch norm with TF's eps 1e-3, ReLU."""
 
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        """Layers named conv and bn, as in the weights file."""
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
@@ -151,6 +153,7 @@ class MixedA(Mixed):
     """35x35 block (Mixed_5b..5d): 1x1, 5x5, double 3x3 and average-pool branches."""
 
     def __init__(self, cin, pool_channels):
+        """Branch layers, named as in the weights file."""
         super().__init__()
         self.branch1x1 = BasicConv(cin, 64, 1)
         self.branch5x5_1 = BasicConv(cin, 48, 1)
@@ -174,6 +177,7 @@ class MixedB(Mixed):
     """35 -> 17 reduction block (Mixed_6a)."""
 
     def __init__(self, cin):
+        """Branch layers, named as in the weights file."""
         super().__init__()
         self.branch3x3 = BasicConv(cin, 384, 3, stride=2)
         self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
@@ -193,6 +197,7 @@ class MixedC(Mixed):
     """17x17 block (Mixed_6b..6e) with factorised 1x7 / 7x1 convolutions."""
 
     def __init__(self, cin, c7):
+        """Branch layers, named as in the weights file."""
         super().__init__()
         self.branch1x1 = BasicConv(cin, 192, 1)
         self.branch7x7_1 = BasicConv(cin, c7, 1)
@@ -218,6 +223,7 @@ class MixedD(Mixed):
     """17 -> 8 reduction block (Mixed_7a)."""
 
     def __init__(self, cin):
+        """Branch layers, named as in the weights file."""
         super().__init__()
         self.branch3x3_1 = BasicConv(cin, 192, 1)
         self.branch3x3_2 = BasicConv(192, 320, 3, stride=2)
@@ -238,6 +244,7 @@ class MixedE(Mixed):
     """8x8 block (Mixed_7b, 7c); the graph's last block pools with max instead of average."""
 
     def __init__(self, cin, max_pool):
+        """Branch layers, named as in the weights file."""
         super().__init__()
         self.max_pool = max_pool
         self.branch1x1 = BasicConv(cin, 320, 1)
@@ -269,6 +276,7 @@ class FIDInception(nn.Module):
     """Inception-v3 as in the TF 2015-12-05 graph; load_state_dict(strict=True) takes the pytorch-fid file."""
 
     def __init__(self):
+        """Stem, eleven mixed blocks and the 1008-way classifier, named as in the weights file."""
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv(32, 32, 3)
@@ -365,6 +373,7 @@ class RunningGaussian:
     """Mean and covariance (np.cov convention, N-1) of feature rows, accumulated batch by batch in float64."""
 
     def __init__(self):
+        """An empty accumulator."""
         self.count, self.shift, self.total, self.scatter = 0, None, None, None
 
     def update(self, feats):
@@ -547,6 +556,7 @@ class ImageSet:
     """Images from an ADM npz (arr_0 streamed from the zip, never loaded whole) or a folder of image files."""
 
     def __init__(self, path):
+        """Open and validate `path` (npz header or folder listing) without reading the images."""
         self.path = path
         self.is_npz = os.path.isfile(path)
         if self.is_npz:
@@ -718,7 +728,8 @@ def write_reference(args):
     model, _ = load_inception(args.weights, args.weights_sha256, args.device)
     kept = []
 
-    def keeping(batches):  # set aside the chosen arr_0 images while they stream past
+    def keeping(batches):
+        """Pass batches through, setting aside the images chosen for arr_0."""
         start = 0
         for batch in batches:
             kept.append(batch[keep[(keep >= start) & (keep < start + len(batch))] - start])

@@ -79,6 +79,7 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
     real_sqrtm, calls = scipy.linalg.sqrtm, []
 
     def flaky_sqrtm(a):
+        """NaN on the first call, the real sqrtm after."""
         calls.append(a.copy())
         return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
 
@@ -312,6 +313,7 @@ def recording_fid(monkeypatch):
     calls = []
 
     def record(mu1, sigma1, mu2, sigma2):
+        """Keep the inputs; return the call's number."""
         calls.append((mu1, sigma1, mu2, sigma2))
         return float(len(calls))
 
@@ -388,6 +390,7 @@ def bad_input_cases(tmp_path):
     cases = []
 
     def npz(name, **arrays):
+        """Save arrays as tmp_path/name and return the path."""
         np.savez(tmp_path / name, **arrays)
         return tmp_path / name
 
