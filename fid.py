@@ -676,8 +676,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--ref-images", type=int, default=10000, help="images kept as arr_0 by --write-ref (ADM: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random arr_0 subset chosen by --write-ref")
-    p.add_argument("--out", help="JSON results path (default: SAMPLES with .eval.json)")
-    p.add_argument("--weights", help="Inception weights file (default: torch.hub cache, downloaded if missing)")
+    p.add_argument("--out", help="JSON results path; unset: SAMPLES with .eval.json")
+    p.add_argument("--weights", help="Inception weights file; unset: the torch.hub cache, downloaded if missing")
     p.add_argument(
         "--weights-sha256",
         default=WEIGHTS_SHA256,
