@@ -199,9 +199,9 @@ def load_checkpoint(path, weights="ema"):
         if not is_state_dict(ckpt.get(weights)):
             raise SystemExit(f"{path}: no {weights!r} state dict in the checkpoint (keys: {sorted(ckpt)})")
         state = ckpt[weights]
-        config = ckpt["config"].get("model") if isinstance(ckpt.get("config"), dict) else None
+        config = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
         if "config" in ckpt and not isinstance(config, dict):  # a train.py checkpoint must say what it is
-            raise SystemExit(f"{path}: the checkpoint's config has no 'model' dict")
+            raise SystemExit(f"{path}: the checkpoint's config has no 'model_config' dict")
     try:
         config = config if config is not None else infer_config(state, ckpt.get("args"))
         model = SiT(**config)
@@ -263,13 +263,15 @@ def check_settings(folder, settings, rank):
         if changed:
             raise SystemExit(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
                              "use another --out or delete it")
+    elif os.listdir(folder):  # never mix our PNGs into (or count) someone else's files
+        raise SystemExit(f"{folder} already holds files not written by sample.py; use another --out")
     elif rank == 0:
         save_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
 
 
 def written_indices(folder):
     """Global indices whose PNG is already in folder (complete files only: they are written atomically)."""
-    return {int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(r"(\d+)\.png", f))}
+    return {int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(r"(\d{6})\.png", f))}
 
 
 def write_npz(folder, num_samples, out):
@@ -296,7 +298,11 @@ def write_samples(model, vae, args, device, rank, world):
     """This rank's share of the missing samples as PNGs in out's folder; then rank 0 writes the npz."""
     folder = os.path.splitext(args.out)[0]
     os.makedirs(folder, exist_ok=True)
-    check_settings(folder, run_settings(args), rank)
+    if rank == 0:  # rank 0 vets the folder and records the settings before the others compare with them
+        check_settings(folder, run_settings(args), rank)
+    barrier(world)
+    if rank:
+        check_settings(folder, run_settings(args), rank)
     todo = sorted(set(range(args.num_samples)) - written_indices(folder))
     barrier(world)  # every rank listed the folder before any rank writes into it
     mine = todo[rank::world]

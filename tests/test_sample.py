@@ -37,7 +37,7 @@ def perturbed(model, seed):
 def save_project_ckpt(path, config=TINY):
     """A train.py-style checkpoint with different raw and EMA weights; returns (raw, ema) models."""
     raw, ema = perturbed(SiT(**config), 1), perturbed(SiT(**config), 2)
-    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), config=dict(model=raw.config), step=5), path)
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), config=dict(model_config=raw.config), step=5), path)
     return raw, ema
 
 
@@ -240,7 +240,7 @@ def test_bare_repa_state_dict_loads(tmp_path):
 def corrupt(kind, path):
     """Write a broken checkpoint of the given kind at path."""
     net = SiT(**TINY)
-    good = dict(model=net.state_dict(), ema=net.state_dict(), config=dict(model=net.config), step=1)
+    good = dict(model=net.state_dict(), ema=net.state_dict(), config=dict(model_config=net.config), step=1)
     if kind == "truncated":
         torch.save(good, path)
         data = open(path, "rb").read()

@@ -160,3 +160,14 @@ def test_train_on_prepared_data(tmp_path):
     ckpt = newest(run_dir)
     assert ckpt["step"] == 2 and ckpt["config"]["model_config"]["num_classes"] == 2
     assert not any(part.startswith("data") for part in ckpt["config"]["random_components"])
+
+
+def test_sample_py_loads_a_train_checkpoint(tmp_path):
+    import sample
+
+    run_dir = run(tmp_path, "--align", "repa+sra2", "--max-steps", "2")
+    path = train.checkpoint_paths(run_dir)[-1]
+    ckpt = torch.load(path, weights_only=True)
+    for weights in ("ema", "model"):
+        model = sample.load_checkpoint(path, weights)
+        assert all(torch.equal(v, ckpt[weights][k]) for k, v in model.state_dict().items())
