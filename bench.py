@@ -1,0 +1,245 @@
+"""Benchmark training and sampling cost: step time, peak memory and FLOPs per alignment preset vs vanilla SiT.
+
+    python bench.py                                        # GPU: SiT-XL/2, 256 px, batch 32 (one GPU's share of 256)
+    python bench.py --peak-tflops 989                      # H100 SXM bf16/fp16 dense peak, for the MFU column
+    python bench.py --threads 1 --encoder dinov2-vit-b     # shared CPU: the real DINOv2-B architecture, random weights
+
+Each preset is one train.py train_step (build_run, the same flags as train.py) on random data; each preset and the
+sampler run in a fresh child process, so the peak memory is theirs alone. Step time is the median over --steps
+after --warmup steps, so SARA's discriminator update (one step in --disc-every) is left out of it and of the FLOPs.
+"""
+
+import argparse
+import functools
+import gc
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils import flop_counter
+
+import losses
+import sample
+import train
+from encoders import TINY_RANDOM, build_encoder, canonical_name
+
+# Defaults by device: the paper's model on a GPU; on CPU a size whose whole bench takes a few minutes on 2 cores.
+GPU = torch.cuda.is_available()
+MODEL = "SiT-XL/2" if GPU else "SiT-S/2"
+BATCH_SIZE = 32 if GPU else 2
+ENCODER = "dinov2-vit-b" if GPU else TINY_RANDOM
+PRECISION = "fp16" if GPU else "fp32"  # train.py's imagenet256 recipe on GPU; CPU autocast fp16 is not a real path
+WARMUP, STEPS = (5, 20) if GPU else (1, 5)  # the FLOP-counted first step warms up too
+SAMPLE_STEPS, SAMPLE_BATCH = (250, 64) if GPU else (10, 4)
+PEAK_TFLOPS = 312.0  # A100 dense bf16/fp16; H100 SXM is 989
+NUM_CLASSES = 1000  # ImageNet: the label table's size is part of the model
+DEVICE = torch.device("cuda" if GPU else "cpu")
+
+# torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's own SDPA formulas.
+aten = torch.ops.aten
+flop_counter.flop_registry.setdefault(aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop)
+flop_counter.flop_registry.setdefault(aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                                      flop_counter.sdpa_backward_flop)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default (this machine's: they depend on the GPU)."""
+
+
+def parse_args(argv=None):
+    """Command line (argv=None reads sys.argv); defaults depend on whether a GPU is present."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--model", default=MODEL, help="SiT size, e.g. SiT-XL/2, SiT-B/2")
+    a("--resolution", type=int, default=256, help="image resolution in pixels")
+    a("--batch-size", type=int, default=BATCH_SIZE, help="images per training step")
+    a("--precision", choices=["fp16", "bf16", "fp32"], default=PRECISION, help="train.py --precision")
+    a("--encoder", default=ENCODER, help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), tiny-random")
+    a("--random-weights", type=int, choices=[0, 1], default=int(not GPU),
+      help="1: the DINOv2 architecture with random weights (no download, the same cost); 0: timm's pretrained ones")
+    a("--disc-pretrained", type=int, choices=[0, 1], default=0,
+      help="1: SARA's discriminator with the ImageNet ResNet-18 trunk (download); 0: random trunk, the same cost")
+    a("--presets", default=",".join(losses.PRESETS), help="comma-separated alignment presets")
+    a("--threads", type=int, default=torch.get_num_threads(),
+      help="CPU threads; on a shared machine use 1: OpenMP threads spin-wait whenever another job holds a core, "
+           "so step times swing tenfold")
+    a("--warmup", type=int, default=WARMUP, help="untimed steps before the timed ones")
+    a("--steps", type=int, default=STEPS, help="timed steps; the median is reported")
+    a("--sample-steps", type=int, default=SAMPLE_STEPS, help="Euler-Maruyama steps of the sampler")
+    a("--sample-batch", type=int, default=SAMPLE_BATCH, help="samples per sampler call")
+    a("--cfg", type=float, default=1.8, help="guidance scale of the CFG sampler row (guided at every step)")
+    a("--peak-tflops", type=float, default=PEAK_TFLOPS,
+      help="the GPU's dense peak TFLOP/s at --precision, for MFU (A100 bf16/fp16: 312; H100 SXM: 989)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements, each run in a fresh process
+
+
+def timed(fn, *args):
+    """Seconds fn(*args) takes; CUDA is synchronised on both sides so the timer sees the work, not its launch."""
+    if GPU:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*args)
+    if GPU:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def proc_status_bytes(key):
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def memory_now():
+    """Bytes in use: allocated by torch on GPU; the resident set on CPU (torch's CPU allocations bypass tracemalloc)."""
+    return torch.cuda.memory_allocated() if GPU else proc_status_bytes("VmRSS")
+
+
+def reset_peak_memory():
+    """Restart the high-water mark from the current use (on CPU, Linux's VmHWM reset through clear_refs)."""
+    gc.collect()
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory():
+    """Bytes at the high-water mark since reset_peak_memory."""
+    return torch.cuda.max_memory_allocated() if GPU else proc_status_bytes("VmHWM")
+
+
+def setup(args, align):
+    """Set this process up as train.main does (seed, TF32) with --threads; train.py's config of one preset."""
+    flags = ["--preset", "imagenet256", "--align", align, "--model", args.model, "--resolution", str(args.resolution),
+             "--batch-size", str(args.batch_size), "--precision", args.precision, "--enc-type", args.encoder,
+             "--disc-pretrained", str(args.disc_pretrained)]
+    flags += ["--enc-weights", args.enc_weights] if args.enc_weights else []
+    cfg = train.resolve_config(train.parse_args(flags))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])  # as train.main
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(args.threads)
+    return cfg
+
+
+def measure_preset(args, align):
+    """FLOPs of one step, median step time and peak memory of one alignment preset (in a fresh process)."""
+    base = memory_now()  # before anything is built: the interpreter and torch's libraries are not counted
+    cfg = setup(args, align)
+    run = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1)
+    run.model.train()
+    b, r = cfg["batch_size"], cfg["resolution"]
+    batch = [torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
+             torch.randn(b, 8, r // 8, r // 8, device=DEVICE), torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)]
+    align_cfg = losses.AlignConfig(**cfg["align_config"])
+    step = functools.partial(train.train_step, run, cfg, align_cfg, batch)  # step(index, rows)
+    reset_peak_memory()  # after building: loading encoder weights peaks above what training holds
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
+    times = [timed(step, i, slice(0, b)) for i in range(args.warmup + args.steps)][args.warmup:]
+    return dict(preset=align, sec=statistics.median(times), mem=peak_memory() - base, flops=counter.get_total_flops())
+
+
+def measure_sampler(args):
+    """Samples/s of sample.py's sampler (Euler-Maruyama + guided_velocity) without and with CFG (fresh process)."""
+    cfg = setup(args, "none")
+    ema = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1).ema
+    indices = list(range(args.sample_batch))
+
+    def options(steps, scale):
+        """sample.py's own options for a run of this many steps at this guidance scale (no checkpoint read)."""
+        return sample.parse_args(["--ckpt", "(random init)", "--num-steps", str(steps), "--cfg", str(scale)])
+
+    rows = []
+    for scale in (1.0, args.cfg):
+        sample.sample_latents(ema, indices, options(2, scale), DEVICE)  # warmup
+        sec = timed(sample.sample_latents, ema, indices, options(args.sample_steps, scale), DEVICE)
+        rows.append(dict(cfg=scale, samples_per_sec=args.sample_batch / sec))
+    return rows
+
+
+def save_random_encoders(spec, resolution, folder):
+    """Seeded random weights for each DINOv2 in spec, as the comma-separated files train.py's --enc-weights takes."""
+    paths = []
+    for i, name in enumerate(spec.split(",")):
+        path = "" if canonical_name(name) == TINY_RANDOM else os.path.join(folder, f"encoder{i}.pt")
+        if path:
+            torch.manual_seed(i)
+            torch.save(build_encoder(name, resolution, pretrained=False).model.state_dict(), path)
+        paths.append(path)
+    return ",".join(paths)
+
+
+def isolated(fn, *args):
+    """fn(*args) in a fresh child process, so its peak memory and allocator state are its own."""
+    # CUDA does not survive fork; on CPU fork skips re-importing torch in every child
+    with multiprocessing.get_context("spawn" if GPU else "fork").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def random_parts(args):
+    """What in the benchmark is a random stand-in (none of it changes the cost)."""
+    names = args.encoder.split(",")
+    dinov2 = [n for n in names if canonical_name(n) != TINY_RANDOM]
+    parts = ["SiT weights (fresh init)", "data (random uint8 images, latent moments, labels)"]
+    parts += [f"encoder {TINY_RANDOM} (a 16x16 conv, far cheaper than DINOv2)"] if len(dinov2) < len(names) else []
+    random_dinov2 = f"encoder weights ({', '.join(dinov2)}: real architecture, random init)"
+    parts += [random_dinov2] if dinov2 and args.random_weights else []
+    return parts + ([] if args.disc_pretrained else ["discriminator trunk (random ResNet-18)"])
+
+
+def print_table(header, rows):
+    """A plain right-aligned text table; the first column left-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+
+
+def main(args):
+    """Measure every preset and the sampler, each in its own process, and print the tables; returns their rows."""
+    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
+    print(f"bench.py: {name}, torch {torch.__version__}; {args.model} at {args.resolution} px, "
+          f"batch {args.batch_size}, {args.precision}; median of {args.steps} steps after {args.warmup} warmup")
+    print(f"encoder: {args.encoder}; RANDOM: {'; '.join(random_parts(args))}")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs slow every row; "
+          "read the ratios)")
+    memory = ("torch.cuda.max_memory_allocated" if GPU else
+              "peak resident set (VmHWM) minus the RSS before building, first-use library pages included")
+    with tempfile.TemporaryDirectory() as folder:
+        args.enc_weights = (isolated(save_random_encoders, args.encoder, args.resolution, folder)
+                            if args.random_weights else None)
+        results = [isolated(measure_preset, args, p) for p in args.presets.split(",")]
+        sampler = isolated(measure_sampler, args)
+    ref = next((r for r in results if r["preset"] == "none"), results[0])
+    header = ["preset", "ms/step", "x none", "peak MiB", "x none", "GFLOP/step", "x none", "TFLOP/s"] + (["MFU"] * GPU)
+    rows = []
+    for r in results:
+        tflops = r["flops"] / r["sec"] / 1e12
+        rows.append([r["preset"], f"{r['sec'] * 1e3:.1f}", f"{r['sec'] / ref['sec']:.2f}", f"{r['mem'] / 2**20:.0f}",
+                     f"{r['mem'] / ref['mem']:.2f}", f"{r['flops'] / 1e9:.3g}", f"{r['flops'] / ref['flops']:.2f}",
+                     f"{tflops:.3g}"] + ([f"{tflops / args.peak_tflops:.1%}"] * GPU))
+    print(f"\ntraining step (peak memory: {memory}; FLOPs: FlopCounterMode over one forward + backward, encoders "
+          f"included{f'; MFU against {args.peak_tflops:g} TFLOP/s' if GPU else ''})")
+    print_table(header, rows)
+    print(f"\nsampler: sample.py's Euler-Maruyama SDE, {args.sample_steps} steps, batch {args.sample_batch}, EMA model")
+    print_table(["guidance", "samples/s", "x no CFG"],
+                [[f"cfg {s['cfg']:g}" + (" (2x batch)" if s["cfg"] > 1 else ""), f"{s['samples_per_sec']:.3f}",
+                  f"{s['samples_per_sec'] / sampler[0]['samples_per_sec']:.2f}"] for s in sampler])
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    return rows, sampler
+
+
+if __name__ == "__main__":
+    main(parse_args())
