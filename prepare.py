@@ -21,10 +21,10 @@ import os
 import numpy as np
 import PIL.Image
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import distributed
 import vae as vae_lib
 from data import supported_ext
 
@@ -133,29 +133,14 @@ def write_json(path, meta):
     write_atomic(path, lambda f: f.write(text))
 
 
-def init_distributed(device):
-    """(rank, world size, device): torch.distributed under torchrun (nccl on GPU, gloo on CPU), else one process."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24),
-                            device_id=device if device.type == "cuda" else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def main(args):
     """Crop, encode and write this rank's share of the images, then (rank 0) the label files."""
     paths, labels, classes = list_source(args.source, args.max_images)
     if args.resolution <= 0 or args.resolution % 8:
         raise SystemExit(f"prepare.py: --resolution must be a positive multiple of 8 (the VAE's stride), "
                          f"got {args.resolution}")
-    rank, world, device = init_distributed(args.device)
+    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
+    rank, world, device = distributed.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")
     mine = range(rank, len(paths), world)  # strided shard: every rank gets a spread of classes
     pending = [(i, os.path.join(args.source, paths[i])) for i in mine
@@ -179,16 +164,14 @@ def main(args):
                 write_atomic(os.path.join(latents_dir, output_names(i)[1]), lambda f: np.save(f, m))
             bar.update(len(indices))
         bar.close()
-    if world > 1:
-        dist.barrier()  # every shard on disk before the labels name them
+    distributed.barrier(world)  # every shard on disk before the labels name them
     if rank == 0:
         names = [output_names(i) for i in range(len(paths))]
         meta = {"num_classes": len(classes), "classes": classes, "vae": args.vae}  # extra keys; REPA reads "labels"
         for d, k in ((images_dir, 0), (latents_dir, 1)):
             write_json(os.path.join(d, "dataset.json"), {"labels": [[n[k], y] for n, y in zip(names, labels)], **meta})
         log.info("wrote %d images and latents to %s", len(paths), args.dest)
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.close(world)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import distributed
 from model import SIZES, SiT, size_config
 from vae import decode, load_vae, to_uint8
 
@@ -300,11 +300,11 @@ def write_samples(model, vae, args, device, rank, world):
     os.makedirs(folder, exist_ok=True)
     if rank == 0:  # rank 0 vets the folder and records the settings before the others compare with them
         check_settings(folder, run_settings(args), rank)
-    barrier(world)
+    distributed.barrier(world)
     if rank:
         check_settings(folder, run_settings(args), rank)
     todo = sorted(set(range(args.num_samples)) - written_indices(folder))
-    barrier(world)  # every rank listed the folder before any rank writes into it
+    distributed.barrier(world)  # every rank listed the folder before any rank writes into it
     mine = todo[rank::world]
     bar = tqdm(total=len(mine), desc=f"sampling (rank 0 of {world})", disable=rank != 0)
     for start in range(0, len(mine), args.batch_size):
@@ -313,7 +313,7 @@ def write_samples(model, vae, args, device, rank, world):
             save_atomic(os.path.join(folder, f"{i:06d}.png"), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
         bar.update(len(batch))
     bar.close()
-    barrier(world)  # all shares are on disk
+    distributed.barrier(world)  # all shares are on disk
     if rank == 0:
         write_npz(folder, args.num_samples, args.out)
 
@@ -322,28 +322,12 @@ def write_samples(model, vae, args, device, rank, world):
 # Command line
 
 
-def barrier(world):
-    """Wait for all ranks (no-op in a single process)."""
-    if world > 1:
-        dist.barrier()
-
-
 def setup(args):
-    """Process group from torchrun's environment (gloo on CPU, nccl on GPU) -> (rank, world, device)."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local if world > 1 else device.index or 0)  # torchrun: one GPU per rank
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    if world > 1:
-        if args.num_samples is None:
-            raise SystemExit("the grid is made by one process: run without torchrun, or give --num-samples")
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)  # bound to this rank's GPU for barriers
-        else:
-            dist.init_process_group("gloo")
-    return rank, world, device
+    """Process group and device for this run -> (rank, world, device)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.num_samples is None:
+        raise SystemExit("the grid is made by one process: run without torchrun, or give --num-samples")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return distributed.init(args.device)
 
 
 def parse_labels(text):
@@ -417,8 +401,7 @@ def main(args):
         write_grid(model, vae, args, device)
     else:
         write_samples(model, vae, args, device, rank, world)
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.close(world)
 
 
 if __name__ == "__main__":

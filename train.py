@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+import distributed
 import losses
 from data import LatentImageDataset, SyntheticDataset
 from discriminator import build_discriminator, is_disc_step
@@ -148,17 +149,6 @@ def resolve_config(args, world=1):
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup and data
-
-
-def setup_distributed():
-    """(rank, world size, device): torchrun's environment if present, else one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class GlobalBatchSampler(Sampler):
@@ -376,7 +366,7 @@ def train_step(run, cfg, align, batch, step, rows):
 
 def main(args):
     """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.init()
     cfg = resolve_config(args, world)
     run_dir = os.path.join(cfg["out"], cfg["run_name"])
     setup_logging(run_dir, rank)
@@ -446,8 +436,7 @@ def main(args):
         if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
             save_checkpoint(run_dir, cfg, step, run, device, rank, world)
     bar.close()
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.close(world)
     return run_dir
 
 
@@ -474,8 +463,7 @@ def save_checkpoint(run_dir, cfg, step, run, device, rank, world):
         for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
             os.remove(old)
         log.info("saved %s", path)
-    if world > 1:
-        dist.barrier()
+    distributed.barrier(world)
 
 
 def trim_metrics(path, step):
