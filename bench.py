@@ -81,14 +81,14 @@ def parse_args(argv=None):
 
 
 def timed(fn, *args):
-    """Seconds fn(*args) takes; CUDA is synchronised on both sides so the timer sees the work, not its launch."""
+    """(wall, process CPU) seconds of fn(*args); CUDA synchronised on both sides so the work counts, not its launch."""
     if GPU:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
     if GPU:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def proc_status_bytes(key):
@@ -144,8 +144,9 @@ def measure_preset(args, align):
     reset_peak_memory()  # after building: loading encoder weights peaks above what training holds
     with flop_counter.FlopCounterMode(display=False) as counter:
         step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
-    times = [timed(step, i, slice(0, b)) for i in range(args.warmup + args.steps)][args.warmup:]
-    return dict(preset=align, sec=statistics.median(times), mem=peak_memory() - base, flops=counter.get_total_flops())
+    walls, cpus = zip(*[timed(step, i, slice(0, b)) for i in range(args.warmup + args.steps)][args.warmup:])
+    return dict(preset=align, sec=statistics.median(walls), cpu=statistics.median(cpus), mem=peak_memory() - base,
+                flops=counter.get_total_flops())
 
 
 def measure_sampler(args):
@@ -161,7 +162,7 @@ def measure_sampler(args):
     rows = []
     for scale in (1.0, args.cfg):
         sample.sample_latents(ema, indices, options(2, scale), DEVICE)  # warmup
-        sec = timed(sample.sample_latents, ema, indices, options(args.sample_steps, scale), DEVICE)
+        sec, _ = timed(sample.sample_latents, ema, indices, options(args.sample_steps, scale), DEVICE)
         rows.append(dict(cfg=scale, samples_per_sec=args.sample_batch / sec))
     return rows
 
@@ -208,7 +209,7 @@ def print_table(header, rows):
 
 
 def main(args):
-    """Measure every preset and the sampler, each in its own process, and print the tables; returns their rows."""
+    """Measure every preset and the sampler, each in its own process, print the tables; returns header and rows."""
     name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
     print(f"bench.py: {name}, torch {torch.__version__}; {args.model} at {args.resolution} px, "
           f"batch {args.batch_size}, {args.precision}; median of {args.steps} steps after {args.warmup} warmup")
@@ -223,22 +224,27 @@ def main(args):
         results = [isolated(measure_preset, args, p) for p in args.presets.split(",")]
         sampler = isolated(measure_sampler, args)
     ref = next((r for r in results if r["preset"] == "none"), results[0])
-    header = ["preset", "ms/step", "x none", "peak MiB", "x none", "GFLOP/step", "x none", "TFLOP/s"] + (["MFU"] * GPU)
+    # (column, result key, unit scale, format), each followed by its ratio to none; CPU time only means something
+    # on CPU, where it is what a step costs even while other jobs keep it waiting for a core
+    columns = [("ms/step", "sec", 1e3, ".1f")] + ([] if GPU else [("cpu ms/step", "cpu", 1e3, ".1f")]) + [
+        ("peak MiB", "mem", 2**-20, ".0f"), ("GFLOP/step", "flops", 1e-9, ".3g")]
+    header = ["preset"] + [h for c in columns for h in (c[0], "x none")] + ["TFLOP/s"] + (["MFU"] if GPU else [])
     rows = []
     for r in results:
         tflops = r["flops"] / r["sec"] / 1e12
-        rows.append([r["preset"], f"{r['sec'] * 1e3:.1f}", f"{r['sec'] / ref['sec']:.2f}", f"{r['mem'] / 2**20:.0f}",
-                     f"{r['mem'] / ref['mem']:.2f}", f"{r['flops'] / 1e9:.3g}", f"{r['flops'] / ref['flops']:.2f}",
-                     f"{tflops:.3g}"] + ([f"{tflops / args.peak_tflops:.1%}"] * GPU))
+        rows.append([r["preset"]] + [cell for _, key, scale, fmt in columns
+                                     for cell in (format(r[key] * scale, fmt), f"{r[key] / ref[key]:.2f}")]
+                    + [f"{tflops:.3g}"] + ([f"{tflops / args.peak_tflops:.1%}"] if GPU else []))
+    note = f"MFU against {args.peak_tflops:g} TFLOP/s" if GPU else "cpu ms: the process's CPU time, all threads"
     print(f"\ntraining step (peak memory: {memory}; FLOPs: FlopCounterMode over one forward + backward, encoders "
-          f"included{f'; MFU against {args.peak_tflops:g} TFLOP/s' if GPU else ''})")
+          f"included; {note})")
     print_table(header, rows)
     print(f"\nsampler: sample.py's Euler-Maruyama SDE, {args.sample_steps} steps, batch {args.sample_batch}, EMA model")
     print_table(["guidance", "samples/s", "x no CFG"],
                 [[f"cfg {s['cfg']:g}" + (" (2x batch)" if s["cfg"] > 1 else ""), f"{s['samples_per_sec']:.3f}",
                   f"{s['samples_per_sec'] / sampler[0]['samples_per_sec']:.2f}"] for s in sampler])
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
-    return rows, sampler
+    return header, rows, sampler
 
 
 if __name__ == "__main__":
