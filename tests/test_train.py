@@ -171,3 +171,19 @@ def test_sample_py_loads_a_train_checkpoint(tmp_path):
     for weights in ("ema", "model"):
         model = sample.load_checkpoint(path, weights)
         assert all(torch.equal(v, ckpt[weights][k]) for k, v in model.state_dict().items())
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import losses
+
+    real = losses.velocity_loss
+    monkeypatch.setattr(losses, "velocity_loss", lambda v, target: real(v, target) * float("nan"))
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row at step 3"):
+        run(tmp_path, "--align", "repa", "--max-steps", "10", "--max-bad-steps", "3")
+    run_dir = os.path.join(tmp_path, "smoke-repa-SiT-T2")
+    ckpt = newest(run_dir)  # written at step 2, before the stop: skipped steps left the weights untouched
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["opt"]["state"] == {}  # AdamW never stepped
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert rows[0]["bad_steps"] == 2 and "grad_norm" not in rows[0]
