@@ -46,8 +46,8 @@ PRESETS = {
                         batch_size=8, max_steps=20, ckpt_every=10, sample_every=20, log_every=5,
                         resolution=64, num_workers=0, precision="fp32", sample_steps=10, disc_pretrained=False),
 }
-# Flags that may change when a run is resumed; any other difference means another experiment.
 CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")  # Run fields with state
+# Flags that may change when a run is resumed; any other difference means another experiment.
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
                      "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size"}
 
@@ -128,11 +128,12 @@ def resolve_config(args, world=1):
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
     try:
         size = size_config(cfg["model"])
-        align = losses.align_config(
+        t_lo, t_hi = cfg.get("sra_t_range") or (None, None)
+        align = losses.align_config(  # flags left unset keep the alignment preset's value
             cfg["align"], patch=cfg.get("patch_weight"), struc=cfg.get("struc_weight"), adv=cfg.get("adv_weight"),
             vae=cfg.get("sra_weight"), struc_reduction=cfg.get("struc_reduction"), vae_objective=cfg.get("sra_objective"),
-            vae_beta=cfg.get("sra_beta"), vae_t_lo=(cfg.get("sra_t_range") or [None])[0],
-            vae_t_hi=(cfg.get("sra_t_range") or [None, None])[1], path=cfg.get("path_type"), weighting=cfg.get("weighting"))
+            vae_beta=cfg.get("sra_beta"), vae_t_lo=t_lo, vae_t_hi=t_hi, path=cfg.get("path_type"),
+            weighting=cfg.get("weighting"))
     except ValueError as e:
         fail(str(e))
     if cfg["batch_size"] % world:
@@ -148,7 +149,7 @@ def resolve_config(args, world=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed setup and data
+# Data
 
 
 class GlobalBatchSampler(Sampler):
