@@ -169,7 +169,6 @@ class AlignConfig:
 
 
 # The papers' defaults (METHOD.md section 3): SARA Table 4 and SRA^2 section 4.
-#            patch  struc  adv    vae
 PRESETS = {
     "none":      dict(),
     "repa":      dict(patch=0.5),
