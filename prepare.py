@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import distributed
 import vae as vae_lib
+from atomic import write_atomic
 from data import supported_ext
 
 log = logging.getLogger("prepare")
@@ -112,15 +113,6 @@ class CroppedImages(Dataset):
         with PIL.Image.open(path) as image:
             array = center_crop_dhariwal(image.convert("RGB"), self.resolution)  # (R, R, 3)
         return idx, torch.from_numpy(array).permute(2, 0, 1)
-
-
-def write_atomic(path, write):
-    """Write a file through write(fileobj) under a temporary name, then rename it into place."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"  # not an image or .npy extension: readers never pick it up
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def write_json(path, meta):

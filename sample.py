@@ -17,7 +17,6 @@ import math
 import os
 import re
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
+from atomic import write_atomic
 from model import SIZES, SiT, size_config
 from vae import decode, load_vae, to_uint8
 
@@ -220,13 +220,6 @@ def load_checkpoint(path, weights="ema"):
 # Outputs
 
 
-def save_atomic(path, save):
-    """Run save(tmp_path) and move the result to path, so no reader ever sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-    save(tmp)
-    os.replace(tmp, path)
-
-
 def tile(images, cols=None):
     """(N, H, W, C) uint8 -> one (rows*H, cols*W, C) grid, row-major, unused cells black."""
     n, h, w, c = images.shape
@@ -242,7 +235,7 @@ def write_grid(model, vae, args, device):
     n = args.grid_size or len(args.class_labels or []) or 16
     batches = [range(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
     images = np.concatenate([generate_images(model, vae, list(b), args, device) for b in tqdm(batches, "grid")])
-    save_atomic(args.out, lambda tmp: Image.fromarray(tile(images)).save(tmp, format="PNG"))
+    write_atomic(args.out, lambda f: Image.fromarray(tile(images)).save(f, format="PNG"))
     print(f"wrote {args.out} ({n} samples)")
 
 
@@ -266,7 +259,7 @@ def check_settings(folder, settings, rank):
     elif os.listdir(folder):  # never mix our PNGs into (or count) someone else's files
         raise SystemExit(f"{folder} already holds files not written by sample.py; use another --out")
     elif rank == 0:
-        save_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+        write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
 def written_indices(folder):
@@ -284,12 +277,12 @@ def write_npz(folder, num_samples, out):
     arr.flush()
     del arr  # close the memmap before zipping its file
 
-    def zip_npy(tmp):
+    def zip_npy(f):
         """np.savez's layout (one stored arr_0.npy), without holding 50k images in memory."""
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        with zipfile.ZipFile(f, "w", allowZip64=True) as zf:
             zf.write(npy, "arr_0.npy")
 
-    save_atomic(out, zip_npy)
+    write_atomic(out, zip_npy)
     os.remove(npy)
     print(f"wrote {out} [arr_0: {num_samples} x {' x '.join(map(str, first.shape))} uint8]")
 
@@ -310,7 +303,7 @@ def write_samples(model, vae, args, device, rank, world):
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         for i, image in zip(batch, generate_images(model, vae, batch, args, device)):
-            save_atomic(os.path.join(folder, f"{i:06d}.png"), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+            write_atomic(os.path.join(folder, f"{i:06d}.png"), lambda f: Image.fromarray(image).save(f, format="PNG"))
         bar.update(len(batch))
     bar.close()
     distributed.barrier(world)  # all shares are on disk

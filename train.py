@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,11 +24,12 @@ from tqdm import tqdm
 
 import distributed
 import losses
+from atomic import write_atomic
 from data import LatentImageDataset, SyntheticDataset
 from discriminator import build_discriminator, is_disc_step
 from encoders import TINY_RANDOM, load_encoders
 from model import SiT, size_config
-from sample import LATENT_RANGE, euler_maruyama, guided_velocity, save_atomic, tile
+from sample import LATENT_RANGE, euler_maruyama, guided_velocity, tile
 from vae import decode, load_vae, sample_latent, to_uint8
 
 log = logging.getLogger("train")
@@ -264,8 +264,8 @@ def write_sample_grid(ema, vae, cfg, step, run_dir, device):
     latents = euler_maruyama(guided_velocity(ema, y), x, cfg["sample_steps"], noise).float()  # (16, C, h, w)
     images = decode(vae, latents) if vae is not None else to_uint8(latents[:, :3] / LATENT_RANGE)  # (16, 3, H, W)
     path = os.path.join(run_dir, "samples", f"{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_atomic(path, lambda tmp: Image.fromarray(tile(images.permute(0, 2, 3, 1).cpu().numpy())).save(tmp, format="PNG"))
+    grid = tile(images.permute(0, 2, 3, 1).cpu().numpy())  # (4h, 4w, 3)
+    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
 def setup_logging(run_dir, rank):
@@ -397,7 +397,7 @@ def main(args):
         step = ckpt["step"]
         log.info("resumed from %s at step %d", ckpts[-1], step)
     if rank == 0:
-        save_atomic(os.path.join(run_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
     vae = load_vae(cfg["vae"], device) if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none" else None
 
@@ -459,8 +459,7 @@ def save_checkpoint(run_dir, cfg, step, run, device, rank, world):
         ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED if getattr(run, key) is not None}
         ckpt.update(step=step, rng=rng_state(run.gen, device), config=cfg)
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+        write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
             os.remove(old)
         log.info("saved %s", path)
@@ -473,7 +472,7 @@ def trim_metrics(path, step):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    save_atomic(path, lambda tmp: Path(tmp).write_text("".join(rows)))
+    write_atomic(path, lambda f: f.write("".join(rows).encode()))
 
 
 if __name__ == "__main__":
