@@ -8,6 +8,7 @@ same command resumes from the newest checkpoint in the run folder and continues 
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -55,6 +56,15 @@ RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "ke
 def fail(msg):
     """Stop with a one-line error (what was wrong and what to do), never a traceback."""
     raise SystemExit(f"train.py: error: {msg}")
+
+
+@contextlib.contextmanager
+def pretrained_or_fail(what):
+    """Turn a failed download, a missing local file or an unknown name into a one-line error naming the flag."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors are OSError / RuntimeError
+        fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,9 +308,14 @@ class Run:
 def build_run(cfg, num_classes, device, world):
     """Model, EMA, optimizers, scalers, encoders and discriminator from a resolved config."""
     align = losses.AlignConfig(**cfg["align_config"])
-    encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
-                if align.needs_encoder else [])
+    with pretrained_or_fail("--enc-type " + cfg["enc_type"]):
+        encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
+                    if align.needs_encoder else [])
     size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("repa_depth", "sra_depth")}
+    tokens = (cfg["resolution"] // 8 // size["patch_size"]) ** 2
+    if encoders and tokens != (cfg["resolution"] // 16) ** 2:  # every encoder here gives a (res/16)^2 grid
+        fail(f"{cfg['model']} has {tokens} tokens but the encoder gives {(cfg['resolution'] // 16) ** 2}: "
+             "token-wise alignment needs patch size 2 (e.g. SiT-XL/2), or --align none / sra2")
     model = SiT(
         input_size=cfg["resolution"] // 8, num_classes=num_classes, class_dropout_prob=cfg["class_dropout"],
         encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
@@ -321,8 +336,9 @@ def build_run(cfg, num_classes, device, world):
         forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
     )
     if align.adv:
-        disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
-                                                 cfg["disc_lr"], tuple(cfg["disc_betas"]))
+        with pretrained_or_fail("the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
+            disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
+                                                     cfg["disc_lr"], tuple(cfg["disc_betas"]))
         run.disc = disc.to(device)
         run.disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
         run.forward_disc = wrap(run.disc)
@@ -399,7 +415,10 @@ def main(args):
     if rank == 0:
         write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
-    vae = load_vae(cfg["vae"], device) if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none" else None
+    vae = None
+    if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none":
+        with pretrained_or_fail(f"--vae {cfg['vae']}"):
+            vae = load_vae(cfg["vae"], device)
 
     local_batch = cfg["batch_size"] // world
     loader = DataLoader(

@@ -187,3 +187,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert ckpt["opt"]["state"] == {}  # AdamW never stepped
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert rows[0]["bad_steps"] == 2 and "grad_norm" not in rows[0]
+
+
+def test_bad_components_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--enc-type foo: ValueError: unknown encoder 'foo'"):
+        run(tmp_path, "--align", "repa", "--enc-type", "foo")
+    with pytest.raises(SystemExit, match="encoder weights file .*nope.pth does not exist"):
+        run(tmp_path, "--align", "repa", "--enc-type", "dinov2-vit-s", "--enc-weights", str(tmp_path / "nope.pth"),
+            "--resolution", "256")
+    with pytest.raises(SystemExit, match="SiT-T/4 has 1 tokens but the encoder gives 4: .*patch size 2"):
+        run(tmp_path, "--align", "repa", "--model", "SiT-T/4")
