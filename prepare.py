@@ -141,7 +141,10 @@ def main(args):
         log.info("%d images in %d classes; rank 0 of %d: %d to do, %d already written",
                  len(paths), len(classes), world, len(pending), len(mine) - len(pending))
     if pending:
-        vae = vae_lib.load_vae(args.vae, device)
+        try:
+            vae = vae_lib.load_vae(args.vae, device)
+        except OSError as e:
+            raise SystemExit(f"prepare.py: error: {e}") from None
         loader = DataLoader(CroppedImages(pending, args.resolution), batch_size=args.batch_size,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", disable=rank != 0)

@@ -388,7 +388,10 @@ def main(args):
     model = model.to(device)
     if args.compile:
         model = torch.compile(model)
-    vae = None if args.vae == "none" else load_vae(args.vae, device)
+    try:
+        vae = None if args.vae == "none" else load_vae(args.vae, device)
+    except OSError as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.num_samples is None:
         write_grid(model, vae, args, device)

@@ -28,7 +28,11 @@ def load_vae(name, device="cpu"):
             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4,
         )  # 3 downsamplings: the same 8x spatial reduction as SD-VAE
     else:
-        vae = AutoencoderKL.from_pretrained(VAES.get(name, name))
+        try:
+            vae = AutoencoderKL.from_pretrained(VAES.get(name, name))
+        except OSError as e:  # diffusers' message spans lines; keep the first and say what to do
+            raise OSError(f"cannot load the SD-VAE {name!r} ({VAES.get(name, name)}): {str(e).splitlines()[0]} "
+                          "Use ema / mse with network access, or a local diffusers folder") from e
     return vae.to(device).eval().requires_grad_(False)
 
 

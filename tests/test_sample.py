@@ -286,3 +286,11 @@ def test_bad_options_exit_with_a_message(ckpt, tmp_path, argv, message):
     """Bad command lines stop with a clear message before any sampling."""
     with pytest.raises(SystemExit, match=message):
         run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), *argv])
+
+
+def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
+    """A VAE folder without a diffusers config stops with one line naming it (no download is attempted)."""
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(SystemExit, match=r"cannot load the SD-VAE .*vae.*local diffusers folder") as e:
+        run(["--ckpt", ckpt, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "g.png")])
+    assert "\n" not in str(e.value)
