@@ -3,7 +3,7 @@
 Conventions (REPA's loss.py): t=0 is data and t=1 is noise, x_t = alpha_t x0 + sigma_t eps, and the
 model predicts the velocity d/dt x_t (eps - x0 on the linear path). The official SiT code runs time
 the other way (t=1 data); REPA, SARA and SRA^2 all use this direction.
-Equation numbers: "SARA (n)" is papers/sara.txt, "SRA2 (n)" is papers/sra2.txt.
+Equation numbers: "SARA (n)" is eq. (n) of SARA (arXiv 2503.08253), "SRA2 (n)" of SRA^2 (arXiv 2601.17830).
 """
 
 import contextlib
@@ -63,8 +63,8 @@ def autocorrelation(h):
 def struc_loss(z_enc, h, reduction="mean"):
     """L_struc, SARA (8): ||A(z_enc) - A(h_den)||_F^2, averaged over the batch.
 
-    reduction='mean' also divides by the N*N entries (METHOD.md DECISION: the literal sum is
-    N^2 = 65,536 times larger at 256 tokens and would swamp the other terms at beta = 0.5).
+    reduction='mean' also divides by the N*N entries (our reading, see the README: the literal sum
+    is N^2 = 65,536 times larger at 256 tokens and would swamp the other terms at beta = 0.5).
     """
     sq = (autocorrelation(z_enc.detach()) - autocorrelation(h)).square()  # (B, N, N); encoder side fixed
     if reduction == "mean":
@@ -117,7 +117,7 @@ def discriminator_step_loss(disc, z_enc, h):
 # Self-representation alignment to the VAE latent (SRA^2)
 
 
-def vae_align_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
+def sra_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
     """L_align, SRA2 (7): head prediction vs the clean scaled latent x0 (detached), zero outside t_range.
 
     smooth_l1 (beta 0.05, the paper's), l1, l2 (mean reductions, as the authors' SRA code) or
@@ -150,32 +150,31 @@ def vae_align_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(
 class AlignConfig:
     """Weights and options of every term; a weight of 0 switches its term (and its compute) off."""
 
-    patch: float = 0.0  # lambda, SARA (11) / REPA
-    struc: float = 0.0  # beta, SARA (11)
-    adv: float = 0.0  # gamma, SARA (11)
-    vae: float = 0.0  # lambda of SRA2 (8)
+    patch_weight: float = 0.0  # lambda, SARA (11) / REPA
+    struc_weight: float = 0.0  # beta, SARA (11)
+    adv_weight: float = 0.0  # gamma, SARA (11)
+    sra_weight: float = 0.0  # lambda of SRA2 (8)
     struc_reduction: str = "mean"
-    vae_objective: str = "smooth_l1"
-    vae_beta: float = 0.05
-    vae_t_lo: float = 0.0
-    vae_t_hi: float = 1.0
-    path: str = "linear"
+    sra_objective: str = "smooth_l1"
+    sra_beta: float = 0.05  # smooth-L1 beta, SRA2 (7)
+    sra_t_range: tuple = (0.0, 1.0)  # SRA^2 applies for t in [lo, hi] (SRA2 Table 1 ablation)
+    path_type: str = "linear"
     weighting: str = "uniform"
 
     @property
     def needs_encoder(self):
         """Whether any term compares against an external encoder's tokens."""
-        return bool(self.patch or self.struc or self.adv)
+        return bool(self.patch_weight or self.struc_weight or self.adv_weight)
 
 
-# The papers' defaults (METHOD.md section 3): SARA Table 4 and SRA^2 section 4.
+# The papers' weights: SARA Table 4 (lambda, beta, gamma) and SRA^2 section 4 (lambda = 1).
 PRESETS = {
     "none":      dict(),
-    "repa":      dict(patch=0.5),
-    "sara":      dict(patch=0.5, struc=0.5, adv=0.05),
-    "sra2":      dict(vae=1.0),
-    "repa+sra2": dict(patch=0.5, vae=1.0),
-    "sara+sra2": dict(patch=0.5, struc=0.5, adv=0.05, vae=1.0),
+    "repa":      dict(patch_weight=0.5),
+    "sara":      dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05),
+    "sra2":      dict(sra_weight=1.0),
+    "repa+sra2": dict(patch_weight=0.5, sra_weight=1.0),
+    "sara+sra2": dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05, sra_weight=1.0),
 }
 
 
@@ -203,9 +202,9 @@ class Noise:
         return Noise(self.t[sl], self.eps[sl], self.drop[sl])
 
 
-def draw_noise(n, shape, cfg, label_dropout, device="cpu", generator=None):
+def draw_noise(n, shape, align, label_dropout, device="cpu", generator=None):
     """Time, interpolant noise and label dropout for n samples of latent shape (C, H, W)."""
-    t = sample_time(n, cfg.weighting, cfg.path, device, generator)  # (n,)
+    t = sample_time(n, align.weighting, align.path_type, device, generator)  # (n,)
     eps = torch.randn((n, *shape), device=device, generator=generator)  # (n, C, H, W)
     drop = torch.rand(n, device=device, generator=generator) < label_dropout  # (n,)
     return Noise(t, eps, drop)
@@ -220,31 +219,32 @@ class StepLosses:
     hs: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
 
 
-def training_losses(model, x0, y, z_encs, cfg, noise, disc=None):
-    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma L_adv + lam_vae L_align.
+def training_losses(model, x0, y, z_encs, align, noise, disc=None):
+    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma L_adv + lam_sra L_align.
 
     x0 (B, C, H, W) scaled clean latents; z_encs per encoder (B, N, D) frozen tokens of the clean
     image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here).
     """
     t, eps = noise.t, noise.eps
-    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, cfg.path))  # (B, 1, 1, 1)
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, align.path_type))  # (B, 1, 1, 1)
     x_t = alpha * x0 + sigma * eps  # (B, C, H, W)
     out = model(x_t, t, y, drop=noise.drop)
     terms = {"velocity": velocity_loss(out.v, d_alpha * x0 + d_sigma * eps)}
-    if cfg.needs_encoder and len(out.zs) != len(z_encs):
+    if align.needs_encoder and len(out.zs) != len(z_encs):
         raise ValueError(f"model has {len(out.zs)} projectors but {len(z_encs)} encoders were given")
-    if cfg.patch:
+    if align.patch_weight:
         terms["patch"] = patch_loss(z_encs, out.zs)
-    if cfg.struc:
-        terms["struc"] = torch.stack([struc_loss(z, h, cfg.struc_reduction) for z, h in zip(z_encs, out.zs)]).mean()
-    if cfg.adv:
-        with frozen(disc):  # D judges the first encoder's space (DECISION: one discriminator)
+    if align.struc_weight:
+        terms["struc"] = torch.stack([struc_loss(z, h, align.struc_reduction) for z, h in zip(z_encs, out.zs)]).mean()
+    if align.adv_weight:
+        with frozen(disc):  # one discriminator, on the first encoder's tokens (our choice, see the README)
             terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.zs[0])))
-    if cfg.vae:
+    if align.sra_weight:
         if out.latent is None:
             raise ValueError("the SRA^2 term needs a model built with sra_depth > 0")
-        terms["vae"] = vae_align_loss(out.latent, x0, t, cfg.vae_objective, cfg.vae_beta, (cfg.vae_t_lo, cfg.vae_t_hi))
-    weights = {"velocity": 1.0, **{k: getattr(cfg, k) for k in ("patch", "struc", "adv", "vae")}}
+        terms["sra"] = sra_loss(out.latent, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range)
+    weights = {"velocity": 1.0, "patch": align.patch_weight, "struc": align.struc_weight, "adv": align.adv_weight,
+               "sra": align.sra_weight}
     total = sum(weights[k] * v for k, v in terms.items())
     return StepLosses(total, terms, out.zs)
 

@@ -300,18 +300,18 @@ class SiT(nn.Module):
 # papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and XL).
 
 SIZES = {
-    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  repa_depth=2, sra_depth=1),  # tiny: smoke runs, tests
-    "S":  dict(depth=12, hidden_size=384,  num_heads=6,  repa_depth=4, sra_depth=2),
-    "B":  dict(depth=12, hidden_size=768,  num_heads=12, repa_depth=4, sra_depth=2),
-    "L":  dict(depth=24, hidden_size=1024, num_heads=16, repa_depth=8, sra_depth=8),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16, repa_depth=8, sra_depth=8),
+    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  encoder_depth=2, sra_depth=1),  # tiny: smoke runs, tests
+    "S":  dict(depth=12, hidden_size=384,  num_heads=6,  encoder_depth=4, sra_depth=2),
+    "B":  dict(depth=12, hidden_size=768,  num_heads=12, encoder_depth=4, sra_depth=2),
+    "L":  dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8, sra_depth=8),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8, sra_depth=8),
 }
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = [f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES]
 
 
 def size_config(name):
-    """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size, repa_depth, sra_depth)."""
+    """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size, encoder_depth, sra_depth)."""
     m = re.fullmatch(r"SiT-(T|S|B|L|XL)/(\d+)", name)
     if not m or int(m.group(2)) not in PATCH_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -320,6 +320,6 @@ def size_config(name):
 
 def build_sit(name, **kwargs):
     """Build SiT by name ('SiT-B/2'); kwargs (encoder_depth, z_dims, sra_depth, ...) override."""
-    cfg = size_config(name)
-    cfg.pop("repa_depth"), cfg.pop("sra_depth")
-    return SiT(**{**cfg, **kwargs})
+    size = size_config(name)
+    size.pop("sra_depth")  # no SRA^2 head unless asked for
+    return SiT(**{**size, **kwargs})

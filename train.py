@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -138,12 +138,8 @@ def resolve_config(args, world=1):
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
     try:
         size = size_config(cfg["model"])
-        t_lo, t_hi = cfg.get("sra_t_range") or (None, None)
-        align = losses.align_config(  # flags left unset keep the alignment preset's value
-            cfg["align"], patch=cfg.get("patch_weight"), struc=cfg.get("struc_weight"), adv=cfg.get("adv_weight"),
-            vae=cfg.get("sra_weight"), struc_reduction=cfg.get("struc_reduction"), vae_objective=cfg.get("sra_objective"),
-            vae_beta=cfg.get("sra_beta"), vae_t_lo=t_lo, vae_t_hi=t_hi, path=cfg.get("path_type"),
-            weighting=cfg.get("weighting"))
+        align = losses.align_config(cfg["align"], **{  # flags left unset keep the alignment preset's value
+            f.name: cfg.get(f.name) for f in fields(losses.AlignConfig)})
     except ValueError as e:
         fail(str(e))
     if cfg["batch_size"] % world:
@@ -151,8 +147,8 @@ def resolve_config(args, world=1):
     if cfg["resolution"] % 8:
         fail(f"--resolution {cfg['resolution']} must be a multiple of 8 (the VAE downsamples 8x)")
     cfg["align_config"] = asdict(align)
-    cfg["encoder_depth"] = cfg.get("encoder_depth") or size["repa_depth"]
-    cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.vae else 0
+    cfg["encoder_depth"] = cfg.get("encoder_depth") or size["encoder_depth"]
+    cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
     cfg["run_name"] = cfg.get("run_name") or f"{cfg['preset']}-{cfg['align']}-{cfg['model'].replace('/', '')}"
     cfg["world_size"] = world
     return cfg
@@ -311,7 +307,7 @@ def build_run(cfg, num_classes, device, world):
     with pretrained_or_fail("--enc-type " + cfg["enc_type"]):
         encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
                     if align.needs_encoder else [])
-    size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("repa_depth", "sra_depth")}
+    size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("encoder_depth", "sra_depth")}
     tokens = (cfg["resolution"] // 8 // size["patch_size"]) ** 2
     if encoders and tokens != (cfg["resolution"] // 16) ** 2:  # every encoder here gives a (res/16)^2 grid
         fail(f"{cfg['model']} has {tokens} tokens but the encoder gives {(cfg['resolution'] // 16) ** 2}: "
@@ -335,7 +331,7 @@ def build_run(cfg, num_classes, device, world):
         gen=torch.Generator(device).manual_seed(cfg["seed"]), encoders=encoders,
         forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
     )
-    if align.adv:
+    if align.adv_weight:
         with pretrained_or_fail("the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
             disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
                                                      cfg["disc_lr"], tuple(cfg["disc_betas"]))

@@ -76,34 +76,34 @@ def test_adversarial_losses_equal_bce_closed_form():
 
 def test_vae_align_objectives():
     pred, x0 = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
-    assert torch.allclose(L.vae_align_loss(pred, x0), F.smooth_l1_loss(pred, x0, beta=0.05))
+    assert torch.allclose(L.sra_loss(pred, x0), F.smooth_l1_loss(pred, x0, beta=0.05))
     d = torch.tensor([0.01, 0.2])  # one in the quadratic zone, one in the linear zone (beta 0.05)
     hand = (0.5 * 0.01**2 / 0.05 + (0.2 - 0.5 * 0.05)) / 2
-    assert L.vae_align_loss(d.view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)).item() == pytest.approx(hand)
-    assert torch.allclose(L.vae_align_loss(pred, x0, objective="l1"), (pred - x0).abs().mean())
-    assert torch.allclose(L.vae_align_loss(pred, x0, objective="l2"), (pred - x0).square().mean())
-    assert L.vae_align_loss(x0 * 3, x0, objective="cosine").item() == pytest.approx(0.0, abs=1e-6)
+    assert L.sra_loss(d.view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)).item() == pytest.approx(hand)
+    assert torch.allclose(L.sra_loss(pred, x0, objective="l1"), (pred - x0).abs().mean())
+    assert torch.allclose(L.sra_loss(pred, x0, objective="l2"), (pred - x0).square().mean())
+    assert L.sra_loss(x0 * 3, x0, objective="cosine").item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="objective"):
-        L.vae_align_loss(pred, x0, objective="kl")
+        L.sra_loss(pred, x0, objective="kl")
 
 
 def test_vae_align_timestep_range_zeroes_outside():
     pred, x0 = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
     t = torch.tensor([0.1, 0.4, 0.6, 0.9])
     per = F.smooth_l1_loss(pred, x0, beta=0.05, reduction="none").flatten(1).mean(1)
-    lo = L.vae_align_loss(pred, x0, t, t_range=(0.0, 0.5))
+    lo = L.sra_loss(pred, x0, t, t_range=(0.0, 0.5))
     assert lo.item() == pytest.approx((per[0] + per[1]).item() / 4, rel=1e-6)
-    hi = L.vae_align_loss(pred, x0, t, t_range=(0.5, 1.0))
+    hi = L.sra_loss(pred, x0, t, t_range=(0.5, 1.0))
     assert (lo + hi).item() == pytest.approx(per.mean().item(), rel=1e-6)
 
 
 def test_presets_and_overrides():
     sara = L.align_config("sara")
-    assert (sara.patch, sara.struc, sara.adv, sara.vae) == (0.5, 0.5, 0.05, 0.0)
-    assert L.align_config("sra2").vae == 1.0 and not L.align_config("sra2").needs_encoder
-    assert L.align_config("repa+sra2").patch == 0.5
-    ablation = L.align_config("sara", adv=0.0, struc=None)  # SARA Table 2: patch + struc
-    assert (ablation.patch, ablation.struc, ablation.adv) == (0.5, 0.5, 0.0)
+    assert (sara.patch_weight, sara.struc_weight, sara.adv_weight, sara.sra_weight) == (0.5, 0.5, 0.05, 0.0)
+    assert L.align_config("sra2").sra_weight == 1.0 and not L.align_config("sra2").needs_encoder
+    assert L.align_config("repa+sra2").patch_weight == 0.5
+    ablation = L.align_config("sara", adv_weight=0.0, struc_weight=None)  # SARA Table 2: patch + struc
+    assert (ablation.patch_weight, ablation.struc_weight, ablation.adv_weight) == (0.5, 0.5, 0.0)
     with pytest.raises(ValueError, match="unknown alignment preset"):
         L.align_config("dino")
     with pytest.raises(ValueError, match="unknown alignment options"):
@@ -156,8 +156,8 @@ def tiny_setup(preset, seed=0):
 
 
 def test_gradient_routing():
-    model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara+sra2")
-    out = L.training_losses(model, x0, y, z, cfg, noise(x0), disc)
+    model, encoder, disc, disc_opt, x0, y, z, align = tiny_setup("sara+sra2")
+    out = L.training_losses(model, x0, y, z, align, noise(x0), disc)
     out.total.backward()
     assert all(p.grad is None for p in disc.parameters())  # generator loss never trains D
     assert all(p.grad is None for p in encoder.parameters())
@@ -166,7 +166,7 @@ def test_gradient_routing():
     assert model.sra_head[0].weight.grad.abs().sum() > 0
     # The adversarial gradient alone reaches the projector through D.
     model.zero_grad()
-    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv=0.05), noise(x0), disc)
+    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv_weight=0.05), noise(x0), disc)
     (adv_only.total - adv_only.terms["velocity"]).backward()
     assert model.projectors[0][-1].weight.grad.abs().sum() > 0
     # D's own step: only D's parameters change.
@@ -186,26 +186,26 @@ def test_gradient_routing():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(L.PRESETS))
 def test_every_preset_overfits_one_batch(preset):
-    model, encoder, disc, _, x0, y, z, cfg = tiny_setup(preset)
+    model, encoder, disc, _, x0, y, z, align = tiny_setup(preset)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     for _ in range(120):
-        out = L.training_losses(model, x0, y, z, cfg, noise(x0, seed=0), disc)  # one fixed batch
+        out = L.training_losses(model, x0, y, z, align, noise(x0, seed=0), disc)  # one fixed batch
         assert torch.isfinite(out.total)
         history.append({k: v.item() for k, v in out.terms.items()})
         opt.zero_grad()
         out.total.backward()
         opt.step()
     first, last = history[0], history[-1]
-    assert set(first) == {"velocity"} | {k for k in ("patch", "struc", "adv", "vae") if getattr(cfg, k)}
+    assert set(first) == {"velocity"} | {k for k in ("patch", "struc", "adv", "sra") if getattr(align, f"{k}_weight")}
     assert last["velocity"] < 0.5 * first["velocity"]
     for term in set(first) - {"velocity"}:
         assert last[term] < first[term], term  # D is held fixed here, so L_adv must fall too
 
 
 def test_discriminator_learns_to_separate():
-    model, encoder, disc, disc_opt, x0, y, z, cfg = tiny_setup("sara")
-    h = L.training_losses(model, x0, y, z, cfg, noise(x0), disc).hs[0].detach()
+    model, encoder, disc, disc_opt, x0, y, z, align = tiny_setup("sara")
+    h = L.training_losses(model, x0, y, z, align, noise(x0), disc).hs[0].detach()
     first = None
     for _ in range(30):
         loss, acc = L.discriminator_step_loss(disc, z[0], h)

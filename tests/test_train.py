@@ -51,8 +51,8 @@ def test_smoke_each_alignment_preset(tmp_path, align):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [2, 4]
     expected = {"none": {"velocity"}, "repa": {"velocity", "patch"}, "sara": {"velocity", "patch", "struc", "adv"},
-                "sra2": {"velocity", "vae"}, "repa+sra2": {"velocity", "patch", "vae"}}[align]
-    assert expected <= set(rows[0]) and not {"patch", "struc", "adv", "vae"} - expected & set(rows[0])
+                "sra2": {"velocity", "sra"}, "repa+sra2": {"velocity", "patch", "sra"}}[align]
+    assert expected <= set(rows[0]) and not {"patch", "struc", "adv", "sra"} - expected & set(rows[0])
     assert all(torch.isfinite(torch.tensor(r["velocity"])) for r in rows)
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     assert "data (synthetic)" in cfg["random_components"]  # stand-ins are recorded, never silent
