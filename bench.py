@@ -139,8 +139,7 @@ def measure_preset(args, align):
     b, r = cfg["batch_size"], cfg["resolution"]
     batch = [torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
              torch.randn(b, 8, r // 8, r // 8, device=DEVICE), torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)]
-    align = losses.AlignConfig(**cfg["align_config"])
-    step = functools.partial(train.train_step, run, cfg, align, batch)  # step(index, rows)
+    step = functools.partial(train.train_step, run, cfg, losses.AlignConfig(**cfg["align_config"]), batch)  # step(index, rows)
     reset_peak_memory()  # after building: loading encoder weights peaks above what training holds
     with flop_counter.FlopCounterMode(display=False) as counter:
         step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
