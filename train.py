@@ -50,7 +50,8 @@ PRESETS = {
 CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")  # Run fields with state
 # Flags that may change when a run is resumed; any other difference means another experiment.
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
-                     "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size"}
+                     "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size", "grad_checkpointing",
+                     "vae", "sample_steps"}
 
 
 def fail(msg):
@@ -149,9 +150,29 @@ def resolve_config(args, world=1):
     cfg["align_config"] = asdict(align)
     cfg["encoder_depth"] = cfg.get("encoder_depth") or size["encoder_depth"]
     cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
-    cfg["run_name"] = cfg.get("run_name") or f"{cfg['preset']}-{cfg['align']}-{cfg['model'].replace('/', '')}"
+    cfg["run_name"] = cfg.get("run_name") or default_run_name(args, cfg, world)
     cfg["world_size"] = world
     return cfg
+
+
+def default_run_name(args, cfg, world):
+    """preset-align-model plus every experiment flag that differs from the preset, e.g. imagenet256-sara-SiT-XL2-adv0.
+
+    An ablation thus gets its own folder without --run-name (resuming refuses another config's checkpoint).
+    """
+    base = resolve_config(parse_args(["--preset", cfg["preset"], "--align", cfg["align"], "--model", cfg["model"],
+                                      "--run-name", "base"]), world)
+    def value(c, k):
+        """The value in force: alignment flags resolve through the alignment preset."""
+        return c["align_config"][k] if k in c["align_config"] else c.get(k)
+
+    skip = RESUMABLE_CHANGES | {"preset", "align", "model", "run_name"}
+    parts = [f"{cfg['preset']}-{cfg['align']}-{cfg['model'].replace('/', '')}"]
+    for k in sorted(k for k in vars(args) if k not in skip and value(cfg, k) != value(base, k)):
+        v = value(cfg, k)
+        text = "-".join(f"{x:g}" if isinstance(x, float) else str(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+        parts.append(k.removesuffix("_weight").replace("_", "") + text.replace("/", ""))
+    return "-".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------

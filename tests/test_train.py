@@ -197,3 +197,16 @@ def test_bad_components_are_one_line_errors(tmp_path):
             "--resolution", "256")
     with pytest.raises(SystemExit, match="SiT-T/4 has 1 tokens but the encoder gives 4: .*patch size 2"):
         run(tmp_path, "--align", "repa", "--model", "SiT-T/4")
+
+
+def test_default_run_name_names_what_differs_from_the_preset():
+    def name(*flags):
+        return train.resolve_config(train.parse_args(list(flags)))["run_name"]
+
+    assert name("--align", "sara") == "imagenet256-sara-SiT-XL2"
+    assert name("--align", "sara", "--adv-weight", "0.05", "--max-steps", "9") == "imagenet256-sara-SiT-XL2"  # preset value; resumable
+    assert name("--align", "sara", "--adv-weight", "0") == "imagenet256-sara-SiT-XL2-adv0"  # SARA Table 2 row
+    assert name("--model", "SiT-L/2", "--align", "repa", "--enc-type", "dinov2-vit-l") == \
+        "imagenet256-repa-SiT-L2-enctypedinov2-vit-l"  # no longer collides with the DINOv2-B run
+    assert name("--model", "SiT-B/2", "--align", "sra2", "--sra-t-range", "0", "0.5") == "imagenet256-sra2-SiT-B2-sratrange0-0.5"
+    assert name("--align", "sara", "--run-name", "mine") == "mine"
