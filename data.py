@@ -103,7 +103,6 @@ class LatentImageDataset(Dataset):
         return labels.astype(np.int64), num_classes, meta.get("vae")  # vae: written by prepare.py only
 
     def __len__(self):
-        """Number of (image, latent) pairs."""
         return len(self.feature_fnames)
 
     def __getitem__(self, idx):
@@ -174,7 +173,6 @@ class SyntheticDataset(Dataset):
                     "for smoke runs and tests only", num_images, num_classes, resolution)
 
     def __len__(self):
-        """Number of images."""
         return self.num_images
 
     def __getitem__(self, idx):

@@ -21,7 +21,7 @@ class Discriminator(nn.Module):
         trunk = torchvision.models.resnet18(weights=weights)
         self.pretrained = pretrained
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=1, bias=False)  # replaces the 7x7 RGB stem
-        # No maxpool (METHOD.md DECISION): a 16x16 token map stays 16x16 through layer1, 8x8 after layer2.
+        # No maxpool (our reading, see the README): a 16x16 token map stays 16x16 through layer1, 8x8 after layer2.
         self.bn1, self.relu, self.layer1, self.layer2 = trunk.bn1, trunk.relu, trunk.layer1, trunk.layer2
         self.head = nn.Linear(128, 1)
 
@@ -32,7 +32,7 @@ class Discriminator(nn.Module):
 
 
 def build_discriminator(in_channels, pretrained=False, lr=2e-4, betas=(0.5, 0.999)):
-    """The discriminator and its own Adam (METHOD.md DECISION: lr 2e-4, betas (0.5, 0.999))."""
+    """The discriminator and its own Adam (lr 2e-4, betas (0.5, 0.999): the usual GAN setting; SARA gives none)."""
     disc = Discriminator(in_channels, pretrained)
     return disc, torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
 

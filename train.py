@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", default="imagenet256", choices=list(PRESETS), help="run preset the other flags override")
-    a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (METHOD.md section 3)")
+    a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (losses.PRESETS: the papers' weights)")
     a("--model", help="SiT size, e.g. SiT-XL/2, SiT-B/2 (T is a tiny test size)")
     a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from prepare.py, or '{SYNTHETIC}'")
     a("--synthetic-images", type=int, default=256, help="number of images of the synthetic dataset")
