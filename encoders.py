@@ -121,7 +121,8 @@ class ViTEncoder(FrozenEncoder):
         family = name.rpartition("-vit-")[0]
         fam = FAMILIES[family]
         if resolution % 256 or (resolution != 256 and not family.startswith("dinov2")):
-            raise ValueError(f"encoder {name} needs 256 px (REPA: 512 px with DINOv2 only), got {resolution}")
+            raise ValueError(f"encoder {name} needs {'a multiple of 256' if family.startswith('dinov2') else '256'} "
+                             f"px (REPA: 256, or 512 with DINOv2 only), got {resolution}")
         # the pos-embed is resampled to this grid from the checkpoint's (bicubic, antialiased, class position kept:
         # timm's resample_abs_pos_embed, the call REPA makes on every checkpoint)
         input_size = fam.patch * 16 * (resolution // 256) if fam.resize else resolution
@@ -206,15 +207,15 @@ def load_weights(model, path, family):
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = read_checkpoint(path)
-    if family == "mocov3":
-        state = mocov3_state_dict(state)
-    # converts the official DINOv2 / CLIP / MAE ('model') / I-JEPA ('encoder') layouts and resamples the pos-embed
-    state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}  # CLIP's are fp16
-    if isinstance(model.head, nn.Identity):  # CLIP's proj becomes a head; REPA's tokens come before it
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     try:
+        if family == "mocov3":
+            state = mocov3_state_dict(state)
+        # converts the official DINOv2 / CLIP / MAE ('model') / I-JEPA ('encoder') layouts, resamples the pos-embed
+        state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}  # CLIP's are fp16
+        if isinstance(model.head, nn.Identity):  # CLIP's proj becomes a head; REPA's tokens come before it
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # missing keys, shapes, unexpected nesting
         raise RuntimeError(f"encoder weights {path} do not fit {family} {type(model).__name__} "
                            f"(embed_dim {model.embed_dim}): wrong model size or variant? {e}") from e
     return model
