@@ -49,7 +49,7 @@ FAMILIES = {
     # MoCo v3's ViT-S has 12 heads. timm publishes no MoCo v3 weights.
     "mocov3": Family({"s": "vit_small_patch16_224", "b": "vit_base_patch16_224", "l": "vit_large_patch16_224"},
                      {"num_heads": 12}, 16, False, False, True,
-                     "the MoCo v3 ViT-{S} checkpoint REPA uses (ckpts/mocov3_vit{s}.pth: RCG's or facebookresearch/moco-v3's)"),
+                     "the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, from LTH14/rcg)"),
     # MAE ViT-L/16 at 256 px (REPA's models/mae_vit.py): the last block's output WITHOUT the final norm, class dropped
     "mae": Family({"l": "vit_large_patch16_224.mae"}, {}, 16, False, False, False,
                   "mae_pretrain_vit_large.pth (facebookresearch/mae)"),
@@ -190,6 +190,8 @@ def mocov3_state_dict(state):
     """
     state = state.get("state_dict", state)
     prefix, out = "module.base_encoder.", {}
+    if not any(k.startswith(prefix) for k in state):  # already the timm ViT's keys (e.g. bench.py's random weights)
+        return state
     fixes = {"blocks.13.norm13": "blocks.13.norm1", "blocks.13.mlp.fc13": "blocks.13.mlp.fc1",
              "blocks.14.norm14": "blocks.14.norm2", "blocks.14.mlp.fc14": "blocks.14.mlp.fc2"}
     for k, v in state.items():
