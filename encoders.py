@@ -27,40 +27,39 @@ log = logging.getLogger(__name__)
 class Family(NamedTuple):
     """How REPA builds, feeds and reads one encoder family."""
     timm_names: dict  # size letter -> timm model, with its pretrained tag when timm publishes the weights
-    arch: dict  # timm keyword arguments that make the architecture REPA builds (e.g. MoCo v3's 12-head ViT-S)
     patch: int
     resize: bool  # bicubic resize to patch * 16 * (resolution // 256) px, so the grid is 16x16 per 256 px
-    clip: bool  # CLIP: x / 255, resize, then CLIP's mean/std; the others normalise with ImageNet's, then resize
     final_norm: bool  # tokens after the final LayerNorm (False: the last block's output, as REPA's wrappers return)
-    weights_hint: str  # where the official checkpoint comes from, for the error and README
+    weights_hint: str  # where the official checkpoint comes from, for the error messages
+    clip: bool = False  # CLIP: x / 255, resize, then CLIP's mean/std; the others normalise with ImageNet's, then resize
 
 
 DINOV2 = {s: f"vit_{n}_patch14_dinov2.lvd142m" for s, n in dict(s="small", b="base", l="large", g="giant").items()}
 FAMILIES = {
     # DINOv2 (torch.hub in REPA): x_norm_patchtokens, class (and register) tokens dropped, 224 px
-    "dinov2": Family(DINOV2, {}, 14, True, False, True, "dinov2_vit{s}14_pretrain.pth (facebookresearch/dinov2)"),
-    "dinov2reg": Family({s: n.replace("14_", "14_reg4_") for s, n in DINOV2.items()}, {}, 14, True, False, True,
-                        "dinov2_vit{s}14_reg4_pretrain.pth (facebookresearch/dinov2)"),
+    "dinov2": Family(DINOV2, patch=14, resize=True, final_norm=True,
+                     weights_hint="dinov2_vit{s}14_pretrain.pth (facebookresearch/dinov2)"),
+    "dinov2reg": Family({s: n.replace("14_", "14_reg4_") for s, n in DINOV2.items()}, patch=14, resize=True,
+                        final_norm=True, weights_hint="dinov2_vit{s}14_reg4_pretrain.pth (facebookresearch/dinov2)"),
     # DINOv1 ViT-B/16 at 256 px: final-norm patch tokens (REPA's models/dinov1.py is not published; this is what
     # the DINO repo's get_intermediate_layers returns, class token dropped)
-    "dinov1": Family({"b": "vit_base_patch16_224.dino"}, {}, 16, False, False, True,
-                     "dino_vitbase16_pretrain.pth (facebookresearch/dino)"),
-    # MoCo v3 at 256 px (REPA's models/mocov3_vit.py): forward_features, i.e. after the final norm, class dropped;
-    # MoCo v3's ViT-S has 12 heads. timm publishes no MoCo v3 weights.
+    "dinov1": Family({"b": "vit_base_patch16_224.dino"}, patch=16, resize=False, final_norm=True,
+                     weights_hint="dino_vitbase16_pretrain.pth (facebookresearch/dino)"),
+    # MoCo v3 at 256 px (REPA's models/mocov3_vit.py): forward_features, i.e. after the final norm, class dropped.
+    # timm publishes no MoCo v3 weights: these are architectures only
     "mocov3": Family({"s": "vit_small_patch16_224", "b": "vit_base_patch16_224", "l": "vit_large_patch16_224"},
-                     {"num_heads": 12}, 16, False, False, True,
-                     "the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, from LTH14/rcg)"),
+                     patch=16, resize=False, final_norm=True,
+                     weights_hint="the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, from LTH14/rcg)"),
     # MAE ViT-L/16 at 256 px (REPA's models/mae_vit.py): the last block's output WITHOUT the final norm, class dropped
-    "mae": Family({"l": "vit_large_patch16_224.mae"}, {}, 16, False, False, False,
-                  "mae_pretrain_vit_large.pth (facebookresearch/mae)"),
+    "mae": Family({"l": "vit_large_patch16_224.mae"}, patch=16, resize=False, final_norm=False,
+                  weights_hint="mae_pretrain_vit_large.pth (facebookresearch/mae)"),
     # CLIP ViT-L/14 (REPA's models/clip_vit.py): ln_pre, the transformer, no ln_post and no proj, class dropped
-    "clip": Family({"l": "vit_large_patch14_clip_quickgelu_224.openai"}, {}, 14, True, True, False,
-                   "ViT-L-14.pt (openai/CLIP)"),
+    "clip": Family({"l": "vit_large_patch14_clip_quickgelu_224.openai"}, patch=14, resize=True, final_norm=False,
+                   weights_hint="ViT-L-14.pt (openai/CLIP)", clip=True),
     # I-JEPA ViT-H/14 (REPA's models/jepa.py): the context encoder after its final norm; no class token, 224 px
-    "jepa": Family({"h": "vit_huge_patch14_gap_224.in1k_ijepa"}, {}, 14, True, False, True,
-                   "IN1K-vit.h.14-300e.pth.tar (facebookresearch/ijepa)"),
+    "jepa": Family({"h": "vit_huge_patch14_gap_224.in1k_ijepa"}, patch=14, resize=True, final_norm=True,
+                   weights_hint="IN1K-vit.h.14-300e.pth.tar (facebookresearch/ijepa)"),
 }
-MOCOV3_HEADS = {"s": 12, "b": 12, "l": 16}
 
 
 def canonical_name(name):
@@ -126,16 +125,16 @@ class ViTEncoder(FrozenEncoder):
         # the pos-embed is resampled to this grid from the checkpoint's (bicubic, antialiased, class position kept:
         # timm's resample_abs_pos_embed, the call REPA makes on every checkpoint)
         input_size = fam.patch * 16 * (resolution // 256) if fam.resize else resolution
-        kwargs = dict(fam.arch, img_size=input_size, num_classes=0, **arch)
-        if family == "mocov3":
-            kwargs["num_heads"] = arch.get("num_heads", MOCOV3_HEADS[name[-1]])
-        tname = timm_name(name)
+        kwargs = dict(img_size=input_size, num_classes=0)
+        if name == "mocov3-vit-s":
+            kwargs["num_heads"] = 12  # MoCo v3's ViT-S has 12 heads of 32 (timm's has 6 of 64)
+        kwargs.update(arch)
+        tname, hint = timm_name(name), fam.weights_hint.format(s=name[-1], S=name[-1].upper())
         if weights is not None and not os.path.isfile(weights):
             raise FileNotFoundError(f"encoder weights file {weights} does not exist")
         if weights is not None:
             model = load_weights(timm.create_model(tname.split(".")[0], pretrained=False, **kwargs), weights, family)
-        elif pretrained and "." not in tname:
-            hint = fam.weights_hint.format(s=name[-1], S=name[-1].upper())
+        elif pretrained and "." not in tname:  # no pretrained tag: timm has the architecture only
             raise RuntimeError(f"timm publishes no weights for {name}: download {hint} and pass it as a local file "
                                "(--enc-weights)")
         elif pretrained:
@@ -144,9 +143,8 @@ class ViTEncoder(FrozenEncoder):
             except Exception as e:  # hub errors come in many types; all mean the same thing to the user
                 raise RuntimeError(
                     f"could not load the pretrained weights of {name} ({tname}) through timm: "
-                    f"{type(e).__name__}: {e}. Check the network or the Hugging Face cache, or download "
-                    f"{fam.weights_hint.format(s=name[-1], S=name[-1].upper())} and pass it as a local file "
-                    "(--enc-weights / weights=...)") from e
+                    f"{type(e).__name__}: {e}. Check the network or the Hugging Face cache, or download {hint} "
+                    "and pass it as a local file (--enc-weights / weights=...)") from e
         else:
             log.warning("encoder %s: RANDOMLY INITIALISED architecture (pretrained=False), tests only", name)
             model = timm.create_model(tname.split(".")[0], pretrained=False, **kwargs)
@@ -158,13 +156,12 @@ class ViTEncoder(FrozenEncoder):
         """uint8 images (B, 3, H, W) -> the family's patch tokens (B, (H/16)^2, embed_dim)."""
         self.check_images(images)
         x = images.float() / 255
-        mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if self.family.clip else (IMAGENET_DEFAULT_MEAN,
-                                                                                  IMAGENET_DEFAULT_STD)
-        if self.family.clip:  # REPA resizes before CLIP's normalisation, after ImageNet's
-            x = F.interpolate(x, self.input_size, mode="bicubic")  # (B, 3, 224, 224) at 256 px
-        x = normalize(x, mean, std)
-        if self.family.resize and not self.family.clip:
-            x = F.interpolate(x, self.input_size, mode="bicubic")  # (B, 3, 224, 224) at 256 px
+        if self.family.clip:  # REPA resizes, then normalises with CLIP's mean/std
+            x = normalize(F.interpolate(x, self.input_size, mode="bicubic"), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        else:  # ImageNet's mean/std, then the resize of DINOv2 and I-JEPA
+            x = normalize(x)
+            if self.family.resize:
+                x = F.interpolate(x, self.input_size, mode="bicubic")  # (B, 3, 224, 224) at 256 px
         # the last block's tokens, prefix (class, registers) dropped, final norm as the family's REPA code does
         return self.model.forward_intermediates(x, indices=1, norm=self.family.final_norm, output_fmt="NLC",
                                                 intermediates_only=True)[0]  # (B, N, D)

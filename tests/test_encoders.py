@@ -273,10 +273,10 @@ def test_download_failure_names_the_official_file(name, monkeypatch):
         load_encoders(name, "cpu", 256)
 
 
-def test_wrong_family_checkpoint_is_a_clear_error(tmp_path):
-    """A MAE checkpoint given to the MoCo v3 loader (no module.base_encoder keys) says the file does not fit."""
+def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
+    """A checkpoint of another size (the reduced MAE reference into the full MoCo v3 ViT-S) says it does not fit."""
     ref = REFERENCE["families"]["mae-vit-l"]
     path = str(tmp_path / "mae.pth")
     torch.save(reference.official_state(ref["layout"]), path)
-    with pytest.raises(RuntimeError, match="do not fit mocov3"):
-        build_encoder("mocov3-vit-s", 256, weights=path, **ref["arch"])
+    with pytest.raises(RuntimeError, match=r"do not fit mocov3 .*embed_dim 384\): wrong model size or variant"):
+        build_encoder("mocov3-vit-s", 256, weights=path)
