@@ -280,3 +280,11 @@ def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
     torch.save(reference.official_state(ref["layout"]), path)
     with pytest.raises(RuntimeError, match=r"do not fit mocov3 .*embed_dim 384\): wrong model size or variant"):
         build_encoder("mocov3-vit-s", 256, weights=path)
+
+
+def test_several_families_give_the_projector_widths():
+    """A comma-separated spec of several families: one encoder each, in order; their widths are SiT's z_dims."""
+    with torch.device("meta"):
+        encs = load_encoders("clip-vit-L, mae-vit-l,jepa-vit-h,mocov3-vit-s", "meta", 256, pretrained=False)
+    assert [e.name for e in encs] == ["clip-vit-l", "mae-vit-l", "jepa-vit-h", "mocov3-vit-s"]
+    assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]  # train.py: z_dims=[e.embed_dim for e in encoders]
