@@ -24,7 +24,7 @@ from torch.utils import flop_counter
 import losses
 import sample
 import train
-from encoders import TINY_RANDOM, build_encoder, canonical_name
+from encoders import FAMILIES, TINY_RANDOM, build_encoder, canonical_name
 
 # Defaults by device: the paper's model on a GPU; on CPU a size whose whole bench takes a few minutes on 2 cores.
 GPU = torch.cuda.is_available()
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     a("--precision", choices=["fp16", "bf16", "fp32"], default=PRECISION, help="train.py --precision")
     a("--encoder", default=ENCODER, help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), tiny-random")
     a("--random-weights", type=int, choices=[0, 1], default=int(not GPU),
-      help="1: the DINOv2 architecture with random weights (no download, the same cost); 0: timm's pretrained ones")
+      help="1: the encoder architectures with random weights (no download, the same cost); 0: the pretrained ones")
     a("--disc-pretrained", type=int, choices=[0, 1], default=0,
       help="1: SARA's discriminator with the ImageNet ResNet-18 trunk (download); 0: random trunk, the same cost")
     a("--presets", default=",".join(losses.PRESETS), help="comma-separated alignment presets")
@@ -71,6 +71,10 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=SAMPLE_STEPS, help="Euler-Maruyama steps of the sampler")
     a("--sample-batch", type=int, default=SAMPLE_BATCH, help="samples per sampler call")
     a("--cfg", type=float, default=1.8, help="guidance scale of the CFG sampler row (guided at every step)")
+    a("--encoder-costs", default="",
+      help="also time each encoder's forward (REPA names, comma-separated, or 'all': DINOv2 B/L/g and every other "
+           "family's largest) on "
+           "--batch-size random images with random weights, beside the vanilla SiT step")
     a("--peak-tflops", type=float, default=PEAK_TFLOPS,
       help="the GPU's dense peak TFLOP/s at --precision, for MFU (A100 bf16/fp16: 312; H100 SXM: 989)")
     return p.parse_args(argv)
@@ -167,7 +171,7 @@ def measure_sampler(args):
 
 
 def save_random_encoders(spec, resolution, folder):
-    """Seeded random weights for each DINOv2 in spec, as the comma-separated files train.py's --enc-weights takes."""
+    """Seeded random weights for each ViT encoder in spec, as the comma-separated files train.py's --enc-weights takes."""
     paths = []
     for i, name in enumerate(spec.split(",")):
         path = "" if canonical_name(name) == TINY_RANDOM else os.path.join(folder, f"encoder{i}.pt")
@@ -185,6 +189,49 @@ def isolated(fn, *args):
         return pool.apply(fn, args)
 
 
+def encoder_cost_names(spec):
+    """--encoder-costs -> REPA names; 'all' is DINOv2 B/L/g and the largest of every other family (SARA Table 5's)."""
+    if spec == "all":
+        return ["dinov2-vit-b", "dinov2-vit-l", "dinov2-vit-g"] + [
+            f"{f}-vit-{list(fam.timm_names)[-1]}" for f, fam in FAMILIES.items() if not f.startswith("dinov2")]
+    return [canonical_name(n) for n in spec.split(",") if n.strip()]
+
+
+def measure_encoder(args, name):
+    """Forward FLOPs, median wall and CPU time of one frozen encoder on a batch of raw images (in a fresh process)."""
+    enc = build_encoder(name, args.resolution, pretrained=False).to(DEVICE)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8,
+                           device=DEVICE)
+    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+    with torch.autocast(DEVICE.type, dtype, enabled=args.precision != "fp32"):  # as train.py's step runs it
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            enc(images)  # also the warmup
+        walls, cpus = zip(*[timed(enc, images) for _ in range(args.steps)])
+    return dict(name=name, params=sum(p.numel() for p in enc.parameters()), sec=statistics.median(walls),
+                cpu=statistics.median(cpus), flops=counter.get_total_flops())
+
+
+def encoder_cost_rows(args, step):
+    """One row per encoder: its forward cost and the ratio to step, the vanilla SiT training step's result dict."""
+    rows = []
+    for name in encoder_cost_names(args.encoder_costs):
+        r = isolated(measure_encoder, args, name)
+        rows.append([name, f"{r['params'] / 1e6:.0f}", f"{r['flops'] / 1e9:.3g}", f"{r['flops'] / step['flops']:.2f}",
+                     f"{r['sec'] * 1e3:.1f}", f"{r['sec'] / step['sec']:.2f}"]
+                    + ([] if GPU else [f"{r['cpu'] * 1e3:.1f}", f"{r['cpu'] / step['cpu']:.2f}"]))
+    return rows
+
+
+def print_encoder_costs(args, step):
+    """The encoder-cost table of --encoder-costs; returns its rows."""
+    rows = encoder_cost_rows(args, step)
+    print(f"\nencoder forward (random weights, batch {args.batch_size}, {args.resolution} px; x step: against the "
+          f"{step['preset']} SiT training step above)")
+    print_table(["encoder", "M params", "GFLOP", "x step", "ms", "x step"] + ([] if GPU else ["cpu ms", "x step"]),
+                rows)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 
@@ -194,7 +241,7 @@ def random_parts(args):
     names = args.encoder.split(",")
     dinov2 = [n for n in names if canonical_name(n) != TINY_RANDOM]
     parts = ["SiT weights (fresh init)", "data (random uint8 images, latent moments, labels)"]
-    parts += [f"encoder {TINY_RANDOM} (a 16x16 conv, far cheaper than DINOv2)"] if len(dinov2) < len(names) else []
+    parts += [f"encoder {TINY_RANDOM} (a 16x16 conv, far cheaper than a ViT)"] if len(dinov2) < len(names) else []
     random_dinov2 = f"encoder weights ({', '.join(dinov2)}: real architecture, random init)"
     parts += [random_dinov2] if dinov2 and args.random_weights else []
     return parts + ([] if args.disc_pretrained else ["discriminator trunk (random ResNet-18)"])
@@ -242,6 +289,8 @@ def main(args):
     print_table(["guidance", "samples/s", "x no CFG"],
                 [[f"cfg {s['cfg']:g}" + (" (2x batch)" if s["cfg"] > 1 else ""), f"{s['samples_per_sec']:.3f}",
                   f"{s['samples_per_sec'] / sampler[0]['samples_per_sec']:.2f}"] for s in sampler])
+    if args.encoder_costs:
+        print_encoder_costs(args, ref)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
 

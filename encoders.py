@@ -1,34 +1,65 @@
-"""Frozen representation encoders for the alignment losses: DINOv2 S/B/L/g (with and without registers) and a
-tiny random encoder for smoke runs.
+"""Frozen representation encoders for the alignment losses: every encoder REPA's --enc-type knows (DINOv2 S/B/L/g with
+and without registers, DINOv1-B, MoCo v3 S/B/L, MAE-L, CLIP-L, I-JEPA-H) and a tiny random encoder for smoke runs.
 
-Every encoder takes the raw uint8 images (B, 3, H, W) and returns patch tokens (B, N, embed_dim), with REPA's
-preprocessing done inside (train.py's preprocess_raw_image): x / 255, ImageNet mean/std, bicubic resize to
-224 * (resolution // 256); the tokens are DINOv2's x_norm_patchtokens (after the final norm, without the class and
-register tokens) on a 16x16 grid at 256 px, the positional embedding resampled to that grid as REPA does.
-Names follow REPA's --enc-type: "dinov2-vit-b", "dinov2reg-vit-b" (alias "dinov2-vit-b-reg"), comma-separated for
-several encoders at once; "tiny-random" for smoke runs and tests.
+Every encoder takes the raw uint8 images (B, 3, H, W) and returns patch tokens (B, (H/16)^2, embed_dim), with REPA's
+preprocessing done inside (train.py's preprocess_raw_image) and REPA's choice of tokens (utils.load_encoders and the
+token slicing in train.py); FAMILIES below lists both per family. Names follow REPA's --enc-type ("mae-vit-l",
+"dinov2reg-vit-b", alias "dinov2-vit-b-reg"), comma-separated for several encoders at once; "tiny-random" for smoke
+runs and tests. The architectures are timm ViTs; so are the weights wherever timm publishes them (all but MoCo v3,
+whose official checkpoint is passed as a local file).
 """
 
 import logging
 import os
+import zipfile
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 TINY_RANDOM = "tiny-random"  # smoke runs and tests only: randomly initialised, never a real representation
-DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-DINOV2_PATCH = 14
 
 log = logging.getLogger(__name__)
 
 
-def dinov2_timm_name(name):
-    """Canonical REPA name ('dinov2-vit-b', 'dinov2reg-vit-b') -> timm model name with its pretrained tag."""
-    family, _, size = name.split("-")
-    reg = "_reg4" if family == "dinov2reg" else ""
-    return f"vit_{DINOV2_SIZES[size]}_patch14{reg}_dinov2.lvd142m"
+class Family(NamedTuple):
+    """How REPA builds, feeds and reads one encoder family."""
+    timm_names: dict  # size letter -> timm model, with its pretrained tag when timm publishes the weights
+    patch: int
+    resize: bool  # bicubic resize to patch * 16 * (resolution // 256) px, so the grid is 16x16 per 256 px
+    final_norm: bool  # tokens after the final LayerNorm (False: the last block's output, as REPA's wrappers return)
+    weights_hint: str  # where the official checkpoint comes from, for the error messages
+    clip: bool = False  # CLIP: x / 255, resize, then CLIP's mean/std; the others normalise with ImageNet's, then resize
+
+
+DINOV2 = {s: f"vit_{n}_patch14_dinov2.lvd142m" for s, n in dict(s="small", b="base", l="large", g="giant").items()}
+FAMILIES = {
+    # DINOv2 (torch.hub in REPA): x_norm_patchtokens, class (and register) tokens dropped, 224 px
+    "dinov2": Family(DINOV2, patch=14, resize=True, final_norm=True,
+                     weights_hint="dinov2_vit{s}14_pretrain.pth (facebookresearch/dinov2)"),
+    "dinov2reg": Family({s: n.replace("14_", "14_reg4_") for s, n in DINOV2.items()}, patch=14, resize=True,
+                        final_norm=True, weights_hint="dinov2_vit{s}14_reg4_pretrain.pth (facebookresearch/dinov2)"),
+    # DINOv1 ViT-B/16 at 256 px: final-norm patch tokens (REPA's models/dinov1.py is not published; this is what
+    # the DINO repo's get_intermediate_layers returns, class token dropped)
+    "dinov1": Family({"b": "vit_base_patch16_224.dino"}, patch=16, resize=False, final_norm=True,
+                     weights_hint="dino_vitbase16_pretrain.pth (facebookresearch/dino)"),
+    # MoCo v3 at 256 px (REPA's models/mocov3_vit.py): forward_features, i.e. after the final norm, class dropped.
+    # timm publishes no MoCo v3 weights: these are architectures only
+    "mocov3": Family({"s": "vit_small_patch16_224", "b": "vit_base_patch16_224", "l": "vit_large_patch16_224"},
+                     patch=16, resize=False, final_norm=True,
+                     weights_hint="the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, from LTH14/rcg)"),
+    # MAE ViT-L/16 at 256 px (REPA's models/mae_vit.py): the last block's output WITHOUT the final norm, class dropped
+    "mae": Family({"l": "vit_large_patch16_224.mae"}, patch=16, resize=False, final_norm=False,
+                  weights_hint="mae_pretrain_vit_large.pth (facebookresearch/mae)"),
+    # CLIP ViT-L/14 (REPA's models/clip_vit.py): ln_pre, the transformer, no ln_post and no proj, class dropped
+    "clip": Family({"l": "vit_large_patch14_clip_quickgelu_224.openai"}, patch=14, resize=True, final_norm=False,
+                   weights_hint="ViT-L-14.pt (openai/CLIP)", clip=True),
+    # I-JEPA ViT-H/14 (REPA's models/jepa.py): the context encoder after its final norm; no class token, 224 px
+    "jepa": Family({"h": "vit_huge_patch14_gap_224.in1k_ijepa"}, patch=14, resize=True, final_norm=True,
+                   weights_hint="IN1K-vit.h.14-300e.pth.tar (facebookresearch/ijepa)"),
+}
 
 
 def canonical_name(name):
@@ -37,18 +68,24 @@ def canonical_name(name):
     if name.startswith("dinov2-vit-") and name.endswith("-reg"):
         name = "dinov2reg-vit-" + name[len("dinov2-vit-"):-len("-reg")]  # our alias -> REPA's spelling
     family, _, size = name.rpartition("-vit-")
-    if name == TINY_RANDOM or (family in ("dinov2", "dinov2reg") and size in DINOV2_SIZES):
+    if name == TINY_RANDOM or size in getattr(FAMILIES.get(family), "timm_names", {}):
         return name
-    known = [f"{f}-vit-{s}" for f in ("dinov2", "dinov2reg") for s in DINOV2_SIZES]
+    known = [f"{f}-vit-{s}" for f, fam in FAMILIES.items() for s in fam.timm_names]
     raise ValueError(f"unknown encoder {name!r}: use one of {', '.join(known + [TINY_RANDOM])} "
                      "(comma-separated for several; 'dinov2-vit-b-reg' is an alias of 'dinov2reg-vit-b')")
 
 
-def normalize(images):
-    """uint8 images (B, 3, H, W) -> float32 in [0, 1] normalised with the ImageNet mean/std, as REPA does."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std  # (B, 3, H, W)
+def timm_name(name):
+    """Canonical REPA name ('mae-vit-l') -> timm model name, with its pretrained tag when timm has the weights."""
+    family, _, size = name.rpartition("-vit-")
+    return FAMILIES[family].timm_names[size]
+
+
+def normalize(x, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """Images in [0, 1] (B, 3, H, W) -> normalised with mean/std (ImageNet's unless told), as REPA does."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std  # (B, 3, H, W)
 
 
 class FrozenEncoder(nn.Module):
@@ -70,64 +107,115 @@ class FrozenEncoder(nn.Module):
                              f"images, got {tuple(images.shape)}: pass the same resolution to load_encoders")
 
 
-class DinoV2Encoder(FrozenEncoder):
-    """A timm DINOv2 ViT returning x_norm_patchtokens for raw uint8 images, preprocessed as REPA does."""
+class ViTEncoder(FrozenEncoder):
+    """A timm ViT of one REPA family returning the tokens REPA aligns to, for raw uint8 images."""
 
-    def __init__(self, name, resolution=256, pretrained=True, weights=None):
-        """Canonical name; weights from a local file, else timm's download, else random (pretrained=False)."""
+    def __init__(self, name, resolution=256, pretrained=True, weights=None, **arch):
+        """Canonical name; weights from a local file, else timm's download, else random (pretrained=False).
+
+        arch: timm keyword overrides (depth, embed_dim, num_heads, ...) for reduced test variants of a family.
+        """
         import timm
 
-        if resolution % 256:
-            raise ValueError(f"DINOv2 encoders need a resolution that is a multiple of 256 (REPA: 256 or 512), "
-                             f"got {resolution}")
-        input_size = 224 * (resolution // 256)  # 16x16 patches of 14 px at 256 px, as in REPA
-        timm_name = dinov2_timm_name(name)
-        # img_size makes timm resample the 37x37 pretrained pos-embed to the 16x16 grid (bicubic, antialiased: the
-        # same resample_abs_pos_embed call REPA makes on the torch.hub model)
+        family = name.rpartition("-vit-")[0]
+        fam = FAMILIES[family]
+        if resolution % 256 or (resolution != 256 and not family.startswith("dinov2")):
+            raise ValueError(f"encoder {name} needs {'a multiple of 256' if family.startswith('dinov2') else '256'} "
+                             f"px (REPA: 256, or 512 with DINOv2 only), got {resolution}")
+        # the pos-embed is resampled to this grid from the checkpoint's (bicubic, antialiased, class position kept:
+        # timm's resample_abs_pos_embed, the call REPA makes on every checkpoint)
+        input_size = fam.patch * 16 * (resolution // 256) if fam.resize else resolution
         kwargs = dict(img_size=input_size, num_classes=0)
+        if name == "mocov3-vit-s":
+            kwargs["num_heads"] = 12  # MoCo v3's ViT-S has 12 heads of 32 (timm's has 6 of 64)
+        kwargs.update(arch)
+        tname, hint = timm_name(name), fam.weights_hint.format(s=name[-1], S=name[-1].upper())
         if weights is not None and not os.path.isfile(weights):
             raise FileNotFoundError(f"encoder weights file {weights} does not exist")
         if weights is not None:
-            model = load_timm_weights(timm.create_model(timm_name, pretrained=False, **kwargs), weights)
+            model = load_weights(timm.create_model(tname.split(".")[0], pretrained=False, **kwargs), weights, family)
+        elif pretrained and "." not in tname:  # no pretrained tag: timm has the architecture only
+            raise RuntimeError(f"timm publishes no weights for {name}: download {hint} and pass it as a local file "
+                               "(--enc-weights)")
         elif pretrained:
             try:
-                model = timm.create_model(timm_name, pretrained=True, **kwargs)
+                model = timm.create_model(tname, pretrained=True, **kwargs)
             except Exception as e:  # hub errors come in many types; all mean the same thing to the user
                 raise RuntimeError(
-                    f"could not load the pretrained weights of {name} ({timm_name}) through timm: "
-                    f"{type(e).__name__}: {e}. Check the network or the Hugging Face cache, or download the "
-                    f"checkpoint and pass it as a local file (weights=...)") from e
+                    f"could not load the pretrained weights of {name} ({tname}) through timm: "
+                    f"{type(e).__name__}: {e}. Check the network or the Hugging Face cache, or download {hint} "
+                    "and pass it as a local file (--enc-weights / weights=...)") from e
         else:
-            log.warning("encoder %s: RANDOMLY INITIALISED DINOv2 architecture (pretrained=False), tests only", name)
-            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+            log.warning("encoder %s: RANDOMLY INITIALISED architecture (pretrained=False), tests only", name)
+            model = timm.create_model(tname.split(".")[0], pretrained=False, **kwargs)
         super().__init__(name, model.embed_dim, resolution, pretrained or weights is not None)
-        self.model, self.input_size = model, input_size
+        self.model, self.input_size, self.family = model, input_size, fam
 
     @torch.no_grad()
     def forward(self, images):
-        """uint8 images (B, 3, H, W) -> patch tokens after the final norm (B, (H/16)^2, embed_dim)."""
+        """uint8 images (B, 3, H, W) -> the family's patch tokens (B, (H/16)^2, embed_dim)."""
         self.check_images(images)
-        x = normalize(images)  # REPA normalises, then resizes
-        x = F.interpolate(x, self.input_size, mode="bicubic")  # (B, 3, 224, 224) at 256 px
-        tokens = self.model.forward_features(x)  # (B, prefix + N, D), final norm applied
-        return tokens[:, self.model.num_prefix_tokens:]  # drop cls (+ registers): (B, N, D)
+        x = images.float() / 255
+        if self.family.clip:  # REPA resizes, then normalises with CLIP's mean/std
+            x = normalize(F.interpolate(x, self.input_size, mode="bicubic"), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        else:  # ImageNet's mean/std, then the resize of DINOv2 and I-JEPA
+            x = normalize(x)
+            if self.family.resize:
+                x = F.interpolate(x, self.input_size, mode="bicubic")  # (B, 3, 224, 224) at 256 px
+        # the last block's tokens, prefix (class, registers) dropped, final norm as the family's REPA code does
+        return self.model.forward_intermediates(x, indices=1, norm=self.family.final_norm, output_fmt="NLC",
+                                                intermediates_only=True)[0]  # (B, N, D)
 
 
-def load_timm_weights(model, path):
-    """Load a local checkpoint (DINOv2's own .pth, timm's .safetensors or .pth) into a timm ViT."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+def read_checkpoint(path):
+    """A local checkpoint file -> state dict: .safetensors, a torch file, or a TorchScript archive (CLIP's)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path)
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        # openai/CLIP ships TorchScript archives, which torch.load(weights_only=True) refuses; CLIP loads them so too
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def mocov3_state_dict(state):
+    """Official MoCo v3 checkpoint ({'state_dict': {'module.base_encoder.*'}}) -> the timm ViT's keys.
+
+    As REPA's fix_mocov3_state_dict: keep the base encoder without its head, undo the checkpoint's
+    blocks.13/14 norm13 / fc13 / norm14 / fc14 naming bug.
+    """
+    state = state.get("state_dict", state)
+    prefix, out = "module.base_encoder.", {}
+    if not any(k.startswith(prefix) for k in state):  # already the timm ViT's keys (e.g. bench.py's random weights)
+        return state
+    fixes = {"blocks.13.norm13": "blocks.13.norm1", "blocks.13.mlp.fc13": "blocks.13.mlp.fc1",
+             "blocks.14.norm14": "blocks.14.norm2", "blocks.14.mlp.fc14": "blocks.14.mlp.fc2"}
+    for k, v in state.items():
+        if not k.startswith(prefix) or k[len(prefix):].split(".")[0] in ("head", "fc"):
+            continue
+        k = k[len(prefix):]
+        for bad, good in fixes.items():
+            k = k.replace(bad, good)
+        out[k] = v
+    return out
+
+
+def load_weights(model, path, family):
+    """Load a local official checkpoint of the family (or timm's .safetensors / .pth) into its timm ViT."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_checkpoint(path)
     try:
-        # converts the official DINOv2 key layout (mask_token, register_tokens), resamples the pos-embed to the grid
-        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"encoder weights {path} do not fit {type(model).__name__} "
+        if family == "mocov3":
+            state = mocov3_state_dict(state)
+        # converts the official DINOv2 / CLIP / MAE ('model') / I-JEPA ('encoder') layouts, resamples the pos-embed
+        state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}  # CLIP's are fp16
+        if isinstance(model.head, nn.Identity):  # CLIP's proj becomes a head; REPA's tokens come before it
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError, AttributeError) as e:  # missing keys, shapes, unexpected nesting
+        raise RuntimeError(f"encoder weights {path} do not fit {family} {type(model).__name__} "
                            f"(embed_dim {model.embed_dim}): wrong model size or variant? {e}") from e
     return model
 
@@ -151,22 +239,22 @@ class TinyRandomEncoder(FrozenEncoder):
     def forward(self, images):
         """uint8 images (B, 3, H, W) -> tokens (B, (H/16)^2, embed_dim): SiT-*/2's token grid on the 8x latent."""
         self.check_images(images)
-        x = self.patchify(normalize(images))  # (B, D, H/16, W/16)
+        x = self.patchify(normalize(images.float() / 255))  # (B, D, H/16, W/16)
         return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, D), row-major tokens
 
 
-def build_encoder(name, resolution=256, pretrained=True, weights=None):
+def build_encoder(name, resolution=256, pretrained=True, weights=None, **arch):
     """One encoder by (canonical or alias) name; pretrained=False builds the architecture with random weights."""
     name = canonical_name(name)
     if name == TINY_RANDOM:
         return TinyRandomEncoder(resolution)
-    return DinoV2Encoder(name, resolution, pretrained, weights)
+    return ViTEncoder(name, resolution, pretrained, weights, **arch)
 
 
 def load_encoders(spec, device, resolution=256, weights=None, pretrained=True):
     """REPA's --enc-type spec ('dinov2-vit-b,dinov2-vit-l') -> list of frozen eval encoders."""
     # weights: None, or local checkpoint files comma-separated in the order of spec (an empty entry downloads);
-    # pretrained=False builds the DINOv2 architectures with random weights (tests)
+    # pretrained=False builds the architectures with random weights (tests)
     names = [canonical_name(n) for n in spec.split(",") if n.strip()]  # all names checked before any download
     if not names:
         raise ValueError(f"empty encoder spec {spec!r}: name at least one encoder, e.g. dinov2-vit-b")

@@ -15,3 +15,22 @@ def test_one_step_table(capsys):
     assert [s["cfg"] for s in sampler] == [1.0, 1.8] and all(s["samples_per_sec"] > 0 for s in sampler)
     out = capsys.readouterr().out
     assert "RANDOM:" in out and "tiny-random" in out
+
+
+def test_encoder_costs(capsys):
+    """--encoder-costs: one row per encoder with FLOPs and time ratios against the SiT step it is given."""
+    args = bench.parse_args(["--batch-size", "1", "--steps", "1", "--encoder-costs", "tiny-random,dinov2-vit-s"])
+    step = dict(preset="none", flops=1e9, sec=0.5, cpu=0.5)
+    rows = bench.print_encoder_costs(args, step)
+    assert [r[0] for r in rows] == ["tiny-random", "dinov2-vit-s"]
+    tiny, vit_s = rows
+    assert tiny[1] == "0" and vit_s[1] == "22"  # M params: a 16x16 conv + LayerNorm; DINOv2 ViT-S/14 (22M)
+    # ViT-S/14 at 224 px, 2 FLOPs per multiply-add: 12 blocks of 12 D^2 weights x 257 tokens, QK^T and AV over
+    # 257^2 x D, the 14x14 patch embedding of 256 patches; the heads are a no-op (num_classes=0)
+    d, n = 384, 257
+    gflop = 2 * (12 * (12 * d * d * n + 2 * n * n * d) + 256 * 3 * 14 * 14 * d) / 1e9  # 12.24
+    assert abs(float(vit_s[2]) - gflop) < 0.05 and abs(float(vit_s[3]) - gflop) < 0.05  # x step: against 1 GFLOP
+    assert abs(float(vit_s[5]) - float(vit_s[4]) / 500) < 0.01  # ms against the 0.5 s step
+    assert "encoder forward" in capsys.readouterr().out
+    assert bench.encoder_cost_names("all")[:3] == ["dinov2-vit-b", "dinov2-vit-l", "dinov2-vit-g"]
+    assert len(bench.encoder_cost_names("all")) == 8

@@ -1,7 +1,9 @@
-"""encoders.py: spec parsing, the tiny random encoder, and the DINOv2 architecture, preprocessing and weight loading
-(random weights: no network)."""
+"""encoders.py: spec parsing, the tiny random encoder, every REPA family's architecture, preprocessing and weight
+loading, and parity with REPA's own code (random weights: no network)."""
 
 import logging
+import os
+import sys
 
 import pytest
 import timm
@@ -10,7 +12,13 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 import encoders
-from encoders import canonical_name, dinov2_timm_name, load_encoders
+from encoders import FAMILIES, build_encoder, canonical_name, load_encoders, timm_name
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import make_encoder_reference as reference  # noqa: E402  (official_state / save_torchscript re-derive the files)
+
+REFERENCE = torch.load(os.path.join(os.path.dirname(__file__), "data", "encoder_reference.pt"), weights_only=True)
+REPA_NAMES = [f"{f}-vit-{s}" for f, fam in FAMILIES.items() for s in fam.timm_names]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +64,8 @@ def test_dinov2_s_tokens_shape_and_pos_embed(vit_s):
 def test_dinov2_preprocessing_by_hand(vit_s, monkeypatch):
     """What the ViT sees is x/255, ImageNet mean/std, bicubic to 224: checked on constant and random images."""
     seen = []
-    forward_features = vit_s.model.forward_features
-    monkeypatch.setattr(vit_s.model, "forward_features", lambda x: seen.append(x) or forward_features(x))
+    forward = vit_s.model.forward_intermediates
+    monkeypatch.setattr(vit_s.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw))
     white = torch.full((1, 3, 256, 256), 255, dtype=torch.uint8)
     vit_s(white)
     # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a constant image constant
@@ -78,7 +86,7 @@ def test_tokens_are_final_norm_patch_tokens(vit_s):
     for enc, prefix in ((vit_s, 1), (load_encoders("dinov2-vit-s-reg", "cpu", 256, pretrained=False)[0], 5)):
         assert enc.model.num_prefix_tokens == prefix
         images = random_images(1)
-        x = F.interpolate(encoders.normalize(images), 224, mode="bicubic")
+        x = F.interpolate(encoders.normalize(images.float() / 255), 224, mode="bicubic")
         last = enc.model.forward_intermediates(x, indices=[11], norm=True, output_fmt="NLC", intermediates_only=True)
         torch.testing.assert_close(enc(images), last[0], atol=1e-5, rtol=0)
 
@@ -139,14 +147,19 @@ def test_download_failure_is_a_clear_error(monkeypatch):
 
 
 def test_names_map_to_timm_models():
-    """Every REPA name (and our -reg alias) maps to a pretrained timm DINOv2 model of timm 1.0.31."""
-    available = set(timm.list_models("*dinov2*", pretrained=True))
+    """Every REPA name (and our -reg alias) maps to a pretrained timm model of timm 1.0.31, MoCo v3 to an architecture."""
+    available = set(timm.list_models(pretrained=True))
     for size, timm_size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
-        assert dinov2_timm_name(canonical_name(f"dinov2-vit-{size}")) == f"vit_{timm_size}_patch14_dinov2.lvd142m"
+        assert timm_name(canonical_name(f"dinov2-vit-{size}")) == f"vit_{timm_size}_patch14_dinov2.lvd142m"
         assert canonical_name(f"dinov2-vit-{size}-reg") == canonical_name(f"dinov2reg-vit-{size}")
-        assert dinov2_timm_name(f"dinov2reg-vit-{size}") == f"vit_{timm_size}_patch14_reg4_dinov2.lvd142m"
-        assert dinov2_timm_name(f"dinov2reg-vit-{size}") in available
-        assert dinov2_timm_name(f"dinov2-vit-{size}") in available
+        assert timm_name(f"dinov2reg-vit-{size}") == f"vit_{timm_size}_patch14_reg4_dinov2.lvd142m"
+    assert sorted(REPA_NAMES) == sorted(
+        [f"dinov2{r}-vit-{s}" for r in ("", "reg") for s in "sblg"] + ["dinov1-vit-b", "mae-vit-l", "clip-vit-l",
+                                                                      "jepa-vit-h"] + [f"mocov3-vit-{s}" for s in "sbl"])
+    for name in REPA_NAMES:
+        tagged = timm_name(name)
+        assert (tagged in available) if not name.startswith("mocov3") else tagged in timm.list_models()
+    assert timm_name("clip-vit-l") == "vit_large_patch14_clip_quickgelu_224.openai"  # CLIP was trained with QuickGELU
 
 
 def test_spec_with_several_encoders():
@@ -157,7 +170,8 @@ def test_spec_with_several_encoders():
     assert all(not e.training and not any(p.requires_grad for p in e.parameters()) for e in encs)
 
 
-@pytest.mark.parametrize("spec", ["dinov3-vit-b", "dinov2-vit-x", "mae-vit-l", "dinov2-vit-b,clip-vit-L", " , "])
+@pytest.mark.parametrize("spec", ["dinov3-vit-b", "dinov2-vit-x", "mae-vit-b", "dinov1-vit-s", "mocov3-vit-h",
+                                  "dinov2-vit-b,clip-vit-B", "jepa-vit-l", " , "])
 def test_unknown_or_empty_spec(spec):
     """Unknown encoders name the known ones; an empty spec says what to write."""
     with pytest.raises(ValueError, match="unknown encoder|empty encoder spec") as err:
@@ -166,8 +180,111 @@ def test_unknown_or_empty_spec(spec):
 
 
 def test_resolution_checks():
-    """DINOv2 needs a multiple of 256 px (REPA: 256 or 512); the tiny encoder a multiple of 16."""
-    with pytest.raises(ValueError, match="multiple of 256"):
+    """DINOv2 needs 256 or 512 px, the other families 256 px (REPA's limits); the tiny encoder a multiple of 16."""
+    with pytest.raises(ValueError, match="needs a multiple of 256 px"):
         load_encoders("dinov2-vit-s", "cpu", 300, pretrained=False)
+    with pytest.raises(ValueError, match="DINOv2 only"):
+        load_encoders("mae-vit-l", "cpu", 512, pretrained=False)
     with pytest.raises(ValueError, match="divisible by 16"):
         load_encoders("tiny-random", "cpu", 72)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["families"]))
+def test_tokens_equal_repa_code(name, tmp_path):
+    """REPA's load_encoders + preprocess_raw_image + token slicing (reduced width/depth of each family, random weights
+    in the official checkpoint layout, tests/data/make_encoder_reference.py) == our tokens, fp32 max abs diff <= 1e-4."""
+    ref = REFERENCE["families"][name]
+    images = reference.images()
+    assert int(images.long().sum()) == REFERENCE["image_sum"]  # the same batch REPA's code saw
+    state = reference.official_state(ref["layout"], REFERENCE["weight_seed"])
+    path = str(tmp_path / ref["file"])
+    if name.startswith("clip"):  # openai/CLIP's release is a TorchScript archive of fp16 weights
+        reference.save_torchscript(state, path)
+    else:
+        torch.save(state, path)
+    enc = build_encoder(name, 256, weights=path, **ref["arch"])
+    tokens = enc(images)
+    assert tokens.shape == ref["tokens"].shape == (1, 256, enc.embed_dim)
+    torch.testing.assert_close(tokens, ref["tokens"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", REPA_NAMES)
+def test_full_size_architectures(name):
+    """Every REPA name builds its full-size ViT (on the meta device: no memory, no forward) with a 16x16 grid at 256 px."""
+    family, _, size = name.rpartition("-vit-")
+    width, depth, heads = dict(s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), g=(1536, 40, 24), h=(1280, 32, 16))[size]
+    heads = 12 if name == "mocov3-vit-s" else heads  # MoCo v3's ViT-S has 12 heads of 32
+    with torch.device("meta"):
+        enc = build_encoder(name, 256, pretrained=False)
+    m = enc.model
+    assert (enc.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads) == (width, depth, heads)
+    grid = enc.input_size // m.patch_embed.patch_size[0]
+    assert grid == 16 and m.patch_embed.patch_size[0] == FAMILIES[family].patch
+    assert m.num_prefix_tokens == dict(dinov2reg=5, jepa=0).get(family, 1)
+    assert m.pos_embed.shape[1] == 256 + (1 if family in ("dinov2", "dinov1", "mocov3", "mae", "clip") else 0)
+    act = "QuickGELU" if family == "clip" else "SiLU" if size == "g" else "GELU"  # DINOv2-g has a SwiGLU FFN
+    assert type(m.blocks[0].mlp.act).__name__ == act
+
+
+# family -> (input size, mean, std) the ViT sees at 256 px (REPA train.py preprocess_raw_image)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SEEN = dict(dinov1=(256, *IMAGENET), mocov3=(256, *IMAGENET), mae=(256, *IMAGENET), jepa=(224, *IMAGENET),
+            clip=(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+
+
+@pytest.mark.parametrize("family", sorted(SEEN))
+def test_preprocessing_by_family(family, monkeypatch):
+    """What each ViT sees: x/255, the family's mean/std, bicubic to 224 for CLIP and I-JEPA only (CLIP resizes first)."""
+    name = next(n for n in REPA_NAMES if n.startswith(family + "-"))
+    enc = build_encoder(name, 256, pretrained=False, depth=1, embed_dim=64, num_heads=1)
+    seen = []
+    forward = enc.model.forward_intermediates
+    monkeypatch.setattr(enc.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw))
+    size, mean, std = SEEN[family]
+    images = random_images(1)
+    enc(images)
+    x = images.double() / 255
+    if family == "clip":
+        x = F.interpolate(x, size=(size, size), mode="bicubic")
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1).double()) / torch.tensor(std).view(1, 3, 1, 1).double()
+    if family == "jepa":
+        x = F.interpolate(x, size=(size, size), mode="bicubic")
+    assert seen[0].shape == (1, 3, size, size)
+    torch.testing.assert_close(seen[0].double(), x, atol=5e-4, rtol=0)  # float32 bicubic rounding
+    if size == 256:  # no resize at all: exact
+        torch.testing.assert_close(seen[0].double(), x, atol=1e-5, rtol=0)
+
+
+def test_mocov3_needs_its_official_file():
+    """timm publishes no MoCo v3 weights: asking for them names the checkpoint and --enc-weights in one line."""
+    with pytest.raises(RuntimeError, match=r"timm publishes no weights for mocov3-vit-l: download .*--enc-weights"):
+        load_encoders("mocov3-vit-l", "cpu", 256)
+
+
+@pytest.mark.parametrize("name", ["mae-vit-l", "clip-vit-l", "jepa-vit-h", "dinov1-vit-b"])
+def test_download_failure_names_the_official_file(name, monkeypatch):
+    """A failed timm download names the model, the official checkpoint to fetch by hand and --enc-weights."""
+    def offline(model_name, pretrained=False, **kwargs):
+        """Stand-in for timm.create_model without network."""
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=rf"{name} \({timm_name(name)}\).*\(facebookresearch|openai.*--enc-weights"):
+        load_encoders(name, "cpu", 256)
+
+
+def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
+    """A checkpoint of another size (the reduced MAE reference into the full MoCo v3 ViT-S) says it does not fit."""
+    ref = REFERENCE["families"]["mae-vit-l"]
+    path = str(tmp_path / "mae.pth")
+    torch.save(reference.official_state(ref["layout"]), path)
+    with pytest.raises(RuntimeError, match=r"do not fit mocov3 .*embed_dim 384\): wrong model size or variant"):
+        build_encoder("mocov3-vit-s", 256, weights=path)
+
+
+def test_several_families_give_the_projector_widths():
+    """A comma-separated spec of several families: one encoder each, in order; their widths are SiT's z_dims."""
+    with torch.device("meta"):
+        encs = load_encoders("clip-vit-L, mae-vit-l,jepa-vit-h,mocov3-vit-s", "meta", 256, pretrained=False)
+    assert [e.name for e in encs] == ["clip-vit-l", "mae-vit-l", "jepa-vit-h", "mocov3-vit-s"]
+    assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]  # train.py: z_dims=[e.embed_dim for e in encoders]
