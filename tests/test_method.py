@@ -120,10 +120,10 @@ def test_train_step_drops_labels_at_the_class_dropout_flag():
     rows = 4096  # one token per image (16 px, SiT-T/2): a large batch costs little
     run, config, align, batch = tiny_run("--align", "none", "--class-dropout", "0.25", batch_size=rows,
                                          resolution=16)
+    null = run.model.y_embedder.embedding_table.weight[10].detach().clone()  # before the step changes it
     seen = []
     run.model.y_embedder.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
     train.train_step(run, config, align, batch, 0, slice(0, rows))
-    null = run.model.y_embedder.embedding_table.weight[10].detach()  # read after the step: the embedding used
     dropped = (seen[0] == null).all(dim=1).float().mean().item()  # a class row equals the null row with p ~ 0
     assert abs(dropped - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / rows)  # 0.034, far from 0.1 (the default) and 0
 
@@ -171,9 +171,10 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
 
 
 def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
-    run, config, align, batch = tiny_run("--align", "sara", "--disc-every", "1", resolution=64)  # 4 x 4 token maps
+    # 4 x 4 token maps; a D learning rate above the paper's, so six steps separate them by a wide margin.
+    run, config, align, batch = tiny_run("--align", "sara", "--disc-every", "1", "--disc-lr", "1e-3", resolution=64)
     images, _, labels = batch
-    for step in range(10):
+    for step in range(6):
         train.train_step(run, config, align, batch, step, slice(0, 8))
     with torch.no_grad():
         z = run.encoders[0](images)  # (B, N, D)
@@ -181,7 +182,7 @@ def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
         noise = L.draw_noise(8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(6))
         h = L.training_losses(run.model, x0, labels, [z], align, noise, run.disc).hs[0]
         real, fake = run.disc(L.tokens_to_map(z)), run.disc(L.tokens_to_map(h))
-    assert real.min() > 0 > fake.max() and real.mean() - fake.mean() > 0.5, (real, fake)  # on fresh noise too
+    assert real.min() > 0.3 and fake.max() < -0.3, (real, fake)  # on a fresh noise draw too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,21 +226,23 @@ def test_train_step_updates_the_ema_with_the_ema_decay_flag():
 # AlignConfig field of each alignment flag (the one line to edit when the fields take the flags' names).
 ALIGN_FIELD = dict(patch_weight="patch", struc_weight="struc", adv_weight="adv", sra_weight="vae", sra_beta="vae_beta", path_type="path")
 
+# Every weight of every alignment preset: lambda 0.5 (REPA's --proj-coeff; SARA Table 4), beta 0.5 and
+# gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2); 0 for a term the preset does not use.
+WEIGHTS = ("patch_weight", "struc_weight", "adv_weight", "sra_weight")
+PRESET_WEIGHTS = {
+    "none": (0.0, 0.0, 0.0, 0.0),
+    "repa": (0.5, 0.0, 0.0, 0.0),
+    "sara": (0.5, 0.5, 0.05, 0.0),
+    "sra2": (0.0, 0.0, 0.0, 1.0),
+    "repa+sra2": (0.5, 0.0, 0.0, 1.0),  # SRA^2 Table 2
+    "sara+sra2": (0.5, 0.5, 0.05, 1.0),
+}
+
 # (alignment preset, model, flag, expected value, where the number comes from)
 PAPER_DEFAULTS = [
-    ("sara", "SiT-XL/2", "patch_weight", 0.5, "SARA Table 4: lambda"),
-    ("sara", "SiT-XL/2", "struc_weight", 0.5, "SARA Table 4: beta"),
-    ("sara", "SiT-XL/2", "adv_weight", 0.05, "SARA Table 4: gamma"),
-    ("sara", "SiT-XL/2", "sra_weight", 0.0, "SARA has no SRA^2 term"),
-    ("repa", "SiT-XL/2", "patch_weight", 0.5, "REPA: lambda 0.5 (its --proj-coeff)"),
-    ("repa", "SiT-XL/2", "struc_weight", 0.0, "REPA has the patch term only"),
-    ("repa", "SiT-XL/2", "adv_weight", 0.0, "REPA has the patch term only"),
-    ("sra2", "SiT-XL/2", "sra_weight", 1.0, "SRA^2 section 4.2: lambda 1.0"),
+    *[(align, "SiT-XL/2", flag, w, "SARA Table 4 / SRA^2 section 4.2")
+      for align, ws in PRESET_WEIGHTS.items() for flag, w in zip(WEIGHTS, ws)],
     ("sra2", "SiT-XL/2", "sra_beta", 0.05, "SRA^2 eq. (7): beta 0.05 in all experiments"),
-    ("sra2", "SiT-XL/2", "patch_weight", 0.0, "SRA^2 needs no external encoder"),
-    ("repa+sra2", "SiT-XL/2", "patch_weight", 0.5, "SRA^2 Table 2: REPA + SRA^2"),
-    ("repa+sra2", "SiT-XL/2", "sra_weight", 1.0, "SRA^2 Table 2: REPA + SRA^2"),
-    ("sara+sra2", "SiT-XL/2", "adv_weight", 0.05, "SARA Table 4 with SRA^2"),
     ("sara+sra2", "SiT-XL/2", "sra_beta", 0.05, "SRA^2 eq. (7)"),
     ("sara", "SiT-B/2", "encoder_depth", 4, "SARA Table 4: alignment depth 4 for SiT-B"),
     ("sara", "SiT-L/2", "encoder_depth", 8, "SARA Table 4: alignment depth 8 for SiT-L"),
@@ -276,6 +279,10 @@ def resolved_value(config, flag):
 def test_paper_defaults(align, model, flag, expected, source):
     config = train.resolve_config(train.parse_args(["--preset", "imagenet256", "--align", align, "--model", model]))
     assert resolved_value(config, flag) == expected, source
+
+
+def test_every_alignment_preset_has_its_weights_pinned():
+    assert set(PRESET_WEIGHTS) == set(L.PRESETS)
 
 
 @pytest.mark.parametrize("size,depth,hidden,heads", [("B", 12, 768, 12), ("L", 24, 1024, 16), ("XL", 28, 1152, 16)])
