@@ -226,6 +226,7 @@ def training_losses(model, x0, y, z_encs, align, noise, disc=None):
     image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here).
     """
     t, eps = noise.t, noise.eps
+    x0 = x0.detach()  # data, not a parameter: no term (through x_t or a target) trains whatever produced it
     alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, align.path_type))  # (B, 1, 1, 1)
     x_t = alpha * x0 + sigma * eps  # (B, C, H, W)
     out = model(x_t, t, y, drop=noise.drop)
