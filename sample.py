@@ -3,10 +3,11 @@
     python sample.py --ckpt runs/x/ckpt.pt --cfg 1.35                            # one PNG grid
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000     # samples.npz for fid.py
 
-The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data, linear path). Every sample's initial
-noise, label and SDE noise come from its own generator seeded by (seed, global index), so the images do
-not depend on the number of processes or the batch size (beyond fp32 kernel noise, which can flip a rare
-uint8 rounding when batches are composed differently), and an interrupted run resumes where it stopped.
+The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data) on the path the checkpoint was trained
+on (linear or cosine). Every sample's initial noise, label and SDE noise come from its own generator seeded
+by (seed, global index), so the images do not depend on the number of processes or the batch size (beyond
+fp32 kernel noise, which can flip a rare uint8 rounding when batches are composed differently), and an
+interrupted run resumes where it stopped.
 --vae none (smoke runs) saves the final scaled latents instead of images: [-4, 4] mapped to uint8, h x w x 4.
 """
 
@@ -24,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
+import losses
 from atomic import write_atomic
 from model import SIZES, SiT, size_config
 from vae import decode, load_vae, to_uint8
@@ -35,15 +37,25 @@ LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map
 # Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W), state kept in float64 as REPA
 
 
-def euler_maruyama(velocity, x, num_steps=250, noise=torch.randn_like):
+def score_from_velocity(v, x, t, path_type="linear"):
+    """Score of x_t from the velocity at float time t (REPA's get_score_from_velocity), any path of losses.interpolant.
+
+    x_t = alpha x0 + sigma eps and v = alpha' x0 + sigma' eps give eps = (x - (alpha / alpha') v) / (sigma -
+    (alpha / alpha') sigma'); the score is -eps / sigma. On the linear path this is -((1 - t) v + x) / t.
+    """
+    alpha, sigma, d_alpha, d_sigma = losses.interpolant(torch.tensor(t, dtype=torch.float64), path_type)
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)  # (B, C, H, W)
+
+
+def euler_maruyama(velocity, x, num_steps=250, noise=torch.randn_like, path_type="linear"):
     """Euler-Maruyama SDE from t=1 to 0 (REPA's euler_maruyama_sampler); noise(x) draws N(0, I) like x."""
     t_steps = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = x.to(torch.float64)  # (B, C, H, W)
     for i, (t, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        dt, w = t_next - t, 2 * t  # w(t) = 2t: the diffusion coefficient REPA uses
+        dt, w = t_next - t, 2 * t  # w(t) = 2t: the diffusion coefficient REPA uses on every path
         v = velocity(x, t)
-        score = -((1 - t) * v + x) / t  # score of x_t = (1-t) x0 + t eps, from the velocity
-        x_next = x + (v - 0.5 * w * score) * dt
+        x_next = x + (v - 0.5 * w * score_from_velocity(v, x, t, path_type)) * dt
         if i < num_steps - 1:  # the last step (0.04 -> 0) returns the mean, without noise
             x_next = x_next + math.sqrt(w) * math.sqrt(abs(dt)) * noise(x)
         x = x_next
@@ -110,7 +122,7 @@ def sample_latents(model, indices, args, device):
             """SDE noise (B, C, H, W): each sample's next draw from its own generator."""
             return torch.cat([torch.randn(like[:1].shape, generator=g, dtype=like.dtype) for g in gens]).to(device)
 
-        return euler_maruyama(velocity, x, args.num_steps, noise)
+        return euler_maruyama(velocity, x, args.num_steps, noise, model.config["path_type"])
     return euler_ode(velocity, x, args.num_steps, heun=args.mode == "heun")
 
 
@@ -160,8 +172,6 @@ def infer_config(state, args=None):
         projector_dim = state["projectors.0.0.weight"].shape[0] if projectors else 2048
     except (KeyError, ValueError) as e:  # ValueError: no blocks, or a tensor of the wrong rank
         raise SystemExit(f"not a SiT state dict: cannot read {e}") from None
-    if getattr(args, "path_type", "linear") != "linear":
-        raise SystemExit(f"path_type={args.path_type!r}: sample.py implements the linear path only")
     try:  # heads leave no trace in the weights: from args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
     except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
@@ -173,7 +183,7 @@ def infer_config(state, args=None):
         depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
         class_dropout_prob=0.1 if rows > num_classes else 0.0, z_dims=z_dims, projector_dim=projector_dim,
         encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
-        qk_norm=getattr(args, "qk_norm", False),
+        qk_norm=getattr(args, "qk_norm", False), path_type=getattr(args, "path_type", "linear"),
     )
 
 
@@ -205,6 +215,7 @@ def load_checkpoint(path, weights="ema"):
     try:
         config = config if config is not None else infer_config(state, ckpt.get("args"))
         model = SiT(**config)
+        losses.interpolant(torch.tensor(0.5), model.config["path_type"])  # a path the samplers know
     except SystemExit as e:
         raise SystemExit(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:

@@ -67,15 +67,16 @@ def ckpt(tmp_path):
 # Samplers against REPA's samplers.py
 
 
-@pytest.mark.parametrize("case", REF["cases"], ids=lambda c: f"{c['sampler']}{'-heun' * c['heun']}-cfg{c['cfg']}")
+@pytest.mark.parametrize("case", REF["cases"],
+                         ids=lambda c: f"{c['sampler']}{'-heun' * c['heun']}-cfg{c['cfg']}-{c['path_type']}")
 def test_samplers_match_repa(case):
-    """SDE, Euler and Heun (CFG and guidance interval included) equal REPA's samplers given the same noise."""
+    """SDE (linear and cosine paths), Euler and Heun, CFG and guidance interval included, equal REPA's samplers."""
     model = reference_model()
     velocity = sample.guided_velocity(model, case["y"], case["cfg"], case["guidance_low"], case["guidance_high"])
     torch.manual_seed(case["global_seed"])  # REPA drew x and y from the global RNG, then the SDE noise
     torch.randn(case["x"].shape), torch.randint(0, 10, case["y"].shape)
     if case["sampler"] == "sde":
-        out = sample.euler_maruyama(velocity, case["x"], case["num_steps"])  # default noise: the global RNG
+        out = sample.euler_maruyama(velocity, case["x"], case["num_steps"], path_type=case["path_type"])  # global RNG
     else:
         out = sample.euler_ode(velocity, case["x"], case["num_steps"], heun=case["heun"])
     assert out.dtype == torch.float64 and case["out"].abs().max() > 1
