@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -435,3 +436,75 @@ def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"cannot load the SD-VAE .*vae.*local diffusers folder") as e:
         run(["--ckpt", ckpt, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "g.png")])
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: evaluation during training equals sample.py + fid.py; --keep-every
+
+TRAIN = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
+         "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2", "--max-steps", "2"]
+
+
+@pytest.mark.slow
+def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
+    """A killed evaluation repeats on resume, once; its five numbers equal sample.py + fid.py on the same seeds."""
+    import fid
+    import train
+
+    weights = str(tmp_path / "inception.pth")  # random weights: no download, same network in both routes
+    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=noise)
+    flags = [*TRAIN, "--out", str(tmp_path / "runs"), "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "4",
+             "--eval-steps", "3", "--eval-cfg", "1.5", "--eval-weights", weights]
+    calls = []
+
+    def recording_fid(mu1, sigma1, mu2, sigma2):
+        """fid_from_stats's arguments, recorded; a cheap stand-in value (sqrtm of 2k x 2k takes minutes here)."""
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return float(np.square(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())
+
+    def killed(*args, **kwargs):
+        """The process dies in the middle of an evaluation."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid, "fid_from_stats", recording_fid)
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate_images", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(train.parse_args(flags))
+    assert not calls
+
+    # Offline: the same seeds, guidance, steps and batch size, through the command lines.
+    npz = str(tmp_path / "samples.npz")
+    monkeypatch.chdir(tmp_path)  # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
+    run(["--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4", "--out", npz])
+    samples = np.load(npz)["arr_0"]
+    np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))  # shared images: precision and recall > 0
+
+    run_dir = train.main(train.parse_args(flags))  # resumes at step 2 and evaluates it (new ref: features redone)
+    train.main(train.parse_args(flags))  # done: nothing is evaluated twice
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2] and evals[0]["eval_samples"] == 4
+    offline = fid.main(fid.parse_args([ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
+                                       "--device", "cpu", "--no-cache", "--out", str(tmp_path / "eval.json")]))
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert evals[0][key] == pytest.approx(offline[key], rel=1e-6, abs=1e-12), key
+    assert offline["inception_score"] > 1 and offline["precision"] > 0 and 0 < offline["recall"] < 1  # 1.0, 0.4
+    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is the same.
+    assert len(calls) == 4
+    for online_args, offline_args in zip(calls[:2], calls[2:]):
+        assert np.abs(online_args[1]).max() > 1e-3  # real covariances
+        for a, b in zip(online_args, offline_args):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max())
+
+
+def test_keep_every_keeps_multiples_for_good(tmp_path):
+    """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in turn."""
+    import train
+
+    run_dir = train.main(train.parse_args([*TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
+                                           "--keep-ckpts", "1", "--keep-every", "4"]))
+    assert [os.path.basename(p) for p in train.checkpoint_paths(run_dir)] == ["0000004.pt", "0000008.pt"]
