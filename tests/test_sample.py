@@ -508,3 +508,34 @@ def test_keep_every_keeps_multiples_for_good(tmp_path):
     run_dir = train.main(train.parse_args([*TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
                                            "--keep-ckpts", "1", "--keep-every", "4"]))
     assert [os.path.basename(p) for p in train.checkpoint_paths(run_dir)] == ["0000004.pt", "0000008.pt"]
+
+
+def test_merged_gaussians_equal_the_whole_set():
+    """Rank shards' (count, mean, covariance) merge into np.mean / np.cov of all rows."""
+    import train
+
+    x = np.random.default_rng(0).normal(size=(11, 5)) @ np.diag([1, 2, 3, 4, 100.0])
+    parts = [(len(x[r::3]), x[r::3].mean(0), np.cov(x[r::3], rowvar=False)) for r in range(3)]
+    mu, sigma = train.merge_gaussians(parts)
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-every", "-1"], "--keep-every -1: must be >= 0"),
+    (["--eval-every", "5"], "--eval-every needs --eval-ref REF.npz"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-samples", "3"], "--eval-samples 3: must be >= 4"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-steps", "0"], "--eval-steps 0: must be >= 1"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "nan"], "--eval-cfg nan: must be a finite number"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "2", "--class-dropout", "0"], "needs a null class"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--vae", "none"], "give a --vae other than none"),
+])
+def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
+    """train.py's --keep-every / --eval-* values are checked before anything is built."""
+    import train
+
+    (tmp_path / "ref.npz").write_bytes(b"")
+    flags = [str(tmp_path / "ref.npz") if f == "REF" else f for f in flags]
+    with pytest.raises(SystemExit, match=message) as e:
+        train.resolve_config(train.parse_args([*TRAIN, *flags]))
+    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
