@@ -539,3 +539,35 @@ def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message) as e:
         train.resolve_config(train.parse_args([*TRAIN, *flags]))
     assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
+
+
+STAND_IN_FID = "float(np.square(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())"  # sqrtm of 2k x 2k: minutes here
+
+
+@pytest.mark.slow
+def test_online_eval_on_two_processes_equals_one(tmp_path, monkeypatch):
+    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--lr 0: same EMA)."""
+    import fid
+    import train
+
+    weights = str(tmp_path / "inception.pth")
+    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    flags = [*TRAIN, "--align", "none", "--lr", "0", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
+             "--eval-steps", "3", "--eval-weights", weights]
+    script = tmp_path / "train_stand_in.py"
+    script.write_text("import sys\nimport numpy as np\nimport fid\nimport train\n"
+                      f"fid.fid_from_stats = lambda mu1, sigma1, mu2, sigma2: {STAND_IN_FID}\n"
+                      "train.main(train.parse_args(sys.argv[1:]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), *flags, "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    monkeypatch.setattr(fid, "fid_from_stats", lambda mu1, sigma1, mu2, sigma2: eval(STAND_IN_FID))
+    one = train.main(train.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    rows = {}
+    for name, run_dir in (("one", one), ("two", one.replace(str(tmp_path / "one"), str(tmp_path / "two")))):
+        rows[name] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"fid"' in line]
+    assert len(rows["one"]) == len(rows["two"]) == 1 and rows["one"][0]["fid"] > 1
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-6), key
