@@ -178,7 +178,7 @@ def resolve_ckpt(ckpt):
         if path is None:
             fail(f"--ckpt {ckpt}: no checkpoint (*.pt) in the folder or its checkpoints/; give a run folder or a file")
         return path, f"the newest checkpoint of run folder {ckpt}"
-    return ckpt, "--ckpt"
+    return ckpt, "given by --ckpt"
 
 
 def download_repa(path):

@@ -483,25 +483,25 @@ def main(args):
 # Evaluation during training: sample.py's samples scored by fid.py's network (a trend line, not 50k)
 
 
-def check_eval(cfg, world):
+def check_eval(config, world):
     """--keep-every and the --eval-* flags in range and complete, before anything is built."""
     for name in ("keep_every", "eval_every"):
-        if cfg[name] < 0:
-            fail(f"--{name.replace('_', '-')} {cfg[name]}: must be >= 0 (0: off)")
-    if not cfg["eval_every"]:
+        if config[name] < 0:
+            fail(f"--{name.replace('_', '-')} {config[name]}: must be >= 0 (0: off)")
+    if not config["eval_every"]:
         return
-    if not cfg.get("eval_ref") or not os.path.isfile(cfg["eval_ref"]):
+    if not config.get("eval_ref") or not os.path.isfile(config["eval_ref"]):
         fail(f"--eval-every needs --eval-ref REF.npz, an ADM reference batch (fid.py --write-ref makes one); "
-             f"got {cfg.get('eval_ref')!r}")
-    if cfg["eval_samples"] < max(4, 2 * world):  # k=3 neighbours for P/R; a covariance per rank
-        fail(f"--eval-samples {cfg['eval_samples']}: must be >= {max(4, 2 * world)} (4, and 2 per rank)")
-    if cfg["eval_steps"] < 1:
-        fail(f"--eval-steps {cfg['eval_steps']}: must be >= 1")
-    if not 1 <= cfg["eval_cfg"] < math.inf:
-        fail(f"--eval-cfg {cfg['eval_cfg']}: must be a finite number >= 1 (1 disables guidance)")
-    if cfg["eval_cfg"] > 1 and not cfg["class_dropout"]:
+             f"got {config.get('eval_ref')!r}")
+    if config["eval_samples"] < max(4, 2 * world):  # k=3 neighbours for P/R; a covariance per rank
+        fail(f"--eval-samples {config['eval_samples']}: must be >= {max(4, 2 * world)} (4, and 2 per rank)")
+    if config["eval_steps"] < 1:
+        fail(f"--eval-steps {config['eval_steps']}: must be >= 1")
+    if not 1 <= config["eval_cfg"] < math.inf:
+        fail(f"--eval-cfg {config['eval_cfg']}: must be a finite number >= 1 (1 disables guidance)")
+    if config["eval_cfg"] > 1 and not config["class_dropout"]:
         fail("--eval-cfg > 1 needs a null class, but --class-dropout is 0")
-    if cfg["vae"] == "none":
+    if config["vae"] == "none":
         fail("--eval-every scores decoded images: give a --vae other than none")
 
 
@@ -515,17 +515,17 @@ class Evaluator:
     done: set = field(default_factory=set)  # steps with a score in metrics.jsonl (a resumed run skips them)
 
 
-def build_evaluator(cfg, run_dir, rank, world, device):
+def build_evaluator(config, run_dir, rank, world, device):
     """Load fid.py's Inception; rank 0 reads the reference's features, from a cache in the run folder after once."""
     with pretrained_or_fail("the FID Inception weights (give a local file with --eval-weights)"):
-        sha256 = "" if cfg.get("eval_weights") else fid.WEIGHTS_SHA256  # a given file is used, and named
-        inception, digest = fid.load_inception(cfg.get("eval_weights"), sha256, device)
+        sha256 = "" if config.get("eval_weights") else fid.WEIGHTS_SHA256  # a given file is used, and named
+        inception, digest = fid.load_inception(config.get("eval_weights"), sha256, device)
     if digest != fid.WEIGHTS_SHA256:
         log.warning("NOT PRETRAINED: --eval-weights %s is not ADM's Inception (sha256 %s...): FIDs are not comparable",
-                    cfg["eval_weights"], digest[:16])
+                    config["eval_weights"], digest[:16])
     ref = None
     if rank == 0:
-        path = cfg["eval_ref"]
+        path = config["eval_ref"]
         cache = os.path.join(run_dir, f"eval-ref-{digest[:8]}.npz")
         key = np.array([os.path.getsize(path), os.stat(path).st_mtime_ns], np.int64)  # a changed file is redone
         if os.path.exists(cache) and np.array_equal(np.load(cache)["key"], key):
@@ -555,7 +555,7 @@ def merge_gaussians(parts):
 
 
 @torch.no_grad()
-def evaluate(ema, vae, evaluator, cfg, step, run_dir, rank, world, device):
+def evaluate(ema, vae, evaluator, config, step, run_dir, rank, world, device):
     """FID, sFID, IS, precision, recall of the EMA model's first --eval-samples samples, as fid.py scores them.
 
     The samples are those of `sample.py --seed SEED --cfg EVAL_CFG --num-steps EVAL_STEPS` (per-index seeds,
@@ -564,8 +564,8 @@ def evaluate(ema, vae, evaluator, cfg, step, run_dir, rank, world, device):
     t_start = time.time()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # fid.py turns TF32 off
     options = sample.parser().parse_args(
-        ["--seed", str(cfg["seed"]), "--cfg", str(cfg["eval_cfg"]), "--num-steps", str(cfg["eval_steps"])])
-    mine, size = list(range(rank, cfg["eval_samples"], world)), cfg["batch_size"] // world
+        ["--seed", str(config["seed"]), "--cfg", str(config["eval_cfg"]), "--num-steps", str(config["eval_steps"])])
+    mine, size = list(range(rank, config["eval_samples"], world)), config["batch_size"] // world
     batches = (sample.generate_images(ema, vae, mine[i : i + size], options, device) for i in range(0, len(mine), size))
     feats = fid.extract_features(evaluator.inception, batches, device, -(-len(mine) // size))
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -575,8 +575,8 @@ def evaluate(ema, vae, evaluator, cfg, step, run_dir, rank, world, device):
         dist.all_gather_object(parts, feats)
     evaluator.done.add(step)
     if rank == 0:
-        pool = torch.empty(cfg["eval_samples"], fid.POOL_DIM)  # (N, 2048) in sample-index order, as in the npz
-        logits = torch.empty(cfg["eval_samples"], fid.LOGITS_DIM)  # (N, 1008)
+        pool = torch.empty(config["eval_samples"], fid.POOL_DIM)  # (N, 2048) in sample-index order, as in the npz
+        logits = torch.empty(config["eval_samples"], fid.LOGITS_DIM)  # (N, 1008)
         for r, part in enumerate(parts):
             pool[r::world], logits[r::world] = part.pool, part.logits
         ref = evaluator.ref
@@ -587,8 +587,8 @@ def evaluate(ema, vae, evaluator, cfg, step, run_dir, rank, world, device):
             sfid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.spatial_stats) for p in parts]),
                                     *ref.spatial_stats),
             inception_score=fid.inception_score(torch.softmax(logits.double(), 1).numpy()),
-            precision=precision, recall=recall, eval_samples=cfg["eval_samples"], eval_cfg=cfg["eval_cfg"],
-            eval_steps=cfg["eval_steps"], eval_sec=time.time() - t_start, inception_sha256=evaluator.digest)
+            precision=precision, recall=recall, eval_samples=config["eval_samples"], eval_cfg=config["eval_cfg"],
+            eval_steps=config["eval_steps"], eval_sec=time.time() - t_start, inception_sha256=evaluator.digest)
         log.info("eval step %d, %d samples: FID %.4f sFID %.4f IS %.2f precision %.3f recall %.3f (%.0f s)", step,
                  row["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall, row["eval_sec"])
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
