@@ -171,7 +171,8 @@ def resolve_ckpt(ckpt):
         runs = [os.path.join(RUNS, d) for d in os.listdir(RUNS)] if os.path.isdir(RUNS) else []
         newest = [p for p in (newest_checkpoint(r) for r in runs if os.path.isdir(r)) if p]
         if newest:
-            return max(newest, key=os.path.getmtime), f"no --ckpt: the newest checkpoint of the most recently written run under {RUNS}/"
+            why = f"no --ckpt: the newest checkpoint of the most recently written run under {RUNS}/"
+            return max(newest, key=os.path.getmtime), why
         return repa_path(), f"no --ckpt and no run under {RUNS}/: REPA's published SiT-XL/2 weights ({REPA_NAME})"
     if os.path.isdir(ckpt):
         path = newest_checkpoint(ckpt)

@@ -590,7 +590,8 @@ def evaluate(ema, vae, evaluator, config, step, run_dir, rank, world, device):
             precision=precision, recall=recall, eval_samples=config["eval_samples"], eval_cfg=config["eval_cfg"],
             eval_steps=config["eval_steps"], eval_sec=time.time() - t_start, inception_sha256=evaluator.digest)
         log.info("eval step %d, %d samples: FID %.4f sFID %.4f IS %.2f precision %.3f recall %.3f (%.0f s)", step,
-                 row["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall, row["eval_sec"])
+                 config["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall,
+                 row["eval_sec"])
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
     distributed.barrier(world)

@@ -158,7 +158,7 @@ def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
 
 
 def test_latent_output_without_vae(ckpt, tmp_path):
-    """--vae none saves the latents in [-4, 4] as 4-channel uint8 (h, w, 4): REPA's truncation by default, or rounded."""
+    """--vae none saves latents in [-4, 4] as 4-channel uint8 (h, w, 4): REPA's truncation by default, or rounded."""
     model = sample.load_checkpoint(ckpt)
     args = sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none"])
     assert args.quantize == "floor"
