@@ -213,12 +213,13 @@ class SiT(nn.Module):
         sra_mlp_layers=5,
         sra_hidden_dim=None,
         grad_checkpointing=False,
+        path_type="linear",
         **repa_kwargs,
     ):
         super().__init__()
-        # REPA passes path_type / use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes
-        # the network we build (REPA's final layer width is always hidden_size for S..XL presets).
-        unknown = set(repa_kwargs) - {"path_type", "use_cfg", "decoder_hidden_size", "qk_norm", "fused_attn"}
+        # REPA passes use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes the network we
+        # build (REPA's final layer width is always hidden_size for S..XL presets).
+        unknown = set(repa_kwargs) - {"use_cfg", "decoder_hidden_size", "qk_norm", "fused_attn"}
         if unknown:
             raise TypeError(f"SiT got unknown arguments {sorted(unknown)}")
         if repa_kwargs.get("qk_norm"):
@@ -232,7 +233,8 @@ class SiT(nn.Module):
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, encoder_depth=encoder_depth, z_dims=list(z_dims), projector_dim=projector_dim,
             sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim,
-        )  # plain dict: enough to rebuild this exact network
+            path_type=path_type,  # the interpolant it was trained on: the sampler's score depends on it
+        )  # plain dict: enough to rebuild this exact network and sample it
         self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, num_classes
         self.encoder_depth, self.sra_depth = encoder_depth, sra_depth
         self.grad_checkpointing = grad_checkpointing

@@ -1,12 +1,14 @@
 """Sample from a trained SiT: Euler-Maruyama SDE (default) or Euler / Heun ODE, with classifier-free guidance.
 
-    python sample.py --ckpt runs/x/ckpt.pt --cfg 1.35                            # one PNG grid
+    python sample.py --cfg 1.35                                                  # grid from the newest run
+    python sample.py --ckpt runs/x --cfg 1.35                                    # ... of run folder x
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000     # samples.npz for fid.py
 
-The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data, linear path). Every sample's initial
-noise, label and SDE noise come from its own generator seeded by (seed, global index), so the images do
-not depend on the number of processes or the batch size (beyond fp32 kernel noise, which can flip a rare
-uint8 rounding when batches are composed differently), and an interrupted run resumes where it stopped.
+The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data) on the path the checkpoint was trained
+on (linear or cosine). Every sample's initial noise, label and SDE noise come from its own generator seeded
+by (seed, global index), so the images do not depend on the number of processes or the batch size (beyond
+fp32 kernel noise, which can flip a rare uint8 rounding when batches are composed differently), and an
+interrupted run resumes where it stopped.
 --vae none (smoke runs) saves the final scaled latents instead of images: [-4, 4] mapped to uint8, h x w x 4.
 """
 
@@ -24,26 +26,42 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
+import losses
 from atomic import write_atomic
 from model import SIZES, SiT, size_config
 from vae import decode, load_vae, to_uint8
 
 REPA_ENCODER_DEPTH = 8  # REPA's --encoder-depth default, for checkpoints that carry no args
+REPA_NAME = "repa-sit-xl-2"  # --ckpt name of REPA's published SiT-XL/2 EMA weights (a bare state dict)
+# REPA's utils.download_model: the file its generate.py samples when given no --ckpt
+REPA_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
+            "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0")
+RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
 LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map linearly to uint8
 
 # ----------------------------------------------------------------------------------------------
 # Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W), state kept in float64 as REPA
 
 
-def euler_maruyama(velocity, x, num_steps=250, noise=torch.randn_like):
+def score_from_velocity(v, x, t, path_type="linear"):
+    """Score of x_t from the velocity at float time t (REPA's get_score_from_velocity), any path of losses.interpolant.
+
+    x_t = alpha x0 + sigma eps and v = alpha' x0 + sigma' eps give eps = (x - (alpha / alpha') v) / (sigma -
+    (alpha / alpha') sigma'); the score is -eps / sigma. On the linear path this is -((1 - t) v + x) / t.
+    """
+    alpha, sigma, d_alpha, d_sigma = losses.interpolant(torch.tensor(t, dtype=torch.float64), path_type)
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)  # (B, C, H, W)
+
+
+def euler_maruyama(velocity, x, num_steps=250, noise=torch.randn_like, path_type="linear"):
     """Euler-Maruyama SDE from t=1 to 0 (REPA's euler_maruyama_sampler); noise(x) draws N(0, I) like x."""
     t_steps = torch.linspace(1, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = x.to(torch.float64)  # (B, C, H, W)
     for i, (t, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        dt, w = t_next - t, 2 * t  # w(t) = 2t: the diffusion coefficient REPA uses
+        dt, w = t_next - t, 2 * t  # w(t) = 2t: the diffusion coefficient REPA uses on every path
         v = velocity(x, t)
-        score = -((1 - t) * v + x) / t  # score of x_t = (1-t) x0 + t eps, from the velocity
-        x_next = x + (v - 0.5 * w * score) * dt
+        x_next = x + (v - 0.5 * w * score_from_velocity(v, x, t, path_type)) * dt
         if i < num_steps - 1:  # the last step (0.04 -> 0) returns the mean, without noise
             x_next = x_next + math.sqrt(w) * math.sqrt(abs(dt)) * noise(x)
         x = x_next
@@ -110,7 +128,7 @@ def sample_latents(model, indices, args, device):
             """SDE noise (B, C, H, W): each sample's next draw from its own generator."""
             return torch.cat([torch.randn(like[:1].shape, generator=g, dtype=like.dtype) for g in gens]).to(device)
 
-        return euler_maruyama(velocity, x, args.num_steps, noise)
+        return euler_maruyama(velocity, x, args.num_steps, noise, model.config["path_type"])
     return euler_ode(velocity, x, args.num_steps, heun=args.mode == "heun")
 
 
@@ -118,13 +136,60 @@ def sample_latents(model, indices, args, device):
 def generate_images(model, vae, indices, args, device):
     """uint8 images (B, H, W, 3) for global sample indices; with no VAE the latents as (B, h, w, 4)."""
     latents = sample_latents(model, indices, args, device).float()  # (B, C, h, w)
-    rounding = args.quantize == "round"
+    rounding = args.quantize == "round"  # default floor: REPA's generate.py, which made the papers' numbers
     images = decode(vae, latents, rounding) if vae is not None else to_uint8(latents / LATENT_RANGE, rounding)
     return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: this project's train.py format and official REPA checkpoints
+
+
+def fail(msg):
+    """Stop with a one-line error (what was wrong and what to do), never a traceback."""
+    raise SystemExit(f"sample.py: error: {msg}")
+
+
+def repa_path():
+    """Where REPA's published weights live once downloaded: torch's hub cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{REPA_NAME}.pt")
+
+
+def newest_checkpoint(folder):
+    """The highest-step .pt of a run folder's checkpoints/ (or of the folder itself), or None."""
+    sub = os.path.join(folder, "checkpoints")
+    folder = sub if os.path.isdir(sub) else folder
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))  # train.py names them by zero-padded step
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def resolve_ckpt(ckpt):
+    """(path, why) of the checkpoint --ckpt names: a file, a run folder, REPA_NAME, or None (the default)."""
+    if ckpt == REPA_NAME:
+        return repa_path(), f"REPA's published SiT-XL/2 weights, --ckpt {REPA_NAME}"
+    if ckpt is None:
+        runs = [os.path.join(RUNS, d) for d in os.listdir(RUNS)] if os.path.isdir(RUNS) else []
+        newest = [p for p in (newest_checkpoint(r) for r in runs if os.path.isdir(r)) if p]
+        if newest:
+            why = f"no --ckpt: the newest checkpoint of the most recently written run under {RUNS}/"
+            return max(newest, key=os.path.getmtime), why
+        return repa_path(), f"no --ckpt and no run under {RUNS}/: REPA's published SiT-XL/2 weights ({REPA_NAME})"
+    if os.path.isdir(ckpt):
+        path = newest_checkpoint(ckpt)
+        if path is None:
+            fail(f"--ckpt {ckpt}: no checkpoint (*.pt) in the folder or its checkpoints/; give a run folder or a file")
+        return path, f"the newest checkpoint of run folder {ckpt}"
+    return ckpt, "given by --ckpt"
+
+
+def download_repa(path):
+    """Fetch REPA's published weights into path once (atomically, with a progress bar); one line if it fails."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(REPA_URL, path, progress=True)
+    except (OSError, RuntimeError, ValueError) as e:  # offline (URLError), moved file (HTTPError), bad hash
+        fail(f"cannot download {REPA_NAME} (REPA's SiT-XL/2 weights) from {REPA_URL}: "
+             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; download last.pt elsewhere and pass --ckpt PATH")
 
 
 def read_checkpoint(path):
@@ -160,8 +225,6 @@ def infer_config(state, args=None):
         projector_dim = state["projectors.0.0.weight"].shape[0] if projectors else 2048
     except (KeyError, ValueError) as e:  # ValueError: no blocks, or a tensor of the wrong rank
         raise SystemExit(f"not a SiT state dict: cannot read {e}") from None
-    if getattr(args, "path_type", "linear") != "linear":
-        raise SystemExit(f"path_type={args.path_type!r}: sample.py implements the linear path only")
     try:  # heads leave no trace in the weights: from args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
     except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
@@ -173,7 +236,7 @@ def infer_config(state, args=None):
         depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
         class_dropout_prob=0.1 if rows > num_classes else 0.0, z_dims=z_dims, projector_dim=projector_dim,
         encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
-        qk_norm=getattr(args, "qk_norm", False),
+        qk_norm=getattr(args, "qk_norm", False), path_type=getattr(args, "path_type", "linear"),
     )
 
 
@@ -192,7 +255,11 @@ def fit_error(model, state):
 
 def load_checkpoint(path, weights="ema"):
     """SiT (CPU, eval mode) from a train.py checkpoint, an official REPA checkpoint or a bare state dict."""
-    ckpt = read_checkpoint(path)
+    return build_model(read_checkpoint(path), path, weights)
+
+
+def build_model(ckpt, path, weights="ema"):
+    """SiT (CPU, eval mode) from the dict read_checkpoint(path) returned."""
     if is_state_dict(ckpt):  # REPA's released weights: the EMA state dict alone
         state, config = ckpt, None
     else:
@@ -205,6 +272,7 @@ def load_checkpoint(path, weights="ema"):
     try:
         config = config if config is not None else infer_config(state, ckpt.get("args"))
         model = SiT(**config)
+        losses.interpolant(torch.tensor(0.5), model.config["path_type"])  # a path the samplers know
     except SystemExit as e:
         raise SystemExit(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
@@ -318,7 +386,7 @@ def write_samples(model, vae, args, device, rank, world):
 def setup(args):
     """Process group and device for this run -> (rank, world, device)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.num_samples is None:
-        raise SystemExit("the grid is made by one process: run without torchrun, or give --num-samples")
+        fail("the grid is made by one process: run without torchrun, or give --num-samples")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     return distributed.init(args.device)
 
@@ -331,10 +399,13 @@ def parse_labels(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def parse_args(argv=None):
-    """Command-line options; checks that need no model happen here."""
+def parser():
+    """The command line's options (parse_args checks their values)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="train.py checkpoint, official REPA checkpoint, or bare SiT state dict")
+    p.add_argument("--ckpt", default=None,
+                   help=f"checkpoint file (train.py's, REPA's, or a bare SiT state dict), a run folder (its newest "
+                        f"checkpoint), or {REPA_NAME} (REPA's published weights, downloaded once); default: the newest "
+                        f"checkpoint of the most recently written run under {RUNS}/, else {REPA_NAME}")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     p.add_argument("--mode", choices=["sde", "ode", "heun"], default="sde",
                    help="Euler-Maruyama SDE (the papers' sampler), Euler ODE, or Heun ODE (2N-1 evaluations)")
@@ -350,48 +421,83 @@ def parse_args(argv=None):
     p.add_argument("--grid-size", type=int, default=None,
                    help="images in the grid (default: one per --class-labels entry, else 16)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward, per process")
-    p.add_argument("--vae", default="ema",
-                   help="ema | mse (sd-vae-ft-*), a hub id or folder, tiny-random (smoke), or none (save latents)")
-    p.add_argument("--quantize", choices=["round", "floor"], default="round",
-                   help="[-1, 1] -> uint8 by rounding (DiT), or floor (REPA's generate.py truncation)")
+    p.add_argument("--vae", default=None,
+                   help="ema | mse (sd-vae-ft-*), a hub id or folder, tiny-random (smoke), or none (save latents); "
+                        "default: the --vae of the train.py run, else ema")
+    p.add_argument("--quantize", choices=["floor", "round"], default="floor",
+                   help="[-1, 1] -> uint8: floor truncates 255 (x + 1) / 2 as REPA's generate.py, which made the "
+                        "papers' FIDs (default); round as DiT")
     p.add_argument("--out", default=None, help="output .png (grid) or .npz; default under samples/, named by settings")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_ranges(args):
+    """Every numeric flag in its range, or a one-line error naming it."""
     for name in ("num_steps", "batch_size", "num_samples", "grid_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if args.cfg < 1:
-        raise SystemExit(f"--cfg {args.cfg}: must be >= 1 (1 disables guidance)")
-    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        raise SystemExit("need 0 <= --guidance-low <= --guidance-high <= 1")
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.seed < 0:
+        fail(f"--seed {args.seed}: must be >= 0")
+    if not 1 <= args.cfg < math.inf:  # also refuses nan
+        fail(f"--cfg {args.cfg}: must be a finite number >= 1 (1 disables guidance)")
+    for name in ("guidance_low", "guidance_high"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must lie in [0, 1] (t=1 is noise)")
+    if args.guidance_low > args.guidance_high:
+        fail(f"--guidance-low {args.guidance_low} > --guidance-high {args.guidance_high}: the interval is empty")
+    if any(c < 0 for c in args.class_labels or []):
+        fail(f"--class-labels {args.class_labels}: labels must be >= 0")
+
+
+def parse_args(argv=None):
+    """Command-line options, range-checked; --ckpt resolved to a file path (nothing is downloaded yet)."""
+    args = parser().parse_args(argv)
+    check_ranges(args)
+    args.ckpt, args.ckpt_reason = resolve_ckpt(args.ckpt)
     suffix = ".npz" if args.num_samples else ".png"
-    if args.out is None:
-        stem = os.path.splitext(os.path.basename(args.ckpt))[0]
-        name = f"{stem}-{args.weights}-{args.mode}{args.num_steps}-cfg{args.cfg}-g{args.guidance_low}-{args.guidance_high}"
-        args.out = os.path.join("samples", f"{name}-vae-{args.vae}-seed{args.seed}{suffix}")
-    elif not args.out.endswith(suffix):
-        raise SystemExit(f"--out {args.out}: must end in {suffix} {'with' if args.num_samples else 'without'} --num-samples")
+    if args.out is not None and not args.out.endswith(suffix):
+        fail(f"--out {args.out}: must end in {suffix} {'with' if args.num_samples else 'without'} --num-samples")
     return args
+
+
+def default_out(args):
+    """samples/<run>-<step or file>-<settings>.png or .npz: different settings never share a file."""
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    parent, folder = os.path.split(os.path.dirname(os.path.abspath(args.ckpt)))
+    stem = f"{os.path.basename(parent)}-{stem}" if folder == "checkpoints" else stem  # train.py: run-step
+    name = f"{stem}-{args.weights}-{args.mode}{args.num_steps}-cfg{args.cfg}-g{args.guidance_low}-{args.guidance_high}"
+    return os.path.join("samples", f"{name}-vae-{args.vae}-seed{args.seed}{'.npz' if args.num_samples else '.png'}")
 
 
 def main(args):
     """Load the model (and VAE), then write a grid or num_samples images plus their npz."""
     rank, world, device = setup(args)
-    model = load_checkpoint(args.ckpt, args.weights)
+    if rank == 0:
+        print(f"sample.py: checkpoint {args.ckpt} ({args.ckpt_reason})", flush=True)
+    if args.ckpt == repa_path() and not os.path.exists(args.ckpt):
+        if rank == 0:  # one download; torchrun stops the other ranks if it fails
+            download_repa(args.ckpt)
+        distributed.barrier(world)
+    ckpt = read_checkpoint(args.ckpt)
+    model = build_model(ckpt, args.ckpt, args.weights)
+    run_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    args.vae = args.vae or run_config.get("vae") or "ema"  # a run's latents belong to the VAE it trained with
+    args.out = args.out or default_out(args)
     bad = [c for c in args.class_labels or [] if not 0 <= c < model.num_classes]
     if bad:
-        raise SystemExit(f"--class-labels {bad}: the model has classes 0..{model.num_classes - 1}")
+        fail(f"--class-labels {bad}: the model has classes 0..{model.num_classes - 1}")
     if args.cfg > 1 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise SystemExit("--cfg > 1 needs a null class, but the model was trained without label dropout")
+        fail("--cfg > 1 needs a null class, but the model was trained without label dropout; use --cfg 1")
     model = model.to(device)
     if args.compile:
         model = torch.compile(model)
     try:
         vae = None if args.vae == "none" else load_vae(args.vae, device)
     except OSError as e:
-        raise SystemExit(f"sample.py: error: {e}") from None
+        fail(str(e))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.num_samples is None:
         write_grid(model, vae, args, device)

@@ -12,10 +12,12 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -24,7 +26,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import distributed
+import fid
 import losses
+import sample
 from atomic import write_atomic
 from data import LatentImageDataset, SyntheticDataset
 from discriminator import build_discriminator, is_disc_step
@@ -51,7 +55,8 @@ CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scale
 # Flags that may change when a run is resumed; any other difference means another experiment.
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
                      "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size", "grad_checkpointing",
-                     "vae", "sample_steps"}
+                     "vae", "sample_steps", "keep_every", "eval_every", "eval_ref", "eval_samples", "eval_cfg",
+                     "eval_steps", "eval_weights"}
 
 
 def fail(msg):
@@ -131,6 +136,15 @@ def parse_args(argv=None):
     a("--log-every", type=int, help="log line and metrics.jsonl row every this many steps")
     a("--sample-every", type=int, help="EMA sample grid every this many steps (0: never)")
     a("--sample-steps", type=int, help="SDE steps of the sample grid")
+    a("--keep-every", type=int, default=0,
+      help="also keep every checkpoint whose step is a multiple of this for good, e.g. 100000 (0: none)")
+    # Evaluation during training: FID of the EMA model, sampled as sample.py samples (a trend line, not 50k)
+    a("--eval-every", type=int, default=0, help="FID (sFID, IS, P/R) of the EMA model every this many steps (0: never)")
+    a("--eval-ref", help="ADM reference batch .npz for --eval-every, e.g. VIRTUAL_imagenet256_labeled.npz")
+    a("--eval-samples", type=int, default=10000, help="samples per evaluation, split over the ranks (papers: 50k)")
+    a("--eval-cfg", type=float, default=1.0, help="guidance scale of the evaluation samples (sample.py --cfg)")
+    a("--eval-steps", type=int, default=250, help="SDE steps of the evaluation samples (sample.py --num-steps)")
+    a("--eval-weights", help="Inception weights file (fid.py --weights); default: torch.hub cache, downloaded once")
     return p.parse_args(argv)
 
 
@@ -152,6 +166,7 @@ def resolve_config(args, world=1):
     cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
     cfg["run_name"] = cfg.get("run_name") or default_run_name(args, cfg, world)
     cfg["world_size"] = world
+    check_eval(cfg, world)
     return cfg
 
 
@@ -288,7 +303,8 @@ def write_sample_grid(ema, vae, cfg, step, run_dir, device):
         """The SDE's fresh noise, from the grid's own generator."""
         return torch.randn(like.shape, generator=g, dtype=like.dtype).to(device)
 
-    latents = euler_maruyama(guided_velocity(ema, y), x, cfg["sample_steps"], noise).float()  # (16, C, h, w)
+    velocity = guided_velocity(ema, y)
+    latents = euler_maruyama(velocity, x, cfg["sample_steps"], noise, ema.config["path_type"]).float()  # (16, C, h, w)
     images = decode(vae, latents) if vae is not None else to_uint8(latents[:, :3] / LATENT_RANGE)  # (16, 3, H, W)
     path = os.path.join(run_dir, "samples", f"{step:07d}.png")
     grid = tile(images.permute(0, 2, 3, 1).cpu().numpy())  # (4h, 4w, 3)
@@ -337,7 +353,7 @@ def build_run(cfg, num_classes, device, world):
         input_size=cfg["resolution"] // 8, num_classes=num_classes, class_dropout_prob=cfg["class_dropout"],
         encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
         sra_depth=cfg["sra_depth"], sra_mlp_layers=cfg["sra_mlp_layers"], sra_hidden_dim=cfg.get("sra_hidden_dim"),
-        grad_checkpointing=bool(cfg["grad_checkpointing"]), **size,
+        grad_checkpointing=bool(cfg["grad_checkpointing"]), path_type=align.path_type, **size,
     ).to(device)
 
     def wrap(module):
@@ -433,9 +449,10 @@ def main(args):
         write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
         trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
     vae = None
-    if rank == 0 and cfg["sample_every"] and cfg["vae"] != "none":
+    if (rank == 0 and cfg["sample_every"] or cfg["eval_every"]) and cfg["vae"] != "none":
         with pretrained_or_fail(f"--vae {cfg['vae']}"):
             vae = load_vae(cfg["vae"], device)
+    evaluator = build_evaluator(cfg, run_dir, rank, world, device) if cfg["eval_every"] else None
 
     local_batch = cfg["batch_size"] // world
     loader = DataLoader(
@@ -447,6 +464,8 @@ def main(args):
     run.model.train()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
     for batch in loader:
+        if evaluator and step and step % cfg["eval_every"] == 0 and step not in evaluator.done:  # also on resume
+            evaluate(run.ema, vae, evaluator, cfg, step, run_dir, rank, world, device)
         if step >= cfg["max_steps"]:
             break
         record = train_step(run, cfg, align, [x.to(device, non_blocking=True) for x in batch], step, rows)
@@ -477,6 +496,124 @@ def main(args):
     return run_dir
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training: sample.py's samples scored by fid.py's network (a trend line, not 50k)
+
+
+def check_eval(config, world):
+    """--keep-every and the --eval-* flags in range and complete, before anything is built."""
+    for name in ("keep_every", "eval_every"):
+        if config[name] < 0:
+            fail(f"--{name.replace('_', '-')} {config[name]}: must be >= 0 (0: off)")
+    if not config["eval_every"]:
+        return
+    if not config.get("eval_ref") or not os.path.isfile(config["eval_ref"]):
+        fail(f"--eval-every needs --eval-ref REF.npz, an ADM reference batch (fid.py --write-ref makes one); "
+             f"got {config.get('eval_ref')!r}")
+    if config["eval_samples"] < max(4, 2 * world):  # k=3 neighbours for P/R; a covariance per rank
+        fail(f"--eval-samples {config['eval_samples']}: must be >= {max(4, 2 * world)} (4, and 2 per rank)")
+    if config["eval_steps"] < 1:
+        fail(f"--eval-steps {config['eval_steps']}: must be >= 1")
+    if not 1 <= config["eval_cfg"] < math.inf:
+        fail(f"--eval-cfg {config['eval_cfg']}: must be a finite number >= 1 (1 disables guidance)")
+    if config["eval_cfg"] > 1 and not config["class_dropout"]:
+        fail("--eval-cfg > 1 needs a null class, but --class-dropout is 0")
+    if config["vae"] == "none":
+        fail("--eval-every scores decoded images: give a --vae other than none")
+
+
+@dataclass
+class Evaluator:
+    """What every evaluation reuses: fid.py's network, the reference (rank 0) and the steps already scored."""
+
+    inception: torch.nn.Module
+    digest: str  # sha256 of the Inception weights, written with every score
+    ref: fid.Features | None  # rank 0: reference pool3 rows and the statistics FID compares against
+    done: set = field(default_factory=set)  # steps with a score in metrics.jsonl (a resumed run skips them)
+
+
+def build_evaluator(config, run_dir, rank, world, device):
+    """Load fid.py's Inception; rank 0 reads the reference's features, from a cache in the run folder after once."""
+    with pretrained_or_fail("the FID Inception weights (give a local file with --eval-weights)"):
+        sha256 = "" if config.get("eval_weights") else fid.WEIGHTS_SHA256  # a given file is used, and named
+        inception, digest = fid.load_inception(config.get("eval_weights"), sha256, device)
+    if digest != fid.WEIGHTS_SHA256:
+        log.warning("NOT PRETRAINED: --eval-weights %s is not ADM's Inception (sha256 %s...): FIDs are not comparable",
+                    config["eval_weights"], digest[:16])
+    ref = None
+    if rank == 0:
+        path = config["eval_ref"]
+        cache = os.path.join(run_dir, f"eval-ref-{digest[:8]}.npz")
+        key = np.array([os.path.getsize(path), os.stat(path).st_mtime_ns], np.int64)  # a changed file is redone
+        if os.path.exists(cache) and np.array_equal(np.load(cache)["key"], key):
+            with np.load(cache) as c:
+                ref = fid.Features(torch.from_numpy(c["pool"]), None, (c["mu"], c["sigma"]), (c["mu_s"], c["sigma_s"]))
+        else:
+            with pretrained_or_fail(f"--eval-ref {path}"):
+                images = fid.ImageSet(path)
+                feats = fid.extract_features(inception, images.batches(64), device, images.n_batches(64))
+                pool_stats, spatial_stats = fid.read_npz_stats(path)  # ADM's own mu / sigma first, as fid.py
+            ref = fid.Features(feats.pool, None, pool_stats or feats.pool_stats, spatial_stats or feats.spatial_stats)
+            arrays = dict(key=key, pool=ref.pool.numpy(), mu=ref.pool_stats[0], sigma=ref.pool_stats[1],
+                          mu_s=ref.spatial_stats[0], sigma_s=ref.spatial_stats[1])
+            write_atomic(cache, lambda f: np.savez(f, **arrays))
+    distributed.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
+    path = os.path.join(run_dir, "metrics.jsonl")
+    done = {row["step"] for row in map(json.loads, open(path)) if "fid" in row} if os.path.exists(path) else set()
+    return Evaluator(inception, digest, ref, done)
+
+
+def merge_gaussians(parts):
+    """Mean and covariance (N-1 convention) of a union of sets, each given as (count, mean, covariance)."""
+    n = sum(c for c, _, _ in parts)
+    mu = sum(c * m for c, m, _ in parts) / n  # (D,)
+    scatter = sum((c - 1) * s + c * np.outer(m - mu, m - mu) for c, m, s in parts)  # (D, D)
+    return mu, scatter / (n - 1)
+
+
+@torch.no_grad()
+def evaluate(ema, vae, evaluator, config, step, run_dir, rank, world, device):
+    """FID, sFID, IS, precision, recall of the EMA model's first --eval-samples samples, as fid.py scores them.
+
+    The samples are those of `sample.py --seed SEED --cfg EVAL_CFG --num-steps EVAL_STEPS` (per-index seeds,
+    so any world size gives the same images); rank r makes and embeds indices r, r + world, ...
+    """
+    t_start = time.time()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # fid.py turns TF32 off
+    options = sample.parser().parse_args(
+        ["--seed", str(config["seed"]), "--cfg", str(config["eval_cfg"]), "--num-steps", str(config["eval_steps"])])
+    mine, size = list(range(rank, config["eval_samples"], world)), config["batch_size"] // world
+    batches = (sample.generate_images(ema, vae, mine[i : i + size], options, device) for i in range(0, len(mine), size))
+    feats = fid.extract_features(evaluator.inception, batches, device, -(-len(mine) // size))
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    parts = [feats]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, feats)
+    evaluator.done.add(step)
+    if rank == 0:
+        pool = torch.empty(config["eval_samples"], fid.POOL_DIM)  # (N, 2048) in sample-index order, as in the npz
+        logits = torch.empty(config["eval_samples"], fid.LOGITS_DIM)  # (N, 1008)
+        for r, part in enumerate(parts):
+            pool[r::world], logits[r::world] = part.pool, part.logits
+        ref = evaluator.ref
+        precision, recall = fid.precision_recall(ref.pool.to(device), pool.to(device))
+        row = dict(
+            step=step,
+            fid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.pool_stats) for p in parts]), *ref.pool_stats),
+            sfid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.spatial_stats) for p in parts]),
+                                    *ref.spatial_stats),
+            inception_score=fid.inception_score(torch.softmax(logits.double(), 1).numpy()),
+            precision=precision, recall=recall, eval_samples=config["eval_samples"], eval_cfg=config["eval_cfg"],
+            eval_steps=config["eval_steps"], eval_sec=time.time() - t_start, inception_sha256=evaluator.digest)
+        log.info("eval step %d, %d samples: FID %.4f sFID %.4f IS %.2f precision %.3f recall %.3f (%.0f s)", step,
+                 config["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall,
+                 row["eval_sec"])
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    distributed.barrier(world)
+
+
 def reduce_stats(stats, world):
     """Mean of each logged quantity over the interval and the ranks (bad_steps summed)."""
     keys = sorted(stats)
@@ -497,7 +634,8 @@ def save_checkpoint(run_dir, cfg, step, run, device, rank, world):
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
-            os.remove(old)
+            if not (cfg["keep_every"] and int(os.path.basename(old)[:-3]) % cfg["keep_every"] == 0):  # kept for good
+                os.remove(old)
         log.info("saved %s", path)
     distributed.barrier(world)
 

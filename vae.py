@@ -50,12 +50,13 @@ def sample_latent(moments, eps):
     return (mean + std * eps) * LATENT_SCALE
 
 
-def to_uint8(x, rounding=True):
-    """[-1, 1] floats -> uint8; rounding as DiT does, or truncation as REPA's generate.py does."""
-    return (x * 127.5 + (128.0 if rounding else 127.5)).clamp(0, 255).to(torch.uint8)  # to() truncates
+def to_uint8(x, rounding=False):
+    """[-1, 1] floats -> uint8: truncation as REPA's generate.py (the papers' FIDs), or rounding as DiT."""
+    x = x * 127.5 + 128.0 if rounding else 255 * ((x + 1) / 2)  # REPA's exact float ops: one ulp can flip a floor
+    return x.clamp(0, 255).to(torch.uint8)  # to() truncates
 
 
 @torch.no_grad()
-def decode(vae, latents, rounding=True):
+def decode(vae, latents, rounding=False):
     """Scaled latents (B, 4, h, w) -> uint8 images (B, 3, 8h, 8w)."""
     return to_uint8(vae.decode(latents.to(vae.device, torch.float32) / LATENT_SCALE).sample, rounding)

@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -67,15 +68,16 @@ def ckpt(tmp_path):
 # Samplers against REPA's samplers.py
 
 
-@pytest.mark.parametrize("case", REF["cases"], ids=lambda c: f"{c['sampler']}{'-heun' * c['heun']}-cfg{c['cfg']}")
+@pytest.mark.parametrize("case", REF["cases"],
+                         ids=lambda c: f"{c['sampler']}{'-heun' * c['heun']}-cfg{c['cfg']}-{c['path_type']}")
 def test_samplers_match_repa(case):
-    """SDE, Euler and Heun (CFG and guidance interval included) equal REPA's samplers given the same noise."""
+    """SDE (linear and cosine paths), Euler and Heun, CFG and guidance interval included, equal REPA's samplers."""
     model = reference_model()
     velocity = sample.guided_velocity(model, case["y"], case["cfg"], case["guidance_low"], case["guidance_high"])
     torch.manual_seed(case["global_seed"])  # REPA drew x and y from the global RNG, then the SDE noise
     torch.randn(case["x"].shape), torch.randint(0, 10, case["y"].shape)
     if case["sampler"] == "sde":
-        out = sample.euler_maruyama(velocity, case["x"], case["num_steps"])  # default noise: the global RNG
+        out = sample.euler_maruyama(velocity, case["x"], case["num_steps"], path_type=case["path_type"])  # global RNG
     else:
         out = sample.euler_ode(velocity, case["x"], case["num_steps"], heun=case["heun"])
     assert out.dtype == torch.float64 and case["out"].abs().max() > 1
@@ -156,14 +158,20 @@ def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
 
 
 def test_latent_output_without_vae(ckpt, tmp_path):
-    """--vae none saves the latents in [-4, 4] as 4-channel uint8 (h, w, 4), floor or round as asked."""
+    """--vae none saves latents in [-4, 4] as 4-channel uint8 (h, w, 4): REPA's truncation by default, or rounded."""
     model = sample.load_checkpoint(ckpt)
-    args = sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none", "--quantize", "floor"])
+    args = sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none"])
+    assert args.quantize == "floor"
     latents = sample.sample_latents(model, [0, 1], args, "cpu").float()
     images = sample.generate_images(model, None, [0, 1], args, "cpu")
     assert images.shape == (2, 8, 8, 4) and images.dtype == np.uint8
-    expected = (latents / 4 * 127.5 + 127.5).clamp(0, 255).floor().permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(images, expected)
+    repa = (255 * ((latents / 4 + 1) / 2)).clamp(0, 255).floor()  # REPA's generate.py, op for op
+    np.testing.assert_array_equal(images, repa.permute(0, 2, 3, 1).numpy())
+    args.quantize = "round"
+    rounded = (latents / 4 * 127.5 + 128).clamp(0, 255).floor()  # DiT's sample.py
+    np.testing.assert_array_equal(sample.generate_images(model, None, [0, 1], args, "cpu"),
+                                  rounded.permute(0, 2, 3, 1).numpy())
+    assert (rounded != repa).float().mean() > 0.2
 
 
 def test_resume_skips_written_samples(ckpt, tmp_path, monkeypatch):
@@ -227,6 +235,37 @@ def test_repa_checkpoint_loads(tmp_path):
     torch.testing.assert_close(outputs(sample.load_checkpoint(str(path), "model")), outputs(raw), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("source", ["train.py", "REPA"])
+def test_checkpoint_path_type_reaches_the_sampler(tmp_path, source):
+    """A cosine run's checkpoint (train.py model_config, or REPA's args.path_type) is sampled on the cosine path."""
+    net = perturbed(SiT(**dict(TINY, path_type="cosine")), 8)
+    path = str(tmp_path / "cos.pt")
+    if source == "train.py":
+        torch.save(dict(model=net.state_dict(), ema=net.state_dict(), config=dict(model_config=net.config)), path)
+    else:
+        args = argparse.Namespace(model="SiT-XL/2", num_classes=10, encoder_depth=1, path_type="cosine")
+        torch.save(dict(model=net.state_dict(), ema=net.state_dict(), args=args), path)
+    model = sample.load_checkpoint(path)
+    assert model.config["path_type"] == "cosine"
+    args = sample.parse_args(["--ckpt", path, "--num-steps", "4", "--seed", "3"])
+    out = sample.sample_latents(model, [0, 1], args, "cpu")
+    gens = [torch.Generator().manual_seed(sample.sample_seed(3, i)) for i in (0, 1)]
+    x = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in gens])
+    y = torch.cat([torch.randint(0, 10, (1,), generator=g) for g in gens])
+
+    def noise(like):
+        """Each sample's SDE noise from its own generator, as sample_latents draws it."""
+        return torch.cat([torch.randn(like[:1].shape, generator=g, dtype=like.dtype) for g in gens])
+
+    velocity = sample.guided_velocity(model, y)
+    torch.testing.assert_close(out, sample.euler_maruyama(velocity, x, 4, noise, path_type="cosine"), rtol=0, atol=0)
+    for g, i in zip(gens, (0, 1)):
+        g.manual_seed(sample.sample_seed(3, i))
+    x = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in gens])
+    [torch.randint(0, 10, (1,), generator=g) for g in gens]
+    assert (sample.euler_maruyama(velocity, x, 4, noise) - out).abs().max() > 0.1  # the linear path differs
+
+
 def test_bare_repa_state_dict_loads(tmp_path):
     """A bare state dict (REPA's released last.pt) loads: sizes inferred, 64-dim heads, encoder depth 8 capped."""
     config = dict(TINY, hidden_size=64, num_heads=1, depth=3, encoder_depth=3, z_dims=[8])
@@ -276,16 +315,119 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, kind, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--cfg", "0.5"], "must be >= 1"),
-    (["--guidance-low", "0.8", "--guidance-high", "0.7"], "guidance-low"),
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--num-samples", "4", "--out", "x.png"], "must end in .npz"),
-    (["--class-labels", "3,99"], r"--class-labels \[99\]"),
+    (["--class-labels", "3,99"], r"--class-labels \[99\]: the model has classes 0..9"),
 ])
 def test_bad_options_exit_with_a_message(ckpt, tmp_path, argv, message):
     """Bad command lines stop with a clear message before any sampling."""
     with pytest.raises(SystemExit, match=message):
         run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), *argv])
+
+
+# Out-of-range values of every numeric flag, and one good value each.
+NUMERIC = {"--num-steps": (["0", "-2"], "1"), "--cfg": (["0.99", "nan", "inf", "-1"], "1.35"),
+           "--guidance-low": (["-0.1", "1.1", "nan"], "0.3"), "--guidance-high": (["-0.5", "2", "nan"], "0.7"),
+           "--seed": (["-1"], "5"), "--num-samples": (["0", "-5"], "8"), "--grid-size": (["0"], "4"),
+           "--batch-size": (["0"], "2"), "--class-labels": (["-1,3"], "0,7")}
+
+
+def test_every_numeric_flag_is_range_checked():
+    """Each int / float flag of the parser is in NUMERIC; each bad value is a one-line error naming its flag."""
+    numeric = {a.option_strings[0] for a in sample.parser()._actions if a.type in (int, float, sample.parse_labels)}
+    assert numeric == set(NUMERIC)
+    for flag, (bad_values, good) in NUMERIC.items():
+        assert getattr(sample.parse_args(["--ckpt", "x.pt", flag, good]), flag[2:].replace("-", "_")) is not None
+        for bad in bad_values:
+            with pytest.raises(SystemExit) as e:
+                sample.parse_args(["--ckpt", "x.pt", f"{flag}={bad}"])
+            assert str(e.value).startswith(f"sample.py: error: {flag} ") and "\n" not in str(e.value), (flag, bad)
+    with pytest.raises(SystemExit, match="--guidance-low 0.8 > --guidance-high 0.7: the interval is empty"):
+        sample.parse_args(["--guidance-low", "0.8", "--guidance-high", "0.7"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Which checkpoint: --ckpt file / run folder / repa-sit-xl-2, and the default
+
+
+def make_run(root, name, steps, mtime):
+    """runs/<name>/checkpoints/<step>.pt files (tiny train.py checkpoints) written at time mtime."""
+    folder = root / "runs" / name / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in steps:
+        save_project_ckpt(str(folder / f"{step:07d}.pt"))
+        os.utime(folder / f"{step:07d}.pt", (mtime, mtime))
+    return folder
+
+
+def test_default_checkpoint_is_the_newest_of_the_latest_run(tmp_path, monkeypatch):
+    """No --ckpt: the highest step of the run written last; a run folder gives its newest; none: REPA's weights."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    repa = str(tmp_path / "hub" / "checkpoints" / "repa-sit-xl-2.pt")
+    args = sample.parse_args([])
+    assert args.ckpt == repa and "no run under runs/" in args.ckpt_reason
+    assert sample.parse_args(["--ckpt", "repa-sit-xl-2"]).ckpt == repa
+    old = make_run(tmp_path, "old", [10, 20], mtime=1000)
+    new = make_run(tmp_path, "new", [5], mtime=2000)
+    args = sample.parse_args(["--cfg", "1.35"])
+    assert args.ckpt == "runs/new/checkpoints/0000005.pt" and "most recently written run" in args.ckpt_reason
+    os.utime(old / "0000010.pt", (3000, 3000))  # an old step touched later does not make its run the newest
+    assert sample.parse_args([]).ckpt == "runs/new/checkpoints/0000005.pt"
+    os.utime(old / "0000020.pt", (3000, 3000))
+    assert sample.parse_args([]).ckpt == "runs/old/checkpoints/0000020.pt"
+    assert sample.parse_args(["--ckpt", "runs/new"]).ckpt == os.path.join("runs/new", "checkpoints", "0000005.pt")
+    assert sample.parse_args(["--ckpt", str(old / "0000010.pt")]).ckpt == str(old / "0000010.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="--ckpt empty: no checkpoint"):
+        sample.parse_args(["--ckpt", "empty"])
+
+
+def test_sample_with_no_flags_uses_the_run_and_its_vae(tmp_path, monkeypatch, capsys):
+    """`sample.py --cfg 1.35` after a run: the first line names the checkpoint and why; the grid uses the run's VAE."""
+    monkeypatch.chdir(tmp_path)
+    folder = make_run(tmp_path, "smoke", [20], mtime=1000)
+    ckpt = torch.load(folder / "0000020.pt", weights_only=True)
+    torch.save(dict(ckpt, config=dict(ckpt["config"], vae="none")), folder / "0000020.pt")
+    run(["--cfg", "1.35", "--num-steps", "2", "--grid-size", "2"])
+    first, *_ = capsys.readouterr().out.splitlines()
+    assert first == ("sample.py: checkpoint runs/smoke/checkpoints/0000020.pt "
+                     "(no --ckpt: the newest checkpoint of the most recently written run under runs/)")
+    assert os.listdir(tmp_path / "samples") == ["smoke-0000020-ema-sde2-cfg1.35-g0.0-1.0-vae-none-seed0.png"]
+
+
+def test_failed_repa_download_is_one_line(tmp_path, monkeypatch):
+    """Offline: one line naming what, from where, and the local-file alternative; nothing left in the cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    urls = []
+
+    def offline(url, dst, progress=True):
+        """torch.hub.download_url_to_file without a network."""
+        urls.append(url)
+        raise OSError("<urlopen error [Errno -2] Name or service not known>\nsecond line")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SystemExit) as e:
+        run(["--cfg", "1.35"])
+    message = str(e.value)
+    assert urls == [sample.REPA_URL] and "dropboxusercontent.com" in sample.REPA_URL
+    assert message.startswith("sample.py: error: cannot download repa-sit-xl-2 (REPA's SiT-XL/2 weights) from https://")
+    assert "Name or service not known" in message and message.endswith("pass --ckpt PATH") and "\n" not in message
+    assert not (tmp_path / "hub" / "checkpoints" / "repa-sit-xl-2.pt").exists()
+
+
+def test_downloaded_repa_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
+    """Once downloaded (here: a fake bare state dict), repa-sit-xl-2 loads from torch's hub cache, no second fetch."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    net = perturbed(SiT(**dict(TINY, hidden_size=64, num_heads=1, encoder_depth=2)), 7)  # heads as inferred
+    fetched = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, progress=True: fetched.append(url) or torch.save(net.state_dict(), dst))
+    for _ in range(2):
+        run(["--ckpt", "repa-sit-xl-2", "--vae", "none", "--num-steps", "2", "--grid-size", "1",
+             "--out", str(tmp_path / "g.png")])
+    assert fetched == [sample.REPA_URL]
+    torch.testing.assert_close(outputs(sample.load_checkpoint(sample.repa_path())), outputs(net), rtol=0, atol=0)
 
 
 def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
@@ -294,3 +436,138 @@ def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"cannot load the SD-VAE .*vae.*local diffusers folder") as e:
         run(["--ckpt", ckpt, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "g.png")])
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: evaluation during training equals sample.py + fid.py; --keep-every
+
+TRAIN = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
+         "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2", "--max-steps", "2"]
+
+
+@pytest.mark.slow
+def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
+    """A killed evaluation repeats on resume, once; its five numbers equal sample.py + fid.py on the same seeds."""
+    import fid
+    import train
+
+    weights = str(tmp_path / "inception.pth")  # random weights: no download, same network in both routes
+    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=noise)
+    flags = [*TRAIN, "--out", str(tmp_path / "runs"), "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "4",
+             "--eval-steps", "3", "--eval-cfg", "1.5", "--eval-weights", weights]
+    calls = []
+
+    def recording_fid(mu1, sigma1, mu2, sigma2):
+        """fid_from_stats's arguments, recorded; a cheap stand-in value (sqrtm of 2k x 2k takes minutes here)."""
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return float(np.square(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())
+
+    def killed(*args, **kwargs):
+        """The process dies in the middle of an evaluation."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid, "fid_from_stats", recording_fid)
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate_images", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(train.parse_args(flags))
+    assert not calls
+
+    # Offline: the same seeds, guidance, steps and batch size, through the command lines.
+    npz = str(tmp_path / "samples.npz")
+    monkeypatch.chdir(tmp_path)  # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
+    run(["--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4", "--out", npz])
+    samples = np.load(npz)["arr_0"]
+    np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))  # shared images: precision and recall > 0
+
+    run_dir = train.main(train.parse_args(flags))  # resumes at step 2 and evaluates it (new ref: features redone)
+    train.main(train.parse_args(flags))  # done: nothing is evaluated twice
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2] and evals[0]["eval_samples"] == 4
+    offline = fid.main(fid.parse_args([ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
+                                       "--device", "cpu", "--no-cache", "--out", str(tmp_path / "eval.json")]))
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert evals[0][key] == pytest.approx(offline[key], rel=1e-6, abs=1e-12), key
+    assert offline["inception_score"] > 1 and offline["precision"] > 0 and 0 < offline["recall"] < 1  # 1.0, 0.4
+    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is the same.
+    assert len(calls) == 4
+    for online_args, offline_args in zip(calls[:2], calls[2:]):
+        assert np.abs(online_args[1]).max() > 1e-3  # real covariances
+        for a, b in zip(online_args, offline_args):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max())
+
+
+def test_keep_every_keeps_multiples_for_good(tmp_path):
+    """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in turn."""
+    import train
+
+    run_dir = train.main(train.parse_args([*TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
+                                           "--keep-ckpts", "1", "--keep-every", "4"]))
+    assert [os.path.basename(p) for p in train.checkpoint_paths(run_dir)] == ["0000004.pt", "0000008.pt"]
+
+
+def test_merged_gaussians_equal_the_whole_set():
+    """Rank shards' (count, mean, covariance) merge into np.mean / np.cov of all rows."""
+    import train
+
+    x = np.random.default_rng(0).normal(size=(11, 5)) @ np.diag([1, 2, 3, 4, 100.0])
+    parts = [(len(x[r::3]), x[r::3].mean(0), np.cov(x[r::3], rowvar=False)) for r in range(3)]
+    mu, sigma = train.merge_gaussians(parts)
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-every", "-1"], "--keep-every -1: must be >= 0"),
+    (["--eval-every", "5"], "--eval-every needs --eval-ref REF.npz"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-samples", "3"], "--eval-samples 3: must be >= 4"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-steps", "0"], "--eval-steps 0: must be >= 1"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "nan"], "--eval-cfg nan: must be a finite number"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "2", "--class-dropout", "0"], "needs a null class"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--vae", "none"], "give a --vae other than none"),
+])
+def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
+    """train.py's --keep-every / --eval-* values are checked before anything is built."""
+    import train
+
+    (tmp_path / "ref.npz").write_bytes(b"")
+    flags = [str(tmp_path / "ref.npz") if f == "REF" else f for f in flags]
+    with pytest.raises(SystemExit, match=message) as e:
+        train.resolve_config(train.parse_args([*TRAIN, *flags]))
+    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
+
+
+STAND_IN_FID = "float(np.square(mu1 - mu2).sum() + np.abs(sigma1 - sigma2).sum())"  # sqrtm of 2k x 2k: minutes here
+
+
+@pytest.mark.slow
+def test_online_eval_on_two_processes_equals_one(tmp_path, monkeypatch):
+    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--lr 0: same EMA)."""
+    import fid
+    import train
+
+    weights = str(tmp_path / "inception.pth")
+    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    flags = [*TRAIN, "--align", "none", "--lr", "0", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
+             "--eval-steps", "3", "--eval-weights", weights]
+    script = tmp_path / "train_stand_in.py"
+    script.write_text("import sys\nimport numpy as np\nimport fid\nimport train\n"
+                      f"fid.fid_from_stats = lambda mu1, sigma1, mu2, sigma2: {STAND_IN_FID}\n"
+                      "train.main(train.parse_args(sys.argv[1:]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), *flags, "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    monkeypatch.setattr(fid, "fid_from_stats", lambda mu1, sigma1, mu2, sigma2: eval(STAND_IN_FID))
+    one = train.main(train.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    rows = {}
+    for name, run_dir in (("one", one), ("two", one.replace(str(tmp_path / "one"), str(tmp_path / "two")))):
+        rows[name] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"fid"' in line]
+    assert len(rows["one"]) == len(rows["two"]) == 1 and rows["one"][0]["fid"] > 1
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-6), key

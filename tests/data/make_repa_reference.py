@@ -47,10 +47,13 @@ def model_reference(repa_sit):
 
 SAMPLER_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, mlp_ratio=4.0,
                     class_dropout_prob=0.1, num_classes=10, encoder_depth=1, z_dims=[8], projector_dim=8)
-# (sampler, num_steps, heun, cfg, guidance_low, guidance_high): 8 Euler steps put t at k/8, so [0.3, 0.7]
-# starts and ends between steps, where deciding guidance at the wrong time would change the result.
-SAMPLER_CASES = [("sde", 8, False, 1.0, 0.0, 1.0), ("sde", 8, False, 1.5, 0.3, 0.7), ("ode", 8, False, 1.0, 0.0, 1.0),
-                 ("ode", 8, False, 2.0, 0.3, 0.7), ("ode", 8, True, 1.0, 0.0, 1.0), ("ode", 8, True, 2.0, 0.3, 0.7)]
+# (sampler, num_steps, heun, cfg, guidance_low, guidance_high, path_type): 8 Euler steps put t at k/8, so
+# [0.3, 0.7] starts and ends between steps, where deciding guidance at the wrong time would change the result.
+# The path changes only the SDE (its score); the ODEs integrate the velocity whatever the path.
+SAMPLER_CASES = [("sde", 8, False, 1.0, 0.0, 1.0, "linear"), ("sde", 8, False, 1.5, 0.3, 0.7, "linear"),
+                 ("ode", 8, False, 1.0, 0.0, 1.0, "linear"), ("ode", 8, False, 2.0, 0.3, 0.7, "linear"),
+                 ("ode", 8, True, 1.0, 0.0, 1.0, "linear"), ("ode", 8, True, 2.0, 0.3, 0.7, "linear"),
+                 ("sde", 8, False, 1.0, 0.0, 1.0, "cosine"), ("sde", 8, False, 1.5, 0.3, 0.7, "cosine")]
 
 
 def sampler_reference(repa_sit, samplers, sample_seed):
@@ -69,13 +72,14 @@ def sampler_reference(repa_sit, samplers, sample_seed):
     null = SAMPLER_TINY["num_classes"]
     model = lambda x, t, y: net(x, t, torch.where(y == 1000, null, y))  # noqa: E731
     cases = []
-    for k, (name, steps, heun, cfg, low, high) in enumerate(SAMPLER_CASES):
+    for k, (name, steps, heun, cfg, low, high, path_type) in enumerate(SAMPLER_CASES):
         torch.manual_seed(10 + k)
         x, y = torch.randn(3, 4, 8, 8), torch.randint(0, null, (3,))
         sampler = samplers.euler_maruyama_sampler if name == "sde" else samplers.euler_sampler
-        out = sampler(model, x, y, num_steps=steps, heun=heun, cfg_scale=cfg, guidance_low=low, guidance_high=high)
+        out = sampler(model, x, y, num_steps=steps, heun=heun, cfg_scale=cfg, guidance_low=low, guidance_high=high,
+                      path_type=path_type)
         cases.append(dict(sampler=name, num_steps=steps, heun=heun, cfg=cfg, guidance_low=low, guidance_high=high,
-                          global_seed=10 + k, x=x, y=y, out=out))
+                          path_type=path_type, global_seed=10 + k, x=x, y=y, out=out))
     seed, indices, per_sample = 7, [0, 1, 2], []
     for i in indices:  # generate.py's draws (noise, then label, then the SDE's), one sample at a time
         torch.manual_seed(sample_seed(seed, i))
