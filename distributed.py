@@ -69,6 +69,12 @@ def stop_signals(names):
             signal.signal(getattr(signal, f"SIG{name}"), handler)
 
 
+def ignore_signals(names, worker_id=None):
+    """Data loader workers ignore the stop signals (a cluster may signal every process): the main process decides."""
+    for name in names:
+        signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
+
+
 def barrier(world):
     """Wait for every rank (nothing to wait for in a single process)."""
     if world > 1:
