@@ -499,13 +499,15 @@ def run_training(args, stop):
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
 
-    step, batch_index, rollbacks = 0, 0, []  # batch_index: the next global batch (steps + batches rolled back over)
+    # batch_index: the next global batch (steps plus the batches rollbacks skipped); bad_in_a_row: non-finite steps
+    step, batch_index, rollbacks, bad_in_a_row = 0, 0, [], 0
     ckpts = checkpoint_paths(run_dir)
     if ckpts:
         path, ckpt = load_run_checkpoint(ckpts, cfg, world)
         load_state(run, ckpt)
         set_rng_state(ckpt["rng"], run.gen, device)
         step, batch_index, rollbacks = ckpt["step"], ckpt.get("batch", ckpt["step"]), ckpt.get("rollbacks", [])
+        bad_in_a_row = ckpt.get("bad_in_a_row", 0)  # a run stopped inside a burst counts on
         log.info("resumed from %s at step %d", path, step)
     metrics = None
     if rank == 0:
@@ -524,7 +526,7 @@ def run_training(args, stop):
         generator=torch.Generator(),  # a private generator: iterating never touches the global RNG
         worker_init_fn=functools.partial(distributed.ignore_signals, cfg["preempt_signals"]))  # main process decides
     rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
-    stats, bad_in_a_row, t_last = {}, 0, time.time()
+    stats, t_last = {}, time.time()
     run.model.train()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
     for batch in loader:
@@ -553,7 +555,8 @@ def run_training(args, stop):
             write_sample_grid(run.ema, vae, cfg, step, run_dir, device)
         preempted = stop.agreed(world)  # one host all-reduce per step: every rank stops after the same step
         if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"] or preempted:
-            save_checkpoint(run_dir, cfg, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks)
+            save_checkpoint(run_dir, cfg, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+                            bad_in_a_row=bad_in_a_row)
         if preempted:
             log.info("preempted (SIG%s here): stopped after step %d with a checkpoint; re-run the same command to "
                      "continue", stop.signal or " on another rank", step)
@@ -566,7 +569,7 @@ def run_training(args, stop):
 
 
 def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, device, rank, world):
-    """After `burst` non-finite steps in a row, reload the newest checkpoint from before them; returns its step.
+    """After `burst` non-finite steps in a row, reload the newest periodic checkpoint before them; returns its step.
 
     The data and noise streams are not rewound: training goes on with global batch batch_index, so the
     batches drawn since that checkpoint, the offending ones among them, are skipped. The skipped range is
@@ -577,10 +580,12 @@ def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, d
     if len(rollbacks) >= cfg["max_rollbacks"]:
         fail(f"{stopping} after {len(rollbacks)} rollbacks (--max-rollbacks); the newest checkpoint is still good: "
              "lower --lr or use --precision bf16/fp32")
-    older = [p for p in checkpoint_paths(run_dir) if checkpoint_step(p) <= first_bad]
+    # only periodic checkpoints: a preemption or end-of-run one in between must not change where a rollback lands
+    older = [p for p in checkpoint_paths(run_dir)
+             if checkpoint_step(p) <= first_bad and checkpoint_step(p) % cfg["ckpt_every"] == 0]
     if not older:
-        fail(f"{stopping} and no checkpoint from before step {first_bad + 1} to roll back to: lower --lr or use "
-             "--precision bf16/fp32")
+        fail(f"{stopping} and no --ckpt-every checkpoint from before step {first_bad + 1} to roll back to: lower "
+             "--lr or use --precision bf16/fp32")
     path, ckpt = load_run_checkpoint(older, cfg, world)
     load_state(run, ckpt)
     rollback = dict(step=ckpt["step"], first_batch=ckpt.get("batch", ckpt["step"]), last_batch=batch_index - 1)
@@ -594,7 +599,8 @@ def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, d
         trim_metrics(os.path.join(run_dir, METRICS), ckpt["step"])
         metrics.write(dict(step=ckpt["step"], rollbacks=len(rollbacks), skipped_from_batch=rollback["first_batch"],
                            skipped_to_batch=rollback["last_batch"]))
-    save_checkpoint(run_dir, cfg, ckpt["step"], run, device, rank, world, batch=batch_index, rollbacks=rollbacks)
+    save_checkpoint(run_dir, cfg, ckpt["step"], run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+                    bad_in_a_row=0)
     return ckpt["step"]
 
 
@@ -706,10 +712,11 @@ def plot_metrics(metrics_path, png_path):
     keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
     if not keys:
         return
-    cols = min(4, len(keys))
-    fig = Figure(figsize=(3.2 * cols, 2.4 * math.ceil(len(keys) / cols)), layout="tight")
+    cols, lines = min(4, len(keys)), math.ceil(len(keys) / 4)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * lines))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.92, wspace=0.3, hspace=0.45)  # "tight" costs 2x
     for i, key in enumerate(keys):
-        ax = fig.add_subplot(math.ceil(len(keys) / cols), cols, i + 1)
+        ax = fig.add_subplot(lines, cols, i + 1)
         steps, values = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)
         ax.set_title(key, fontsize=9)
