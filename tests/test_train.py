@@ -4,8 +4,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -325,7 +327,7 @@ def test_nan_rollback_survives_a_stop_before_during_and_after_the_burst(tmp_path
 
 def test_nan_bursts_stop_after_max_rollbacks(tmp_path, monkeypatch):
     inject_non_finite(monkeypatch, lambda b: b >= 5)
-    with pytest.raises(SystemExit, match="2 non-finite steps in a row at step 7 after 1 rollbacks .--max-rollbacks."):
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row at step 6 after 1 rollbacks .--max-rollbacks."):
         run(tmp_path, *ROLLBACK, "--max-steps", "10", "--max-rollbacks", "1")
     run_dir = os.path.join(tmp_path, "smoke-none-SiT-T2")
     ckpt = newest(run_dir)  # the rollback point, re-saved with the skipped range; nothing newer, nothing NaN
@@ -377,3 +379,60 @@ def test_logging_mirrors_every_metric_and_draws_the_loss_curves(tmp_path, monkey
         monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
         with pytest.raises(SystemExit, match=f"{flag[0]} .*needs the .* package, which is not installed: pip install"):
             run(tmp_path / "missing", *flag)
+
+
+def free_port():
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out, ranks, *flags, launcher=()):
+    """train.py under torchrun (gloo, CPU) with the tiny smoke flags, as a background process logging to out."""
+    os.makedirs(out, exist_ok=True)
+    launcher = launcher or (f"--nproc_per_node={ranks}", f"--master_port={free_port()}")
+    with open(os.path.join(out, "torchrun.log"), "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                                 os.path.join(ROOT, "train.py"), *TINY, *flags, "--out", str(out)],
+                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+
+
+def finished(process, out):
+    """Wait for a torchrun process; its exit code must be 0 (else show its log)."""
+    if process.wait(timeout=900):
+        raise AssertionError(open(os.path.join(out, "torchrun.log")).read()[-3000:])
+
+
+def workers(process):
+    """The pids of torchrun's worker processes, rank order not guaranteed."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+PREEMPT = ["--align", "sara", "--disc-every", "2", "--max-steps", "12", "--ckpt-every", "2", "--log-every", "100"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+def test_preemption_checkpoints_the_current_step_and_resumes_exactly(tmp_path, ranks, sig):
+    """Signal one worker mid-run: every rank stops after the same step, rank 0 checkpoints it, all exit 0."""
+    out = tmp_path / "preempted"
+    run_dir = os.path.join(out, "smoke-sara-SiT-T2")
+    process = torchrun(out, ranks, *PREEMPT)
+    while not os.path.exists(os.path.join(run_dir, "checkpoints", "0000002.pt")):  # mid-run: past step 2
+        assert process.poll() is None, open(os.path.join(out, "torchrun.log")).read()[-3000:]
+        time.sleep(0.2)
+    os.kill(max(workers(process)), sig)  # one rank only (with 2, most likely rank 1): the ranks must agree
+    finished(process, out)
+    stopped = newest(run_dir)
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert 2 <= stopped["step"] < 12 and f"stopped after step {stopped['step']} with a checkpoint" in log
+    finished(torchrun(out, ranks, *PREEMPT), out)  # the same command again continues
+    finished(torchrun(tmp_path / "straight", ranks, *PREEMPT), tmp_path / "straight")  # same threads: exact
+    straight = os.path.join(tmp_path / "straight", "smoke-sara-SiT-T2")
+    a, b = newest(straight), newest(run_dir)
+    assert a["step"] == b["step"] == 12 and b["config"]["world_size"] == ranks
+    assert_same_state(a, b)
