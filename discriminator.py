@@ -7,7 +7,6 @@ It sees encoder tokens (positives) and projected SiT tokens (negatives) as sqrt(
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torchvision
 
@@ -33,12 +32,28 @@ class Discriminator(nn.Module):
         return self.head(x.mean(dim=(2, 3))).squeeze(1)  # (B,)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients over the ranks too (each rank gets d sum_r L_r)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch, summed over the ranks.
 
-    torch.nn.SyncBatchNorm runs on CUDA only; this one all-reduces per-channel sums (gloo or NCCL) through
-    torch.distributed.nn, whose backward all-reduces the gradients of those sums, so every rank's gradient
-    is its share of the one-process gradient. Outside a process group it is a plain BatchNorm2d.
+    torch.nn.SyncBatchNorm runs on CUDA only; this one all-reduces per-channel sums (gloo or NCCL) with a
+    backward that all-reduces their gradients, so every rank's gradient is its share of the one-process
+    gradient, as DDP expects. Outside a process group it is a plain BatchNorm2d.
     """
 
     def forward(self, x):
@@ -47,9 +62,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         xf = x.float()
         count = x.numel() // x.shape[1] * dist.get_world_size()  # equal shares on every rank
-        mean = dist_nn.all_reduce(xf.sum(dim=(0, 2, 3))) / count  # (C,)
+        mean = AllReduceSum.apply(xf.sum(dim=(0, 2, 3))) / count  # (C,)
         centred = xf - mean[:, None, None]  # (B, C, H, W); two passes: no E[x^2] - E[x]^2 cancellation
-        var = dist_nn.all_reduce(centred.square().sum(dim=(0, 2, 3))) / count  # (C,) biased, as BatchNorm2d
+        var = AllReduceSum.apply(centred.square().sum(dim=(0, 2, 3))) / count  # (C,) biased, as BatchNorm2d
         with torch.no_grad():  # running statistics as BatchNorm2d keeps them: unbiased variance, momentum
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)

@@ -436,3 +436,80 @@ def test_preemption_checkpoints_the_current_step_and_resumes_exactly(tmp_path, r
     a, b = newest(straight), newest(run_dir)
     assert a["step"] == b["step"] == 12 and b["config"]["world_size"] == ranks
     assert_same_state(a, b)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two single-process torchrun 'nodes' meeting at a c10d rendezvous on this machine train as one process."""
+    flags = ["--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                "--rdzv-id", "two-nodes")
+    nodes = [torchrun(tmp_path / "nodes", 2, *flags, launcher=launcher) for _ in range(2)]
+    for node in nodes:
+        finished(node, tmp_path / "nodes")
+    one = run(tmp_path / "one", *flags)
+    a, b = newest(one), newest(os.path.join(tmp_path / "nodes", os.path.basename(one)))
+    assert b["config"]["world_size"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+def sync_bn_worker(rank, world, port, x, upstream, result_queue):
+    """One gloo rank: SyncBatchNorm2d on its half of x; returns output, input grad, param grads, statistics."""
+    import torch.distributed as dist
+
+    from discriminator import SyncBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = SyncBatchNorm2d(x.shape[1])
+    bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    xr = x[rows].clone().requires_grad_(True)
+    (bn(xr) * upstream[rows]).sum().backward()
+    tensors = (bn(xr).detach(), xr.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+    result_queue.put((rank, *[t.numpy() for t in tensors]))  # by value: this process may exit before the read
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_gloo_ranks_equals_batchnorm_on_the_whole_batch():
+    """Forward, input gradients and summed parameter gradients match nn.BatchNorm2d on the global batch."""
+    import torch.multiprocessing as mp
+
+    x, upstream = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)  # (B, C, H, W)
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
+    xg = x.clone().requires_grad_(True)
+    (bn(xg) * upstream).sum().backward()
+    out = bn(xg).detach()  # second forward: the statistics moved twice, as in the workers
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=sync_bn_worker, args=(r, 2, port, x, upstream, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=300) for _ in procs), key=lambda r: r[0])
+    results = [[rank, *map(torch.from_numpy, arrays)] for rank, *arrays in results]
+    for p in procs:
+        p.join()
+    atol = dict(atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat([r[1] for r in results]), out, **atol)
+    assert torch.allclose(torch.cat([r[2] for r in results]), xg.grad, **atol)
+    assert torch.allclose(sum(r[3] for r in results), bn.weight.grad, **atol)  # DDP sums (then averages) these
+    assert torch.allclose(sum(r[4] for r in results), bn.bias.grad, **atol)
+    for r in results:
+        assert torch.allclose(r[5], bn.running_mean, **atol) and torch.allclose(r[6], bn.running_var, **atol)
+
+
+@pytest.mark.slow
+def test_sara_with_disc_sync_bn_two_ranks_equal_one_process(tmp_path):
+    flags = ["--align", "sara", "--disc-every", "2", "--max-steps", "6", "--ckpt-every", "6", "--disc-sync-bn", "1"]
+    finished(torchrun(tmp_path / "ddp", 2, *flags), tmp_path / "ddp")
+    one = run(tmp_path / "one", *flags)
+    a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
+    for key in ("model", "disc"):
+        for k, v in a[key].items():
+            assert torch.allclose(v.float(), b[key][k].float(), atol=2e-5, rtol=1e-4), (key, k)
