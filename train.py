@@ -435,6 +435,12 @@ def build_run(cfg, num_classes, device, world):
     return run
 
 
+def autocast_args(precision, device):
+    """torch.autocast keywords for --precision (fp32: autocast off)."""
+    return dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                enabled=precision != "fp32")
+
+
 def train_step(run, cfg, align, batch, step, rows):
     """One generator update (and D's, on its schedule) on this rank's batch; returns what to log."""
     images, moments, labels = batch
@@ -442,8 +448,7 @@ def train_step(run, cfg, align, batch, step, rows):
     latent_shape = (run.model.in_channels, run.model.config["input_size"], run.model.config["input_size"])
     noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, run.gen)[rows]
     x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=run.gen)[rows])
-    amp = dict(device_type=device.type, dtype=torch.float16 if cfg["precision"] == "fp16" else torch.bfloat16,
-               enabled=cfg["precision"] != "fp32")
+    amp = autocast_args(cfg["precision"], device)
     with torch.autocast(**amp):
         with torch.no_grad():
             z_encs = [enc(images) for enc in run.encoders]  # per encoder (B, N, D) on the clean image
