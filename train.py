@@ -563,8 +563,8 @@ def run_training(args, stop):
             save_checkpoint(run_dir, cfg, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
                             bad_in_a_row=bad_in_a_row)
         if preempted:
-            log.info("preempted (SIG%s here): stopped after step %d with a checkpoint; re-run the same command to "
-                     "continue", stop.signal or " on another rank", step)
+            log.info("preempted (%s): stopped after step %d with a checkpoint; re-run the same command to continue",
+                     f"{stop.signal} here" if stop.signal else "a signal on another rank", step)
             break
     bar.close()
     if metrics is not None:
