@@ -544,7 +544,8 @@ def run_training(args, stop):
         for k, v in record.items():
             stats.setdefault(k, []).append(v)
         if bad_in_a_row >= cfg["max_bad_steps"]:
-            step = roll_back(run, cfg, run_dir, step, bad_in_a_row, batch_index, rollbacks, metrics, device, rank, world)
+            step = roll_back(run, cfg, run_dir, step, bad_in_a_row, batch_index, rollbacks, metrics, device, rank,
+                             world)
             stats, bad_in_a_row, t_last, bar.n = {}, 0, time.time(), step
             continue
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:

@@ -183,7 +183,8 @@ def test_symlinked_class_folders_are_followed(tmp_path):
 
 def test_numeric_flags_are_range_checked(tmp_path):
     source = write_source(tmp_path / "src")
-    for flag, value, must in [("--resolution", "0", "a positive multiple of 8"), ("--resolution", "30", "a positive multiple of 8"),
+    multiple = "a positive multiple of 8"
+    for flag, value, must in [("--resolution", "0", multiple), ("--resolution", "30", multiple),
                               ("--batch-size", "0", "at least 1"), ("--workers", "-1", "at least 0"),
                               ("--max-images", "0", "at least 1")]:
         with pytest.raises(SystemExit, match=f"^prepare.py: error: {flag} {value} is out of range: it must be {must}"):
