@@ -8,9 +8,8 @@
 Class index = position of the top-level folder name in sorted order; image index = position of its relative path
 in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are followed. Run as
 `python prepare.py ...` or on all GPUs with `torchrun --nproc_per_node=N prepare.py ...`: each rank takes every
-N-th image. Resumable: re-running
-the same command skips every image whose latent file exists; each file is written under a temporary name and then
-renamed, so an interrupted run leaves no half-written file behind.
+N-th image. Resumable: re-running the same command skips every image whose latent file exists; each file is
+written under a temporary name and then renamed, so an interrupted run leaves no half-written file behind.
 """
 
 import argparse
