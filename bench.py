@@ -170,6 +170,66 @@ def measure_sampler(args):
     return rows
 
 
+def measure_parts(args):
+    """Median seconds and FLOPs of each part of a SARA step (one D update included), in a fresh process."""
+    cfg = setup(args, "sara")
+    run = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1)
+    run.model.train()
+    align = losses.AlignConfig(**cfg["align_config"])
+    b, r = cfg["batch_size"], cfg["resolution"]
+    images = torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE)
+    labels = torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)
+    latent_shape = (run.model.in_channels, r // 8, r // 8)
+    noise = losses.draw_noise(b, latent_shape, align, cfg["class_dropout"], DEVICE, run.gen)
+    x0 = torch.randn(b, *latent_shape, device=DEVICE)  # (B, 4, r/8, r/8)
+    amp = train.autocast_args(cfg["precision"], DEVICE)
+    z_encs, hs = [], []
+
+    def encoder():
+        with torch.no_grad(), torch.autocast(**amp):
+            z_encs[:] = [enc(images) for enc in run.encoders]  # per encoder (B, N, D)
+
+    def sit_forward_backward():
+        with torch.autocast(**amp):
+            out = losses.training_losses(run.model, x0, labels, z_encs, align, noise, run.disc)
+        run.scaler.scale(out.total).backward()
+        hs[:] = out.hs
+
+    def discriminator_step():
+        with torch.autocast(**amp):
+            d_loss, _ = losses.discriminator_step_loss(run.disc, z_encs[0], hs[0])
+        run.disc_scaler.scale(d_loss).backward()
+        run.disc_scaler.step(run.disc_opt)
+        run.disc_scaler.update()
+        run.disc_opt.zero_grad(set_to_none=True)
+
+    parts = {"encoder": encoder, "SiT forward+backward": sit_forward_backward,
+             "discriminator step": discriminator_step, "AdamW step": run.opt.step,  # on the gradients left in place
+             "EMA": functools.partial(train.update_ema, run.ema, run.model, cfg["ema_decay"])}
+    rows = []
+    for name, part in parts.items():
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            part()  # also the warmup
+        walls = [timed(part)[0] for _ in range(args.warmup + args.steps)][args.warmup:]
+        rows.append(dict(part=name, sec=statistics.median(walls), flops=counter.get_total_flops()))
+    batch = [images, x0.repeat(1, 2, 1, 1), labels]  # (B, 8, r/8, r/8) moments: mean x0, std x0
+    step = [timed(train.train_step, run, cfg, align, batch, 1, slice(0, b))[0]  # step 1: no D update
+            for _ in range(args.warmup + args.steps)]
+    return rows, statistics.median(step[args.warmup:])
+
+
+def print_parts(args, rows, step_sec):
+    """The per-part table: ms, share of a whole train_step, GFLOP, TFLOP/s and (GPU) MFU."""
+    print(f"\nparts of a SARA step (median of {args.steps}; the discriminator step runs once per --disc-every 5 "
+          f"steps; whole train_step, D update excluded: {step_sec * 1e3:.1f} ms)")
+    header = ["part", "ms", "x step", "GFLOP", "TFLOP/s"] + (["MFU"] if GPU else [])
+    table = [[r["part"], f"{r['sec'] * 1e3:.2f}", f"{r['sec'] / step_sec:.2f}", f"{r['flops'] * 1e-9:.3g}",
+              f"{r['flops'] / r['sec'] / 1e12:.3g}"] + ([f"{r['flops'] / r['sec'] / 1e12 / args.peak_tflops:.1%}"]
+                                                        if GPU else []) for r in rows]
+    print_table(header, table)
+    return table
+
+
 def save_random_encoders(spec, resolution, folder):
     """Seeded random weights for each ViT encoder in spec, as the comma-separated files train.py's --enc-weights takes."""
     paths = []
@@ -269,6 +329,7 @@ def main(args):
                             if args.random_weights else None)
         results = [isolated(measure_preset, args, p) for p in args.presets.split(",")]
         sampler = isolated(measure_sampler, args)
+        parts = isolated(measure_parts, args)
     ref = next((r for r in results if r["preset"] == "none"), results[0])
     # (column, result key, unit scale, format), each followed by its ratio to none; CPU time only means something
     # on CPU, where it is what a step costs even while other jobs keep it waiting for a core
@@ -291,6 +352,7 @@ def main(args):
                   f"{s['samples_per_sec'] / sampler[0]['samples_per_sec']:.2f}"] for s in sampler])
     if args.encoder_costs:
         print_encoder_costs(args, ref)
+    print_parts(args, *parts)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
 

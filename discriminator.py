@@ -6,6 +6,7 @@ It sees encoder tokens (positives) and projected SiT tokens (negatives) as sqrt(
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
@@ -31,9 +32,66 @@ class Discriminator(nn.Module):
         return self.head(x.mean(dim=(2, 3))).squeeze(1)  # (B,)
 
 
-def build_discriminator(in_channels, pretrained=False, lr=2e-4, betas=(0.5, 0.999)):
-    """The discriminator and its own Adam (lr 2e-4, betas (0.5, 0.999): the usual GAN setting; SARA gives none)."""
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients over the ranks too (each rank gets d sum_r L_r)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, summed over the ranks.
+
+    torch.nn.SyncBatchNorm runs on CUDA only; this one all-reduces per-channel sums (gloo or NCCL) with a
+    backward that all-reduces their gradients, so every rank's gradient is its share of the one-process
+    gradient, as DDP expects. Outside a process group it is a plain BatchNorm2d.
+    """
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, C, H, W), normalised with the mean and variance over every rank's B x H x W."""
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        count = x.numel() // x.shape[1] * dist.get_world_size()  # equal shares on every rank
+        mean = AllReduceSum.apply(xf.sum(dim=(0, 2, 3))) / count  # (C,)
+        centred = xf - mean[:, None, None]  # (B, C, H, W); two passes: no E[x^2] - E[x]^2 cancellation
+        var = AllReduceSum.apply(centred.square().sum(dim=(0, 2, 3))) / count  # (C,) biased, as BatchNorm2d
+        with torch.no_grad():  # running statistics as BatchNorm2d keeps them: unbiased variance, momentum
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = centred * torch.rsqrt(var + self.eps)[:, None, None] * self.weight[:, None, None] + self.bias[:, None, None]
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module):
+    """module with every BatchNorm2d replaced by a SyncBatchNorm2d holding the same parameters and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
+            synced = SyncBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child)
+    return module
+
+
+def build_discriminator(in_channels, pretrained=False, lr=2e-4, betas=(0.5, 0.999), sync_bn=False):
+    """The discriminator and its own Adam (lr 2e-4, betas (0.5, 0.999): the usual GAN setting; SARA gives none).
+
+    sync_bn: batch statistics over the global batch under DDP (SyncBatchNorm2d) instead of per rank.
+    """
     disc = Discriminator(in_channels, pretrained)
+    disc = sync_batchnorm(disc) if sync_bn else disc
     return disc, torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
 
 

@@ -6,10 +6,10 @@
     dest/vae-sd/dataset.json                   {"labels": [["00000/img-mean-std-00000000.npy", 0], ...], ...}
 
 Class index = position of the top-level folder name in sorted order; image index = position of its relative path
-in sorted order (as REPA's preprocessing/dataset_tools.py numbers them). Run as `python prepare.py ...` or on all
-GPUs with `torchrun --nproc_per_node=N prepare.py ...`: each rank takes every N-th image. Resumable: re-running
-the same command skips every image whose latent file exists; each file is written under a temporary name and then
-renamed, so an interrupted run leaves no half-written file behind.
+in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are followed. Run as
+`python prepare.py ...` or on all GPUs with `torchrun --nproc_per_node=N prepare.py ...`: each rank takes every
+N-th image. Resumable: re-running the same command skips every image whose latent file exists; each file is
+written under a temporary name and then renamed, so an interrupted run leaves no half-written file behind.
 """
 
 import argparse
@@ -67,13 +67,38 @@ def center_crop_dhariwal(image, size):
     return array[top:top + size, left:left + size]
 
 
+def check_flags(args):
+    """A one-line error for the first numeric flag outside its range."""
+    for flag, value, must, ok in [("--resolution", args.resolution, "a positive multiple of 8 (the VAE's stride)",
+                                   args.resolution > 0 and args.resolution % 8 == 0),
+                                  ("--batch-size", args.batch_size, "at least 1", args.batch_size >= 1),
+                                  ("--workers", args.workers, "at least 0", args.workers >= 0),
+                                  ("--max-images", args.max_images, "at least 1",
+                                   args.max_images is None or args.max_images >= 1)]:
+        if not ok:
+            raise SystemExit(f"prepare.py: error: {flag} {value} is out of range: it must be {must}")
+
+
+def walk(source):
+    """os.walk that follows symlinked folders (ImageNet subsets are often built from them), but not in a loop."""
+    for folder, dirs, files in os.walk(source, followlinks=True):
+        above, up = set(), folder
+        while True:  # real paths of this folder and its parents up to source
+            above.add(os.path.realpath(up))
+            if os.path.samefile(up, source):
+                break
+            up = os.path.dirname(up)
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in above]
+        yield folder, files
+
+
 def list_source(source, max_images=None):
     """Sorted relative image paths under the class folders of source, their labels and the sorted class names."""
     if not os.path.isdir(source):
         raise SystemExit(f"prepare.py: --source {source} is not a directory: point it at the ImageNet train folder")
     exts = supported_ext() - {".npy"}
     paths = sorted(os.path.relpath(os.path.join(d, f), source).replace("\\", "/")
-                   for d, _, files in os.walk(source) for f in files if os.path.splitext(f)[1].lower() in exts)
+                   for d, files in walk(source) for f in files if os.path.splitext(f)[1].lower() in exts)
     loose = [p for p in paths if "/" not in p]
     if loose:
         log.warning("ignoring %d images directly in %s (e.g. %s): only class folders are read",
@@ -127,10 +152,8 @@ def write_json(path, meta):
 
 def main(args):
     """Crop, encode and write this rank's share of the images, then (rank 0) the label files."""
+    check_flags(args)
     paths, labels, classes = list_source(args.source, args.max_images)
-    if args.resolution <= 0 or args.resolution % 8:
-        raise SystemExit(f"prepare.py: --resolution must be a positive multiple of 8 (the VAE's stride), "
-                         f"got {args.resolution}")
     # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
     rank, world, device = distributed.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")

@@ -4,17 +4,23 @@
     python train.py --preset smoke --align sara                                        # CPU, minutes
 
 One process per GPU under torchrun (NCCL; gloo on CPU), one plain process otherwise. Re-running the
-same command resumes from the newest checkpoint in the run folder and continues exactly.
+same command resumes from the newest checkpoint in the run folder and continues exactly. SIGTERM / SIGUSR1
+(--preempt-signals) end the run after the current step with a checkpoint; a burst of non-finite steps rolls
+back to the newest checkpoint before it (--max-rollbacks).
 """
 
 import argparse
 import contextlib
 import copy
+import functools
+import importlib
 import json
 import logging
 import math
 import os
+import signal
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -56,7 +62,10 @@ CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scale
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
                      "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size", "grad_checkpointing",
                      "vae", "sample_steps", "keep_every", "eval_every", "eval_ref", "eval_samples", "eval_cfg",
-                     "eval_steps", "eval_weights"}
+                     "eval_steps", "eval_weights",
+                     "preempt_signals", "max_rollbacks", "wandb", "tensorboard"}
+METRICS = "metrics.jsonl"
+LOSS_CURVES = "losses.png"
 
 
 def fail(msg):
@@ -71,6 +80,15 @@ def pretrained_or_fail(what):
         yield
     except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors are OSError / RuntimeError
         fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def signal_names(text):
+    """--preempt-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
+    names = () if text.lower() == "none" else tuple(n.strip().upper().removeprefix("SIG") for n in text.split(","))
+    for name in names:
+        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in ("KILL", "STOP"):
+            raise argparse.ArgumentTypeError(f"{name} is not a signal a process can catch; use e.g. TERM,USR1 or none")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +119,9 @@ def parse_args(argv=None):
     a("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
     a("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     a("--precision", choices=["fp16", "bf16", "fp32"], help="fp16 (with a GradScaler), bf16 or fp32")
-    a("--max-bad-steps", type=int, default=50, help="stop after this many consecutive non-finite steps")
+    a("--max-bad-steps", type=int, default=50,
+      help="this many consecutive non-finite steps roll back to the newest checkpoint before them")
+    a("--max-rollbacks", type=int, default=3, help="stop the run at the next burst after this many rollbacks")
     a("--seed", type=int, default=0, help="global seed; every draw is a function of it and the step")
     # Model and alignment
     a("--encoder-depth", type=int, help="REPA/SARA tap block (default: 4 for S/B, 8 for L/XL)")
@@ -123,6 +143,8 @@ def parse_args(argv=None):
     a("--disc-lr", type=float, default=2e-4, help="discriminator Adam learning rate")
     a("--disc-betas", type=float, nargs=2, default=(0.5, 0.999), help="discriminator Adam betas")
     a("--disc-pretrained", type=int, choices=[0, 1], help="1: ImageNet ResNet-18 trunk (paper); 0: random")
+    a("--disc-sync-bn", type=int, choices=[0, 1], default=0,
+      help="1: D's BatchNorm uses the global batch's statistics under DDP; 0: each rank's own (as the papers)")
     # Speed
     a("--tf32", type=int, choices=[0, 1], default=1, help="TF32 matmuls on GPU")
     a("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the model")
@@ -145,12 +167,53 @@ def parse_args(argv=None):
     a("--eval-cfg", type=float, default=1.0, help="guidance scale of the evaluation samples (sample.py --cfg)")
     a("--eval-steps", type=int, default=250, help="SDE steps of the evaluation samples (sample.py --num-steps)")
     a("--eval-weights", help="Inception weights file (fid.py --weights); default: torch.hub cache, downloaded once")
+    # Clusters and experiment logging
+    a("--preempt-signals", type=signal_names, default="TERM,USR1",
+      help="signals that end the run after the current step with a checkpoint (comma-separated, or none)")
+    a("--wandb", metavar="PROJECT", help="also log every metrics.jsonl key to this Weights & Biases project")
+    a("--tensorboard", type=int, choices=[0, 1], default=0, help="1: also log every metrics.jsonl key to TensorBoard")
     return p.parse_args(argv)
+
+
+# The range of every numeric flag, checked before anything is built: flag -> (what it must be, test).
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
+POSITIVE = ("greater than 0", lambda v: v > 0)
+UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_1 = ("in [0, 1)", lambda v: 0 <= v < 1)
+FLAG_RANGES = {
+    "synthetic_images": AT_LEAST_1, "synthetic_classes": AT_LEAST_1,
+    "resolution": ("a positive multiple of 8 (the VAE downsamples 8x)", lambda v: v > 0 and v % 8 == 0),
+    "batch_size": AT_LEAST_1, "max_steps": AT_LEAST_1, "lr": POSITIVE, "adam_betas": BELOW_1,
+    "weight_decay": AT_LEAST_0, "max_grad_norm": POSITIVE, "ema_decay": UNIT, "class_dropout": BELOW_1,
+    "max_bad_steps": AT_LEAST_1, "max_rollbacks": AT_LEAST_0, "seed": AT_LEAST_0, "encoder_depth": AT_LEAST_1,
+    "projector_dim": AT_LEAST_1, "sra_depth": AT_LEAST_1, "sra_mlp_layers": AT_LEAST_1, "sra_hidden_dim": AT_LEAST_1,
+    "patch_weight": AT_LEAST_0, "struc_weight": AT_LEAST_0, "adv_weight": AT_LEAST_0, "sra_weight": AT_LEAST_0,
+    "sra_beta": POSITIVE, "sra_t_range": UNIT, "disc_every": AT_LEAST_1, "disc_lr": POSITIVE, "disc_betas": BELOW_1,
+    "num_workers": AT_LEAST_0, "ckpt_every": AT_LEAST_1, "keep_ckpts": AT_LEAST_1, "log_every": AT_LEAST_1,
+    "sample_every": AT_LEAST_0, "sample_steps": AT_LEAST_1, "keep_every": AT_LEAST_0, "eval_every": AT_LEAST_0,
+    "eval_samples": ("at least 4 (precision/recall use 3 neighbours)", lambda v: v >= 4), "eval_steps": AT_LEAST_1,
+    "eval_cfg": ("at least 1 (1 disables guidance)", lambda v: v >= 1),
+}
+
+
+def check_ranges(config):
+    """One-line error for the first numeric flag (preset values included) outside its range."""
+    for name, (must, ok) in FLAG_RANGES.items():
+        value = config.get(name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(math.isfinite(v) and ok(v) for v in values):
+            shown = " ".join(f"{v:g}" for v in values)
+            fail(f"--{name.replace('_', '-')} {shown} is out of range: it must be {must}")
+    lo, hi = config.get("sra_t_range") or (0, 1)
+    if lo > hi:
+        fail(f"--sra-t-range {lo:g} {hi:g} is empty: give LO <= HI")
 
 
 def resolve_config(args, world=1):
     """The run's full configuration as a plain dict: preset, then flags, then derived values."""
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    check_ranges(cfg)
     try:
         size = size_config(cfg["model"])
         align = losses.align_config(cfg["align"], **{  # flags left unset keep the alignment preset's value
@@ -159,11 +222,12 @@ def resolve_config(args, world=1):
         fail(str(e))
     if cfg["batch_size"] % world:
         fail(f"--batch-size {cfg['batch_size']} does not divide by the {world} ranks; use a multiple of {world}")
-    if cfg["resolution"] % 8:
-        fail(f"--resolution {cfg['resolution']} must be a multiple of 8 (the VAE downsamples 8x)")
     cfg["align_config"] = asdict(align)
     cfg["encoder_depth"] = cfg.get("encoder_depth") or size["encoder_depth"]
     cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
+    for name in ("encoder_depth", "sra_depth"):
+        if cfg[name] > size["depth"]:
+            fail(f"--{name.replace('_', '-')} {cfg[name]} is out of range: {cfg['model']} has {size['depth']} blocks")
     cfg["run_name"] = cfg.get("run_name") or default_run_name(args, cfg, world)
     cfg["world_size"] = world
     check_eval(cfg, world)
@@ -245,13 +309,33 @@ def checkpoint_paths(run_dir):
     return [os.path.join(folder, f) for f in names]
 
 
-def load_run_checkpoint(path, cfg):
-    """A checkpoint of this run, checked to be whole and written by the same configuration."""
-    try:
+def checkpoint_step(path):
+    """The step a checkpoint file is named after (checkpoints/0001000.pt -> 1000)."""
+    return int(os.path.splitext(os.path.basename(path))[0])
+
+
+def load_run_checkpoint(paths, cfg, world):
+    """(path, checkpoint): the newest readable one of paths, checked to be written by the same configuration.
+
+    An unreadable newer file (truncated by a crash, a full disk) is skipped with a warning; the ranks
+    agree on the newest file every one of them could read.
+    """
+    found, ckpt, error = -1, None, None
+    for i in reversed(range(len(paths))):
+        try:
+            ckpt, found = torch.load(paths[i], map_location="cpu", weights_only=True), i
+            break
+        except Exception as e:  # truncated files and foreign pickles fail in many ways; all mean "not ours"
+            why = f"{paths[i]} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            log.warning("%s; falling back to the previous checkpoint", why)
+            error = error or why
+    agreed = distributed.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
+    if agreed < 0:
+        fail(f"{error or 'another rank read no checkpoint'} and no older one is readable; "
+             "delete the run folder's checkpoints/ to start over")
+    path = paths[agreed]
+    if agreed != found:  # another rank could not read a newer file: all resume from the same one
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated files and foreign pickles fail in many ways; all mean "not ours"
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-             "delete it to resume from the previous one")
     missing = {"model", "ema", "opt", "step", "rng", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         fail(f"{path} is not a train.py checkpoint (missing {sorted(missing)}); use another --run-name")
@@ -261,7 +345,14 @@ def load_run_checkpoint(path, cfg):
         k = diff[0]
         fail(f"{path} was written by another config ({k}: {ckpt['config'].get(k)!r} there, {cfg.get(k)!r} now"
              f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); use another --run-name or the same flags")
-    return ckpt
+    return path, ckpt
+
+
+def load_state(run, ckpt):
+    """Weights, optimizer and scaler states of a checkpoint into run (not the random states)."""
+    for key in CHECKPOINTED:
+        if getattr(run, key) is not None:
+            getattr(run, key).load_state_dict(ckpt[key])
 
 
 def rng_state(gen, device):
@@ -286,9 +377,8 @@ def set_rng_state(state, gen, device):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """DiT / REPA EMA over parameters: ema <- decay * ema + (1 - decay) * model."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """DiT / REPA EMA over parameters: ema <- decay * ema + (1 - decay) * model, one fused lerp over all tensors."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 @torch.no_grad()
@@ -363,7 +453,7 @@ def build_run(cfg, num_classes, device, world):
     run = Run(
         model=model, ema=copy.deepcopy(model).eval().requires_grad_(False),  # DiT-style EMA: a copy, no grad, eval
         opt=torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                              weight_decay=cfg["weight_decay"]),
+                              weight_decay=cfg["weight_decay"], fused=device.type == "cuda"),  # one kernel per step
         scaler=torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
         gen=torch.Generator(device).manual_seed(cfg["seed"]), encoders=encoders,
         forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
@@ -371,11 +461,18 @@ def build_run(cfg, num_classes, device, world):
     if align.adv_weight:
         with pretrained_or_fail("the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
             disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
-                                                     cfg["disc_lr"], tuple(cfg["disc_betas"]))
+                                                     cfg["disc_lr"], tuple(cfg["disc_betas"]),
+                                                     sync_bn=bool(cfg.get("disc_sync_bn")))
         run.disc = disc.to(device)
         run.disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
         run.forward_disc = wrap(run.disc)
     return run
+
+
+def autocast_args(precision, device):
+    """torch.autocast keywords for --precision (fp32: autocast off)."""
+    return dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                enabled=precision != "fp32")
 
 
 def train_step(run, cfg, align, batch, step, rows):
@@ -385,8 +482,7 @@ def train_step(run, cfg, align, batch, step, rows):
     latent_shape = (run.model.in_channels, run.model.config["input_size"], run.model.config["input_size"])
     noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, run.gen)[rows]
     x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=run.gen)[rows])
-    amp = dict(device_type=device.type, dtype=torch.float16 if cfg["precision"] == "fp16" else torch.bfloat16,
-               enabled=cfg["precision"] != "fp32")
+    amp = autocast_args(cfg["precision"], device)
     with torch.autocast(**amp):
         with torch.no_grad():
             z_encs = [enc(images) for enc in run.encoders]  # per encoder (B, N, D) on the clean image
@@ -415,12 +511,19 @@ def train_step(run, cfg, align, batch, step, rows):
 
 
 def main(args):
+    """Train with the --preempt-signals caught (the previous handlers come back after); returns the run folder."""
+    with distributed.stop_signals(args.preempt_signals) as stop:
+        return run_training(args, stop)
+
+
+def run_training(args, stop):
     """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
     rank, world, device = distributed.init()
     cfg = resolve_config(args, world)
     run_dir = os.path.join(cfg["out"], cfg["run_name"])
     setup_logging(run_dir, rank)
     align = losses.AlignConfig(**cfg["align_config"])
+    require_loggers(cfg)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
 
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank and in every run
@@ -435,19 +538,20 @@ def main(args):
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
 
-    step = 0
+    # batch_index: the next global batch (steps plus the batches rollbacks skipped); bad_in_a_row: non-finite steps
+    step, batch_index, rollbacks, bad_in_a_row = 0, 0, [], 0
     ckpts = checkpoint_paths(run_dir)
     if ckpts:
-        ckpt = load_run_checkpoint(ckpts[-1], cfg)
-        for key in CHECKPOINTED:
-            if getattr(run, key) is not None:
-                getattr(run, key).load_state_dict(ckpt[key])
+        path, ckpt = load_run_checkpoint(ckpts, cfg, world)
+        load_state(run, ckpt)
         set_rng_state(ckpt["rng"], run.gen, device)
-        step = ckpt["step"]
-        log.info("resumed from %s at step %d", ckpts[-1], step)
+        step, batch_index, rollbacks = ckpt["step"], ckpt.get("batch", ckpt["step"]), ckpt.get("rollbacks", [])
+        bad_in_a_row = ckpt.get("bad_in_a_row", 0)  # a run stopped inside a burst counts on
+        log.info("resumed from %s at step %d", path, step)
+    metrics = None
     if rank == 0:
         write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
-        trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+        metrics = MetricsLog(run_dir, cfg, step)
     vae = None
     if (rank == 0 and cfg["sample_every"] or cfg["eval_every"]) and cfg["vae"] != "none":
         with pretrained_or_fail(f"--vae {cfg['vae']}"):
@@ -456,27 +560,31 @@ def main(args):
 
     local_batch = cfg["batch_size"] // world
     loader = DataLoader(
-        dataset, batch_sampler=GlobalBatchSampler(len(dataset), cfg["batch_size"], rank, world, cfg["seed"], step),
+        dataset, batch_sampler=GlobalBatchSampler(len(dataset), cfg["batch_size"], rank, world, cfg["seed"],
+                                                  batch_index),
         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
-        generator=torch.Generator())  # a private generator: iterating never touches the global RNG
+        generator=torch.Generator(),  # a private generator: iterating never touches the global RNG
+        worker_init_fn=functools.partial(distributed.ignore_signals, cfg["preempt_signals"]))  # main process decides
     rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
-    stats, bad_in_a_row, t_last = {}, 0, time.time()
+    stats, t_last = {}, time.time()
     run.model.train()
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
     for batch in loader:
         if evaluator and step and step % cfg["eval_every"] == 0 and step not in evaluator.done:  # also on resume
-            evaluate(run.ema, vae, evaluator, cfg, step, run_dir, rank, world, device)
+            evaluate(run.ema, vae, evaluator, cfg, step, metrics, rank, world, device)
         if step >= cfg["max_steps"]:
             break
         record = train_step(run, cfg, align, [x.to(device, non_blocking=True) for x in batch], step, rows)
         bad_in_a_row = bad_in_a_row + 1 if record["bad_steps"] else 0
-        step += 1
+        step, batch_index = step + 1, batch_index + 1
         bar.update(1)
         for k, v in record.items():
             stats.setdefault(k, []).append(v)
         if bad_in_a_row >= cfg["max_bad_steps"]:
-            fail(f"{bad_in_a_row} non-finite steps in a row at step {step}; the newest checkpoint is still good: "
-                 "lower --lr or use --precision bf16/fp32")
+            step = roll_back(run, cfg, run_dir, step, bad_in_a_row, batch_index, rollbacks, metrics, device, rank,
+                             world)
+            stats, bad_in_a_row, t_last, bar.n = {}, 0, time.time(), step
+            continue
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
             t_now = time.time()
             row = reduce_stats(stats, world)
@@ -485,13 +593,20 @@ def main(args):
             stats, t_last = {}, t_now
             if rank == 0:
                 log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                metrics.write(row)
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
             write_sample_grid(run.ema, vae, cfg, step, run_dir, device)
-        if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
-            save_checkpoint(run_dir, cfg, step, run, device, rank, world)
+        preempted = stop.agreed(world)  # one host all-reduce per step: every rank stops after the same step
+        if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"] or preempted:
+            save_checkpoint(run_dir, cfg, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+                            bad_in_a_row=bad_in_a_row)
+        if preempted:
+            log.info("preempted (%s): stopped after step %d with a checkpoint; re-run the same command to continue",
+                     f"{stop.signal} here" if stop.signal else "a signal on another rank", step)
+            break
     bar.close()
+    if metrics is not None:
+        metrics.close()
     distributed.close(world)
     return run_dir
 
@@ -502,20 +617,13 @@ def main(args):
 
 def check_eval(config, world):
     """--keep-every and the --eval-* flags in range and complete, before anything is built."""
-    for name in ("keep_every", "eval_every"):
-        if config[name] < 0:
-            fail(f"--{name.replace('_', '-')} {config[name]}: must be >= 0 (0: off)")
     if not config["eval_every"]:
         return
     if not config.get("eval_ref") or not os.path.isfile(config["eval_ref"]):
         fail(f"--eval-every needs --eval-ref REF.npz, an ADM reference batch (fid.py --write-ref makes one); "
              f"got {config.get('eval_ref')!r}")
-    if config["eval_samples"] < max(4, 2 * world):  # k=3 neighbours for P/R; a covariance per rank
-        fail(f"--eval-samples {config['eval_samples']}: must be >= {max(4, 2 * world)} (4, and 2 per rank)")
-    if config["eval_steps"] < 1:
-        fail(f"--eval-steps {config['eval_steps']}: must be >= 1")
-    if not 1 <= config["eval_cfg"] < math.inf:
-        fail(f"--eval-cfg {config['eval_cfg']}: must be a finite number >= 1 (1 disables guidance)")
+    if config["eval_samples"] < 2 * world:  # a covariance per rank
+        fail(f"--eval-samples {config['eval_samples']} is out of range: it must be at least 2 per rank ({2 * world})")
     if config["eval_cfg"] > 1 and not config["class_dropout"]:
         fail("--eval-cfg > 1 needs a null class, but --class-dropout is 0")
     if config["vae"] == "none":
@@ -558,7 +666,7 @@ def build_evaluator(config, run_dir, rank, world, device):
                           mu_s=ref.spatial_stats[0], sigma_s=ref.spatial_stats[1])
             write_atomic(cache, lambda f: np.savez(f, **arrays))
     distributed.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, METRICS)
     done = {row["step"] for row in map(json.loads, open(path)) if "fid" in row} if os.path.exists(path) else set()
     return Evaluator(inception, digest, ref, done)
 
@@ -572,7 +680,7 @@ def merge_gaussians(parts):
 
 
 @torch.no_grad()
-def evaluate(ema, vae, evaluator, config, step, run_dir, rank, world, device):
+def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
     """FID, sFID, IS, precision, recall of the EMA model's first --eval-samples samples, as fid.py scores them.
 
     The samples are those of `sample.py --seed SEED --cfg EVAL_CFG --num-steps EVAL_STEPS` (per-index seeds,
@@ -609,9 +717,44 @@ def evaluate(ema, vae, evaluator, config, step, run_dir, rank, world, device):
         log.info("eval step %d, %d samples: FID %.4f sFID %.4f IS %.2f precision %.3f recall %.3f (%.0f s)", step,
                  config["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall,
                  row["eval_sec"])
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        metrics.write(row)
     distributed.barrier(world)
+
+
+def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, device, rank, world):
+    """After `burst` non-finite steps in a row, reload the newest periodic checkpoint before them; returns its step.
+
+    The data and noise streams are not rewound: training goes on with global batch batch_index, so the
+    batches drawn since that checkpoint, the offending ones among them, are skipped. The skipped range is
+    appended to rollbacks and saved at once as that step's checkpoint, so a resume reproduces the rollback.
+    """
+    first_bad = step - burst  # the step count before the burst's first step
+    stopping = f"{burst} non-finite steps in a row at step {step}"
+    if len(rollbacks) >= cfg["max_rollbacks"]:
+        fail(f"{stopping} after {len(rollbacks)} rollbacks (--max-rollbacks); the newest checkpoint is still good: "
+             "lower --lr or use --precision bf16/fp32")
+    # only periodic checkpoints: a preemption or end-of-run one in between must not change where a rollback lands
+    older = [p for p in checkpoint_paths(run_dir)
+             if checkpoint_step(p) <= first_bad and checkpoint_step(p) % cfg["ckpt_every"] == 0]
+    if not older:
+        fail(f"{stopping} and no --ckpt-every checkpoint from before step {first_bad + 1} to roll back to: lower "
+             "--lr or use --precision bf16/fp32")
+    path, ckpt = load_run_checkpoint(older, cfg, world)
+    load_state(run, ckpt)
+    rollback = dict(step=ckpt["step"], first_batch=ckpt.get("batch", ckpt["step"]), last_batch=batch_index - 1)
+    rollbacks.append(rollback)
+    log.warning("%s: rollback %d of at most %d to %s; global batches %d..%d skipped", stopping, len(rollbacks),
+                cfg["max_rollbacks"], path, rollback["first_batch"], rollback["last_batch"])
+    if rank == 0:
+        for newer in checkpoint_paths(run_dir):
+            if checkpoint_step(newer) > ckpt["step"]:  # written after the rollback point: another history now
+                os.remove(newer)
+        trim_metrics(os.path.join(run_dir, METRICS), ckpt["step"])
+        metrics.write(dict(step=ckpt["step"], rollbacks=len(rollbacks), skipped_from_batch=rollback["first_batch"],
+                           skipped_to_batch=rollback["last_batch"]))
+    save_checkpoint(run_dir, cfg, ckpt["step"], run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+                    bad_in_a_row=0)
+    return ckpt["step"]
 
 
 def reduce_stats(stats, world):
@@ -626,11 +769,14 @@ def reduce_stats(stats, world):
     return row
 
 
-def save_checkpoint(run_dir, cfg, step, run, device, rank, world):
-    """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts."""
+def save_checkpoint(run_dir, cfg, step, run, device, rank, world, **extra):
+    """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts.
+
+    extra: batch (the next global batch) and rollbacks (skipped batch ranges), see roll_back.
+    """
     if rank == 0:  # every rank holds the same random states: one copy resumes them all
         ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED if getattr(run, key) is not None}
-        ckpt.update(step=step, rng=rng_state(run.gen, device), config=cfg)
+        ckpt.update(step=step, rng=rng_state(run.gen, device), config=cfg, **extra)
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         write_atomic(path, lambda f: torch.save(ckpt, f))
         for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
@@ -647,6 +793,89 @@ def trim_metrics(path, step):
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     write_atomic(path, lambda f: f.write("".join(rows).encode()))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment logging
+
+
+def require_loggers(cfg):
+    """A one-line error when --wandb or --tensorboard 1 is asked for and its package is missing."""
+    wanted = [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")] if cfg["tensorboard"] else []
+    wanted += [(f"--wandb {cfg['wandb']}", "wandb", "wandb")] if cfg.get("wandb") else []
+    for flag, module, package in wanted:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            fail(f"{flag} needs the {package} package, which is not installed: pip install {package}, "
+                 f"or drop {flag.split()[0]}")
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and the loss-curve PNG."""
+
+    def __init__(self, run_dir, cfg, step):
+        """Trim rows past the resumed step and open the mirrors asked for."""
+        self.path, self.png = os.path.join(run_dir, METRICS), os.path.join(run_dir, LOSS_CURVES)
+        trim_metrics(self.path, step)
+        self.tensorboard = self.wandb = None
+        if cfg["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events it is about to write again
+            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1)
+        if cfg.get("wandb"):
+            import wandb
+
+            id_path = os.path.join(run_dir, "wandb-id.txt")  # one W&B run per run folder, across resumes
+            if not os.path.exists(id_path):
+                write_atomic(id_path, lambda f: f.write(uuid.uuid4().hex[:16].encode()))
+            with open(id_path) as f:
+                run_id = f.read().strip()
+            self.wandb = wandb.init(project=cfg["wandb"], name=cfg["run_name"], id=run_id, resume="allow",
+                                    config=cfg, dir=run_dir)
+
+    def write(self, row):
+        """Append row (a dict of numbers with a "step") everywhere and redraw the loss curves."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tensorboard.add_scalar(k, v, row["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(row)  # "step" is a logged key: rollbacks and resumes may revisit a step
+        plot_metrics(self.path, self.png)
+
+    def close(self):
+        """Flush and close the mirrors."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_metrics(metrics_path, png_path):
+    """One panel per numeric metrics.jsonl key (every loss term, grad norm, ...) against the step, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    if not keys:
+        return
+    cols, lines = min(4, len(keys)), math.ceil(len(keys) / 4)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * lines))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.92, wspace=0.3, hspace=0.45)  # "tight" costs 2x
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(lines, cols, i + 1)
+        steps, values = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+    write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=80))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,26 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
             np.testing.assert_allclose(*(np.load(io.BytesIO(s[k][0])) for s in (single, ddp)), rtol=1e-5, atol=1e-6)
         else:
             assert single[k][0] == ddp[k][0], k
+
+
+def test_symlinked_class_folders_are_followed(tmp_path):
+    """An ImageNet subset built from symlinks: a linked class folder counts, a link back up does not loop."""
+    write_source(tmp_path / "full")
+    os.makedirs(tmp_path / "subset")
+    os.symlink(tmp_path / "full" / "zebra", tmp_path / "subset" / "zebra", target_is_directory=True)
+    os.symlink(tmp_path / "full" / "tench", tmp_path / "subset" / "tench", target_is_directory=True)
+    os.symlink(tmp_path / "subset", tmp_path / "full" / "tench" / "loop", target_is_directory=True)
+    paths, labels, classes = prepare.list_source(str(tmp_path / "subset"))
+    assert paths == ["tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"] and labels == [0, 0, 1]
+    assert classes == ["tench", "zebra"]
+
+
+def test_numeric_flags_are_range_checked(tmp_path):
+    source = write_source(tmp_path / "src")
+    multiple = "a positive multiple of 8"
+    for flag, value, must in [("--resolution", "0", multiple), ("--resolution", "30", multiple),
+                              ("--batch-size", "0", "at least 1"), ("--workers", "-1", "at least 0"),
+                              ("--max-images", "0", "at least 1")]:
+        with pytest.raises(SystemExit, match=f"^prepare.py: error: {flag} {value} is out of range: it must be {must}"):
+            run(source, str(tmp_path / "out"), flag, value)
+    assert not os.path.exists(tmp_path / "out")

@@ -522,11 +522,11 @@ def test_merged_gaussians_equal_the_whole_set():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--keep-every", "-1"], "--keep-every -1: must be >= 0"),
+    (["--keep-every", "-1"], "--keep-every -1 is out of range: it must be at least 0"),
     (["--eval-every", "5"], "--eval-every needs --eval-ref REF.npz"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-samples", "3"], "--eval-samples 3: must be >= 4"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-steps", "0"], "--eval-steps 0: must be >= 1"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "nan"], "--eval-cfg nan: must be a finite number"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-samples", "3"], "--eval-samples 3 is out of range: it must be at least 4"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-steps", "0"], "--eval-steps 0 is out of range: it must be at least 1"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "nan"], "--eval-cfg nan is out of range: it must be at least 1"),
     (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "2", "--class-dropout", "0"], "needs a null class"),
     (["--eval-every", "5", "--eval-ref", "REF", "--vae", "none"], "give a --vae other than none"),
 ])

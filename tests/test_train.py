@@ -1,9 +1,13 @@
 """train.py: smoke runs per alignment preset, exact resume, DDP equivalence, bad input."""
 
+import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -210,3 +214,323 @@ def test_default_run_name_names_what_differs_from_the_preset():
         "imagenet256-repa-SiT-L2-enctypedinov2-vit-l"  # no longer collides with the DINOv2-B run
     assert name("--model", "SiT-B/2", "--align", "sra2", "--sra-t-range", "0", "0.5") == "imagenet256-sra2-SiT-B2-sratrange0-0.5"
     assert name("--align", "sara", "--run-name", "mine") == "mine"
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs on clusters: flags, damaged checkpoints, NaN rollback, preemption, multi-node, logging
+
+REAL_PLOT = train.plot_metrics
+
+
+@pytest.fixture(autouse=True)
+def no_loss_plots(monkeypatch):
+    """Skip drawing losses.png at each log step (about a second each on a busy CPU); test_logging draws it."""
+    monkeypatch.setattr(train, "plot_metrics", lambda *paths: None)
+
+
+def train_parser(monkeypatch):
+    """train.py's ArgumentParser, as parse_args builds it."""
+    parsers = []
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: parsers.append(self))
+    train.parse_args([])
+    monkeypatch.undo()
+    return parsers[0]
+
+
+OUT_OF_RANGE = {"at least 1": 0, "at least 0": -1, "greater than 0": 0, "in [0, 1]": 1.5, "in [0, 1)": 1}
+
+
+def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch):
+    parser = train_parser(monkeypatch)
+    numeric = {a.dest for a in parser._actions if a.type in (int, float) and a.choices is None}
+    assert numeric == set(train.FLAG_RANGES)  # a new numeric flag needs its range
+    for name, (must, _) in train.FLAG_RANGES.items():
+        action = next(a for a in parser._actions if a.dest == name)
+        bad = OUT_OF_RANGE.get(must, 12)  # 12: not a multiple of 8 (--resolution)
+        for values in ([bad] * (action.nargs or 1), [0.5, bad]) if action.nargs else ([bad],):
+            flag = "--" + name.replace("_", "-")
+            with pytest.raises(SystemExit, match=f"^train.py: error: {flag} .* is out of range: it must be"):
+                train.main(train.parse_args([*TINY, "--out", str(tmp_path), flag, *map(str, values)]))
+            with pytest.raises(SystemExit, match="non-finite|out of range") if action.type is float else \
+                    contextlib.nullcontext():
+                if action.type is float:
+                    train.resolve_config(train.parse_args([*TINY, flag, *["nan"] * (action.nargs or 1)]))
+    # the issue's examples, as a new user types them: each a one-line error naming the flag and its range
+    for flags, message in [(["--batch-size", "0"], "--batch-size 0 is out of range: it must be at least 1"),
+                           (["--lr", "-1"], "--lr -1 is out of range: it must be greater than 0"),
+                           (["--max-steps", "-5"], "--max-steps -5 is out of range: it must be at least 1"),
+                           (["--ema-decay", "2"], r"--ema-decay 2 is out of range: it must be in \[0, 1\]"),
+                           (["--encoder-depth", "5", "--align", "repa"], "--encoder-depth 5 .*SiT-T/2 has 4 blocks"),
+                           (["--sra-t-range", "0.6", "0.2", "--align", "sra2"], "--sra-t-range 0.6 0.2 is empty")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(train.parse_args([*TINY, "--out", str(tmp_path), *flags]))
+    assert not os.path.exists(tmp_path / "smoke-sara-SiT-T2")  # refused before anything was built or written
+
+
+def test_preempt_signals_flag():
+    assert train.parse_args([]).preempt_signals == ("TERM", "USR1")
+    assert train.parse_args(["--preempt-signals", "sigusr1, term"]).preempt_signals == ("USR1", "TERM")
+    assert train.parse_args(["--preempt-signals", "none"]).preempt_signals == ()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preempt-signals", "KILL"])
+
+
+def test_resume_falls_back_past_an_unreadable_newest_checkpoint(tmp_path):
+    straight = run(tmp_path / "a", "--align", "none", "--max-steps", "6")
+    damaged = run(tmp_path / "b", "--align", "none", "--max-steps", "4")  # checkpoints 2 and 4
+    newest_path = train.checkpoint_paths(damaged)[-1]
+    data = open(newest_path, "rb").read()
+    open(newest_path, "wb").write(data[: len(data) // 3])  # a file cut short by a crash
+    run(tmp_path / "b", "--align", "none", "--max-steps", "6")
+    log = open(os.path.join(damaged, "log.txt")).read()
+    assert "WARNING train: " in log and "0000004.pt is not a readable checkpoint (RuntimeError" in log
+    assert "falling back to the previous checkpoint" in log and "0000002.pt at step 2" in log
+    assert_same_state(newest(straight), newest(damaged))  # resumed from step 2 and continued exactly
+
+
+def inject_non_finite(monkeypatch, bad_batches):
+    """Make the loss NaN on the given global batches (indices of GlobalBatchSampler's stream)."""
+    import losses
+
+    current = {}
+    real_iter, real_loss = train.GlobalBatchSampler.__iter__, losses.velocity_loss
+
+    def tracked(self):
+        for index, rows in enumerate(real_iter(self), start=self.start_step):
+            current["batch"] = index  # num_workers 0: the batch being trained on
+            yield rows
+
+    monkeypatch.setattr(train.GlobalBatchSampler, "__iter__", tracked)
+    monkeypatch.setattr(losses, "velocity_loss", lambda v, target: real_loss(v, target) * (
+        float("nan") if bad_batches(current["batch"]) else 1.0))
+
+
+ROLLBACK = ["--align", "none", "--max-bad-steps", "2", "--log-every", "2", "--keep-ckpts", "10"]
+
+
+def test_nan_burst_rolls_back_and_a_resume_reproduces_it(tmp_path, monkeypatch):
+    """Batches 5 and 6 are non-finite: back to checkpoint 4, batches 4..6 skipped, 10 real steps in the end."""
+    inject_non_finite(monkeypatch, lambda b: b in (5, 6))
+    straight = run(tmp_path / "a", *ROLLBACK, "--max-steps", "10")
+    ckpt = newest(straight)
+    assert ckpt["step"] == 10 and ckpt["batch"] == 13
+    assert ckpt["rollbacks"] == [dict(step=4, first_batch=4, last_batch=6)]
+    assert all(s["step"] == 10 for s in ckpt["opt"]["state"].values())  # the skipped updates were undone too
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4, 4, 6, 8, 10]  # the abandoned step-6 row is gone
+    assert rows[2] == dict(step=4, rollbacks=1, skipped_from_batch=4, skipped_to_batch=6)
+    assert all(r.get("bad_steps", 0) == 0 for r in rows)
+    plain = newest(run(tmp_path / "plain", *ROLLBACK, "--max-steps", "4"))
+    assert_same_state(plain, torch.load(os.path.join(straight, "checkpoints", "0000004.pt"), weights_only=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [5, 6, 7])
+def test_nan_rollback_survives_a_stop_before_during_and_after_the_burst(tmp_path, monkeypatch, stop_at):
+    """Stopped with an end-of-run checkpoint at 5 (not a rollback target), inside the burst, after the rollback."""
+    inject_non_finite(monkeypatch, lambda b: b in (5, 6))
+    straight = run(tmp_path / "a", *ROLLBACK, "--max-steps", "10")
+    run(tmp_path / "b", *ROLLBACK, "--max-steps", str(stop_at))
+    resumed = run(tmp_path / "b", *ROLLBACK, "--max-steps", "10")
+    a, b = newest(straight), newest(resumed)
+    assert a["rollbacks"] == b["rollbacks"] and a["batch"] == b["batch"] == 13
+    assert_same_state(a, b)
+
+
+def test_nan_bursts_stop_after_max_rollbacks(tmp_path, monkeypatch):
+    inject_non_finite(monkeypatch, lambda b: b >= 5)
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row at step 6 after 1 rollbacks .--max-rollbacks."):
+        run(tmp_path, *ROLLBACK, "--max-steps", "10", "--max-rollbacks", "1")
+    run_dir = os.path.join(tmp_path, "smoke-none-SiT-T2")
+    ckpt = newest(run_dir)  # the rollback point, re-saved with the skipped range; nothing newer, nothing NaN
+    assert ckpt["step"] == 4 and ckpt["rollbacks"] == [dict(step=4, first_batch=4, last_batch=6)]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+class FakeWriter:
+    """torch.utils.tensorboard.SummaryWriter stand-in that records add_scalar calls."""
+
+    scalars = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir = log_dir
+
+    def add_scalar(self, tag, value, step):
+        FakeWriter.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    close = flush
+
+
+def test_logging_mirrors_every_metric_and_draws_the_loss_curves(tmp_path, monkeypatch):
+    import types
+
+    import PIL.Image
+
+    logged = []
+    wandb = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=logged.append, finish=lambda: logged.append("finished"), init_kwargs=kw))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setattr(FakeWriter, "scalars", [])
+    drawn = []
+    monkeypatch.setattr(train, "plot_metrics", lambda *paths: drawn.append(paths) or REAL_PLOT(*paths))
+    run_dir = run(tmp_path, "--align", "sara", "--disc-every", "2", "--max-steps", "4", "--wandb", "proj",
+                  "--tensorboard", "1")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert logged == [*rows, "finished"]  # every row, every key, in order
+    assert FakeWriter.scalars == [(k, v, r["step"]) for r in rows for k, v in r.items() if k != "step"]
+    assert {"velocity", "patch", "struc", "adv", "disc_loss", "grad_norm"} <= {k for k, _, _ in FakeWriter.scalars}
+    assert len(drawn) == len(rows) == 2  # redrawn at each log step
+    image = PIL.Image.open(os.path.join(run_dir, "losses.png"))
+    assert image.size == (1024, 192 * 3)  # 4 x 3 panels: 11 keys at 80 dpi
+    # asked for and missing: a one-line error, before anything is built
+    for flag, module in (["--wandb", "proj"], "wandb"), (["--tensorboard", "1"], "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+        with pytest.raises(SystemExit, match=f"{flag[0]} .*needs the .* package, which is not installed: pip install"):
+            run(tmp_path / "missing", *flag)
+
+
+def free_port():
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out, ranks, *flags, launcher=()):
+    """train.py under torchrun (gloo, CPU) with the tiny smoke flags, as a background process logging to out."""
+    os.makedirs(out, exist_ok=True)
+    launcher = launcher or (f"--nproc_per_node={ranks}", f"--master_port={free_port()}")
+    with open(os.path.join(out, "torchrun.log"), "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                                 os.path.join(ROOT, "train.py"), *TINY, *flags, "--out", str(out)],
+                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+
+
+def finished(process, out):
+    """Wait for a torchrun process; its exit code must be 0 (else show its log)."""
+    if process.wait(timeout=900):
+        raise AssertionError(open(os.path.join(out, "torchrun.log")).read()[-3000:])
+
+
+def workers(process):
+    """The pids of torchrun's worker processes, rank order not guaranteed."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+PREEMPT = ["--align", "sara", "--disc-every", "2", "--max-steps", "12", "--ckpt-every", "2", "--log-every", "100"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+def test_preemption_checkpoints_the_current_step_and_resumes_exactly(tmp_path, ranks, sig):
+    """Signal one worker mid-run: every rank stops after the same step, rank 0 checkpoints it, all exit 0."""
+    out = tmp_path / "preempted"
+    run_dir = os.path.join(out, "smoke-sara-SiT-T2")
+    process = torchrun(out, ranks, *PREEMPT)
+    while not os.path.exists(os.path.join(run_dir, "checkpoints", "0000002.pt")):  # mid-run: past step 2
+        assert process.poll() is None, open(os.path.join(out, "torchrun.log")).read()[-3000:]
+        time.sleep(0.2)
+    os.kill(max(workers(process)), sig)  # one rank only (with 2, most likely rank 1): the ranks must agree
+    finished(process, out)
+    stopped = newest(run_dir)
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert 2 <= stopped["step"] < 12 and f"stopped after step {stopped['step']} with a checkpoint" in log
+    finished(torchrun(out, ranks, *PREEMPT), out)  # the same command again continues
+    finished(torchrun(tmp_path / "straight", ranks, *PREEMPT), tmp_path / "straight")  # same threads: exact
+    straight = os.path.join(tmp_path / "straight", "smoke-sara-SiT-T2")
+    a, b = newest(straight), newest(run_dir)
+    assert a["step"] == b["step"] == 12 and b["config"]["world_size"] == ranks
+    assert_same_state(a, b)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two single-process torchrun 'nodes' meeting at a c10d rendezvous on this machine train as one process."""
+    flags = ["--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                "--rdzv-id", "two-nodes")
+    nodes = [torchrun(tmp_path / "nodes", 2, *flags, launcher=launcher) for _ in range(2)]
+    for node in nodes:
+        finished(node, tmp_path / "nodes")
+    one = run(tmp_path / "one", *flags)
+    a, b = newest(one), newest(os.path.join(tmp_path / "nodes", os.path.basename(one)))
+    assert b["config"]["world_size"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+def sync_bn_worker(rank, world, port, x, upstream, result_queue):
+    """One gloo rank: SyncBatchNorm2d on its half of x; returns output, input grad, param grads, statistics."""
+    import torch.distributed as dist
+
+    from discriminator import SyncBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = SyncBatchNorm2d(x.shape[1])
+    bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    xr = x[rows].clone().requires_grad_(True)
+    (bn(xr) * upstream[rows]).sum().backward()
+    tensors = (bn(xr).detach(), xr.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+    result_queue.put((rank, *[t.numpy() for t in tensors]))  # by value: this process may exit before the read
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_gloo_ranks_equals_batchnorm_on_the_whole_batch():
+    """Forward, input gradients and summed parameter gradients match nn.BatchNorm2d on the global batch."""
+    import torch.multiprocessing as mp
+
+    x, upstream = torch.randn(8, 3, 4, 4) * 3 + 1, torch.randn(8, 3, 4, 4)  # (B, C, H, W)
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
+    xg = x.clone().requires_grad_(True)
+    (bn(xg) * upstream).sum().backward()
+    out = bn(xg).detach()  # second forward: the statistics moved twice, as in the workers
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=sync_bn_worker, args=(r, 2, port, x, upstream, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=300) for _ in procs), key=lambda r: r[0])
+    results = [[rank, *map(torch.from_numpy, arrays)] for rank, *arrays in results]
+    for p in procs:
+        p.join()
+    atol = dict(atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat([r[1] for r in results]), out, **atol)
+    assert torch.allclose(torch.cat([r[2] for r in results]), xg.grad, **atol)
+    assert torch.allclose(sum(r[3] for r in results), bn.weight.grad, **atol)  # DDP sums (then averages) these
+    assert torch.allclose(sum(r[4] for r in results), bn.bias.grad, **atol)
+    for r in results:
+        assert torch.allclose(r[5], bn.running_mean, **atol) and torch.allclose(r[6], bn.running_var, **atol)
+
+
+@pytest.mark.slow
+def test_sara_with_disc_sync_bn_two_ranks_equal_one_process(tmp_path):
+    """D's running statistics after a step match one process (per-rank BatchNorm: 0.85 apart after two steps).
+
+    The weights are compared at lr scale only: D's BatchNorm makes some gradients sum to zero, and Adam's
+    first steps turn their rounding noise into +-lr updates, whichever process computes them.
+    """
+    flags = ["--align", "sara", "--disc-every", "1", "--max-steps", "1", "--ckpt-every", "1", "--disc-sync-bn", "1"]
+    finished(torchrun(tmp_path / "ddp", 2, *flags), tmp_path / "ddp")
+    one = run(tmp_path / "one", *flags)
+    a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
+    for k, v in a["disc"].items():
+        if "running" in k:
+            assert torch.allclose(v, b["disc"][k], atol=1e-5, rtol=1e-5), k
+    for key, lr in (("model", 1e-4), ("disc", 2e-4)):
+        for k, v in a[key].items():
+            assert torch.allclose(v.float(), b[key][k].float(), atol=2 * lr, rtol=0), (key, k)
