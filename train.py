@@ -193,7 +193,7 @@ FLAG_RANGES = {
     "num_workers": AT_LEAST_0, "ckpt_every": AT_LEAST_1, "keep_ckpts": AT_LEAST_1, "log_every": AT_LEAST_1,
     "sample_every": AT_LEAST_0, "sample_steps": AT_LEAST_1, "keep_every": AT_LEAST_0, "eval_every": AT_LEAST_0,
     "eval_samples": ("at least 4 (precision/recall use 3 neighbours)", lambda v: v >= 4), "eval_steps": AT_LEAST_1,
-    "eval_cfg": ("at least 1 (1 disables guidance)", lambda v: v >= 1),
+    "eval_cfg": AT_LEAST_1,  # 1 disables guidance
 }
 
 

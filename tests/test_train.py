@@ -24,6 +24,11 @@ def run(tmp_path, *flags):
     return train.main(train.parse_args([*TINY, "--out", str(tmp_path), *flags]))
 
 
+def run_folder(out, *flags):
+    """The folder train.py gives a run of the tiny smoke flags plus flags (its default run name) under out."""
+    return os.path.join(out, train.resolve_config(train.parse_args([*TINY, *flags]))["run_name"])
+
+
 def newest(run_dir):
     """The newest checkpoint of a run, loaded."""
     return torch.load(train.checkpoint_paths(run_dir)[-1], weights_only=True)
@@ -184,7 +189,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "velocity_loss", lambda v, target: real(v, target) * float("nan"))
     with pytest.raises(SystemExit, match="3 non-finite steps in a row at step 3"):
         run(tmp_path, "--align", "repa", "--max-steps", "10", "--max-bad-steps", "3")
-    run_dir = os.path.join(tmp_path, "smoke-repa-SiT-T2")
+    run_dir = run_folder(tmp_path, "--align", "repa", "--max-bad-steps", "3")
     ckpt = newest(run_dir)  # written at step 2, before the stop: skipped steps left the weights untouched
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -237,7 +242,8 @@ def train_parser(monkeypatch):
     return parsers[0]
 
 
-OUT_OF_RANGE = {"at least 1": 0, "at least 0": -1, "greater than 0": 0, "in [0, 1]": 1.5, "in [0, 1)": 1}
+OUT_OF_RANGE = {"at least 1": 0, "at least 0": -1, "greater than 0": 0, "in [0, 1]": 1.5, "in [0, 1)": 1,
+                "at least 4 (precision/recall use 3 neighbours)": 3}
 
 
 def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch):
@@ -264,7 +270,7 @@ def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch):
                            (["--sra-t-range", "0.6", "0.2", "--align", "sra2"], "--sra-t-range 0.6 0.2 is empty")]:
         with pytest.raises(SystemExit, match=message):
             train.main(train.parse_args([*TINY, "--out", str(tmp_path), *flags]))
-    assert not os.path.exists(tmp_path / "smoke-sara-SiT-T2")  # refused before anything was built or written
+    assert not os.listdir(tmp_path)  # refused before anything was built or written
 
 
 def test_preempt_signals_flag():
@@ -342,7 +348,7 @@ def test_nan_bursts_stop_after_max_rollbacks(tmp_path, monkeypatch):
     inject_non_finite(monkeypatch, lambda b: b >= 5)
     with pytest.raises(SystemExit, match="2 non-finite steps in a row at step 6 after 1 rollbacks .--max-rollbacks."):
         run(tmp_path, *ROLLBACK, "--max-steps", "10", "--max-rollbacks", "1")
-    run_dir = os.path.join(tmp_path, "smoke-none-SiT-T2")
+    run_dir = run_folder(tmp_path, *ROLLBACK, "--max-rollbacks", "1")
     ckpt = newest(run_dir)  # the rollback point, re-saved with the skipped range; nothing newer, nothing NaN
     assert ckpt["step"] == 4 and ckpt["rollbacks"] == [dict(step=4, first_batch=4, last_batch=6)]
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -433,7 +439,7 @@ PREEMPT = ["--align", "sara", "--disc-every", "2", "--max-steps", "12", "--ckpt-
 def test_preemption_checkpoints_the_current_step_and_resumes_exactly(tmp_path, ranks, sig):
     """Signal one worker mid-run: every rank stops after the same step, rank 0 checkpoints it, all exit 0."""
     out = tmp_path / "preempted"
-    run_dir = os.path.join(out, "smoke-sara-SiT-T2")
+    run_dir = run_folder(out, *PREEMPT)
     process = torchrun(out, ranks, *PREEMPT)
     while not os.path.exists(os.path.join(run_dir, "checkpoints", "0000002.pt")):  # mid-run: past step 2
         assert process.poll() is None, open(os.path.join(out, "torchrun.log")).read()[-3000:]
@@ -445,7 +451,7 @@ def test_preemption_checkpoints_the_current_step_and_resumes_exactly(tmp_path, r
     assert 2 <= stopped["step"] < 12 and f"stopped after step {stopped['step']} with a checkpoint" in log
     finished(torchrun(out, ranks, *PREEMPT), out)  # the same command again continues
     finished(torchrun(tmp_path / "straight", ranks, *PREEMPT), tmp_path / "straight")  # same threads: exact
-    straight = os.path.join(tmp_path / "straight", "smoke-sara-SiT-T2")
+    straight = run_folder(tmp_path / "straight", *PREEMPT)
     a, b = newest(straight), newest(run_dir)
     assert a["step"] == b["step"] == 12 and b["config"]["world_size"] == ranks
     assert_same_state(a, b)
