@@ -157,7 +157,11 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
 
     # One generator step on the projector tokens alone, through training_losses' adversarial term.
     h = h0.clone().requires_grad_(True)
-    model = lambda x, t, y, drop=None: SiTOutput(torch.ones_like(x), [h], None)  # noqa: E731
+
+    def model(x, t, y, drop=None):
+        """A stand-in SiT whose projector output is the leaf h."""
+        return SiTOutput(torch.ones_like(x), [h], None)
+
     x0 = torch.randn(8, 4, 2, 2)
     align = L.align_config("none", adv_weight=1.0)
     noise = L.draw_noise(8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(3))
@@ -165,9 +169,9 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
     out.terms["adv"].backward()
     assert all(p.grad is None or not p.grad.any() for p in disc.parameters())  # D is fixed here
     with torch.no_grad():
-        moved = disc(L.tokens_to_map(h0 - 5.0 * h.grad))  # (B,)
-    # D's verdict on the moved tokens moves toward its verdict on the encoder's (the gap closes by ~0.1).
-    assert (real.mean() - moved.mean()) < (real.mean() - fake.mean()) - 0.02, (moved.mean(), fake.mean())
+        moved = disc(L.tokens_to_map(h0 - 20.0 * h.grad))  # (B,) one SGD step
+    # D's verdict on every moved sample rises toward its verdict on the encoder's tokens (by 0.27 to 0.5 here).
+    assert (moved - fake).min() > 0.1 and moved.max() < real.min(), (moved, fake)
 
 
 def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
