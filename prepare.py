@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import distributed
+import cluster
 import vae as vae_lib
-from atomic import write_atomic
+from cluster import write_atomic
 from data import supported_ext
 
 log = logging.getLogger("prepare")
@@ -155,7 +155,7 @@ def main(args):
     check_flags(args)
     paths, labels, classes = list_source(args.source, args.max_images)
     # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
-    rank, world, device = distributed.init(args.device, timeout=datetime.timedelta(hours=24))
+    rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")
     mine = range(rank, len(paths), world)  # strided shard: every rank gets a spread of classes
     pending = [(i, os.path.join(args.source, paths[i])) for i in mine
@@ -182,14 +182,14 @@ def main(args):
                 write_atomic(os.path.join(latents_dir, output_names(i)[1]), lambda f: np.save(f, m))
             bar.update(len(indices))
         bar.close()
-    distributed.barrier(world)  # every shard on disk before the labels name them
+    cluster.barrier(world)  # every shard on disk before the labels name them
     if rank == 0:
         names = [output_names(i) for i in range(len(paths))]
         meta = {"num_classes": len(classes), "classes": classes, "vae": args.vae}  # extra keys; REPA reads "labels"
         for d, k in ((images_dir, 0), (latents_dir, 1)):
             write_json(os.path.join(d, "dataset.json"), {"labels": [[n[k], y] for n, y in zip(names, labels)], **meta})
         log.info("wrote %d images and latents to %s", len(paths), args.dest)
-    distributed.close(world)
+    cluster.close(world)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import distributed
+import cluster
 import losses
-from atomic import write_atomic
+from cluster import write_atomic
 from model import SIZES, SiT, size_config
 from vae import decode, load_vae, to_uint8
 
@@ -361,11 +361,11 @@ def write_samples(model, vae, args, device, rank, world):
     os.makedirs(folder, exist_ok=True)
     if rank == 0:  # rank 0 vets the folder and records the settings before the others compare with them
         check_settings(folder, run_settings(args), rank)
-    distributed.barrier(world)
+    cluster.barrier(world)
     if rank:
         check_settings(folder, run_settings(args), rank)
     todo = sorted(set(range(args.num_samples)) - written_indices(folder))
-    distributed.barrier(world)  # every rank listed the folder before any rank writes into it
+    cluster.barrier(world)  # every rank listed the folder before any rank writes into it
     mine = todo[rank::world]
     bar = tqdm(total=len(mine), desc=f"sampling (rank 0 of {world})", disable=rank != 0)
     for start in range(0, len(mine), args.batch_size):
@@ -374,7 +374,7 @@ def write_samples(model, vae, args, device, rank, world):
             write_atomic(os.path.join(folder, f"{i:06d}.png"), lambda f: Image.fromarray(image).save(f, format="PNG"))
         bar.update(len(batch))
     bar.close()
-    distributed.barrier(world)  # all shares are on disk
+    cluster.barrier(world)  # all shares are on disk
     if rank == 0:
         write_npz(folder, args.num_samples, args.out)
 
@@ -388,7 +388,7 @@ def setup(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.num_samples is None:
         fail("the grid is made by one process: run without torchrun, or give --num-samples")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    return distributed.init(args.device)
+    return cluster.init(args.device)
 
 
 def parse_labels(text):
@@ -480,7 +480,7 @@ def main(args):
     if args.ckpt == repa_path() and not os.path.exists(args.ckpt):
         if rank == 0:  # one download; torchrun stops the other ranks if it fails
             download_repa(args.ckpt)
-        distributed.barrier(world)
+        cluster.barrier(world)
     ckpt = read_checkpoint(args.ckpt)
     model = build_model(ckpt, args.ckpt, args.weights)
     run_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
@@ -503,7 +503,7 @@ def main(args):
         write_grid(model, vae, args, device)
     else:
         write_samples(model, vae, args, device, rank, world)
-    distributed.close(world)
+    cluster.close(world)
 
 
 if __name__ == "__main__":

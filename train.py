@@ -10,7 +10,6 @@ back to the newest checkpoint before it (--max-rollbacks).
 """
 
 import argparse
-import contextlib
 import copy
 import functools
 import importlib
@@ -31,11 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-import distributed
+import cluster
 import fid
 import losses
 import sample
-from atomic import write_atomic
+from cluster import write_atomic
 from data import LatentImageDataset, SyntheticDataset
 from discriminator import build_discriminator, is_disc_step
 from encoders import TINY_RANDOM, load_encoders
@@ -44,6 +43,7 @@ from sample import LATENT_RANGE, euler_maruyama, guided_velocity, tile
 from vae import decode, load_vae, sample_latent, to_uint8
 
 log = logging.getLogger("train")
+fail = cluster.failer("train.py")
 SYNTHETIC = "synthetic"  # --data-dir value for the built-in procedural dataset
 
 # ----------------------------------------------------------------------------------------------
@@ -66,29 +66,6 @@ RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "ke
                      "preempt_signals", "max_rollbacks", "wandb", "tensorboard"}
 METRICS = "metrics.jsonl"
 LOSS_CURVES = "losses.png"
-
-
-def fail(msg):
-    """Stop with a one-line error (what was wrong and what to do), never a traceback."""
-    raise SystemExit(f"train.py: error: {msg}")
-
-
-@contextlib.contextmanager
-def pretrained_or_fail(what):
-    """Turn a failed download, a missing local file or an unknown name into a one-line error naming the flag."""
-    try:
-        yield
-    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors are OSError / RuntimeError
-        fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-
-
-def signal_names(text):
-    """--preempt-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
-    names = () if text.lower() == "none" else tuple(n.strip().upper().removeprefix("SIG") for n in text.split(","))
-    for name in names:
-        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in ("KILL", "STOP"):
-            raise argparse.ArgumentTypeError(f"{name} is not a signal a process can catch; use e.g. TERM,USR1 or none")
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +306,7 @@ def load_run_checkpoint(paths, cfg, world):
             why = f"{paths[i]} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             log.warning("%s; falling back to the previous checkpoint", why)
             error = error or why
-    agreed = distributed.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
+    agreed = cluster.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
     if agreed < 0:
         fail(f"{error or 'another rank read no checkpoint'} and no older one is readable; "
              "delete the run folder's checkpoints/ to start over")
@@ -431,7 +408,7 @@ class Run:
 def build_run(cfg, num_classes, device, world):
     """Model, EMA, optimizers, scalers, encoders and discriminator from a resolved config."""
     align = losses.AlignConfig(**cfg["align_config"])
-    with pretrained_or_fail("--enc-type " + cfg["enc_type"]):
+    with cluster.failing(fail, "--enc-type " + cfg["enc_type"]):
         encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
                     if align.needs_encoder else [])
     size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("encoder_depth", "sra_depth")}
@@ -459,7 +436,7 @@ def build_run(cfg, num_classes, device, world):
         forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
     )
     if align.adv_weight:
-        with pretrained_or_fail("the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
+        with cluster.failing(fail, "the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
             disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
                                                      cfg["disc_lr"], tuple(cfg["disc_betas"]),
                                                      sync_bn=bool(cfg.get("disc_sync_bn")))
@@ -512,13 +489,13 @@ def train_step(run, cfg, align, batch, step, rows):
 
 def main(args):
     """Train with the --preempt-signals caught (the previous handlers come back after); returns the run folder."""
-    with distributed.stop_signals(args.preempt_signals) as stop:
+    with cluster.stop_signals(args.preempt_signals) as stop:
         return run_training(args, stop)
 
 
 def run_training(args, stop):
     """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
-    rank, world, device = distributed.init()
+    rank, world, device = cluster.init()
     cfg = resolve_config(args, world)
     run_dir = os.path.join(cfg["out"], cfg["run_name"])
     setup_logging(run_dir, rank)
@@ -554,7 +531,7 @@ def run_training(args, stop):
         metrics = MetricsLog(run_dir, cfg, step)
     vae = None
     if (rank == 0 and cfg["sample_every"] or cfg["eval_every"]) and cfg["vae"] != "none":
-        with pretrained_or_fail(f"--vae {cfg['vae']}"):
+        with cluster.failing(fail, f"--vae {cfg['vae']}"):
             vae = load_vae(cfg["vae"], device)
     evaluator = build_evaluator(cfg, run_dir, rank, world, device) if cfg["eval_every"] else None
 
@@ -564,7 +541,7 @@ def run_training(args, stop):
                                                   batch_index),
         num_workers=cfg["num_workers"], pin_memory=device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
         generator=torch.Generator(),  # a private generator: iterating never touches the global RNG
-        worker_init_fn=functools.partial(distributed.ignore_signals, cfg["preempt_signals"]))  # main process decides
+        worker_init_fn=functools.partial(cluster.ignore_signals, cfg["preempt_signals"]))  # main process decides
     rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
     stats, t_last = {}, time.time()
     run.model.train()
@@ -607,7 +584,7 @@ def run_training(args, stop):
     bar.close()
     if metrics is not None:
         metrics.close()
-    distributed.close(world)
+    cluster.close(world)
     return run_dir
 
 
@@ -642,7 +619,7 @@ class Evaluator:
 
 def build_evaluator(config, run_dir, rank, world, device):
     """Load fid.py's Inception; rank 0 reads the reference's features, from a cache in the run folder after once."""
-    with pretrained_or_fail("the FID Inception weights (give a local file with --eval-weights)"):
+    with cluster.failing(fail, "the FID Inception weights (give a local file with --eval-weights)"):
         sha256 = "" if config.get("eval_weights") else fid.WEIGHTS_SHA256  # a given file is used, and named
         inception, digest = fid.load_inception(config.get("eval_weights"), sha256, device)
     if digest != fid.WEIGHTS_SHA256:
@@ -657,7 +634,7 @@ def build_evaluator(config, run_dir, rank, world, device):
             with np.load(cache) as c:
                 ref = fid.Features(torch.from_numpy(c["pool"]), None, (c["mu"], c["sigma"]), (c["mu_s"], c["sigma_s"]))
         else:
-            with pretrained_or_fail(f"--eval-ref {path}"):
+            with cluster.failing(fail, f"--eval-ref {path}"):
                 images = fid.ImageSet(path)
                 feats = fid.extract_features(inception, images.batches(64), device, images.n_batches(64))
                 pool_stats, spatial_stats = fid.read_npz_stats(path)  # ADM's own mu / sigma first, as fid.py
@@ -665,7 +642,7 @@ def build_evaluator(config, run_dir, rank, world, device):
             arrays = dict(key=key, pool=ref.pool.numpy(), mu=ref.pool_stats[0], sigma=ref.pool_stats[1],
                           mu_s=ref.spatial_stats[0], sigma_s=ref.spatial_stats[1])
             write_atomic(cache, lambda f: np.savez(f, **arrays))
-    distributed.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
+    cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
     path = os.path.join(run_dir, METRICS)
     done = {row["step"] for row in map(json.loads, open(path)) if "fid" in row} if os.path.exists(path) else set()
     return Evaluator(inception, digest, ref, done)
@@ -718,7 +695,7 @@ def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
                  config["eval_samples"], row["fid"], row["sfid"], row["inception_score"], precision, recall,
                  row["eval_sec"])
         metrics.write(row)
-    distributed.barrier(world)
+    cluster.barrier(world)
 
 
 def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, device, rank, world):
@@ -783,7 +760,7 @@ def save_checkpoint(run_dir, cfg, step, run, device, rank, world, **extra):
             if not (cfg["keep_every"] and int(os.path.basename(old)[:-3]) % cfg["keep_every"] == 0):  # kept for good
                 os.remove(old)
         log.info("saved %s", path)
-    distributed.barrier(world)
+    cluster.barrier(world)
 
 
 def trim_metrics(path, step):

@@ -1,4 +1,9 @@
-"""Process groups for train.py, sample.py and prepare.py: one process per GPU under torchrun, else one process."""
+"""What every script needs to run on a cluster: torchrun process groups, preemption signals, durable
+atomic writes, and one way to stop on bad input.
+
+train.py, sample.py, prepare.py and analysis.py use it; fid.py keeps its own small copies so that it
+stays a self-contained evaluator.
+"""
 
 import contextlib
 import datetime
@@ -7,6 +12,32 @@ import signal
 
 import torch
 import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------
+# One way to fail: a one-line error that says what was wrong and what to do, never a traceback
+
+
+def failer(script):
+    """The script's fail(msg): raise SystemExit('script: error: msg'), argparse's format."""
+
+    def fail(msg):
+        """Stop with a one-line error (what was wrong and what to do)."""
+        raise SystemExit(f"{script}: error: {msg}")
+
+    return fail
+
+
+@contextlib.contextmanager
+def failing(fail, what):
+    """Turn a failed download, a missing or foreign file or an unknown name inside into fail(what: reason)."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors are OSError / RuntimeError
+        fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Process groups: one process per GPU under torchrun, else one process
 
 _host_group = None  # gloo group for host-side agreement (stop flags, checkpoint choice): never waits on a GPU
 
@@ -85,3 +116,42 @@ def close(world):
     """Tear the process group down at the end of a distributed run."""
     if world > 1:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Durable writes: a reader never sees a half-written file, a power cut never leaves an empty one
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, write):
+    """Create path through write(binary file object) under a temporary name beside it, then rename it in.
+
+    The temporary name ends in .tmp, so folder scans for .png / .npy / .pt never pick it up, and an
+    interrupted write leaves at worst a stray .tmp file, never a truncated output. The data is fsynced
+    before the rename and the folder after it, so after a power cut path holds either the old or the
+    new file, never an empty or partial one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_folder(folder)
+    finally:
+        if os.path.exists(tmp):  # write() failed: drop the partial file
+            os.remove(tmp)
