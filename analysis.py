@@ -334,6 +334,9 @@ def compute_metrics(store, grams, args, depth, num_classes, device):
     enc_nn, enc_q, enc_top1 = analyse(store["encoder"])
     out = {"cknna": {}, "linear_probe": {"encoder": enc_top1, "chance": 1 / num_classes}, "clamp_q_val": {
         "encoder": enc_q}}
+    # The encoder against itself: 1 but for the authors' 1e-6 in the denominator, which weighs more as N grows
+    # (the masked HSICs shrink like k / N); every score above is biased down by about the same factor.
+    out["cknna_ceiling"] = cknna_from_neighbours(enc_nn, enc_nn)
     for t in args.t:
         k = t_key(t)
         rows = [analyse(store[f"blocks_t{k}"][b]) for b in range(depth)]
@@ -359,7 +362,7 @@ def save_figure(fig, path):
     """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
 
 
@@ -376,7 +379,7 @@ def pyplot():
 def plot_curves(metrics, key, ylabel, title, tap, path, reference=None):
     """One curve per t of metrics[key][t]['blocks'] over the blocks; the projector as a marker at the tap."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
     for t, row in metrics[key].items():
         if not isinstance(row, dict):
             continue
@@ -405,8 +408,8 @@ def plot_autocorrelation(images, columns, path):
     """
     plt = pyplot()
     rows = [(i, frac) for i in range(len(images)) for frac in REF_PATCHES]
-    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(1.6 * (1 + len(columns)), 1.6 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(1.3 * (1 + len(columns)), 1.3 * len(rows)),
+                             squeeze=False, layout="constrained")
     size = images.shape[-1]
     for r, (i, frac) in enumerate(rows):
         axes[r, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -417,7 +420,7 @@ def plot_autocorrelation(images, columns, path):
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
             ax.imshow(heat, cmap="jet", alpha=0.55, vmin=-1, vmax=1, extent=(0, size, size, 0), interpolation="nearest")
             cell = size / g
-            ax.add_patch(plt.Rectangle((pc * cell, pr * cell), cell, cell, fill=True, color="black"))
+            ax.add_patch(plt.Rectangle((pc * cell, pr * cell), cell, cell, fill=False, color="black", lw=1.5))
             if r == 0:
                 ax.set_title(title, fontsize=7)
     axes[0, 0].set_title("image", fontsize=7)
@@ -431,7 +434,7 @@ def plot_autocorrelation(images, columns, path):
 def plot_spectra(svd, path):
     """SARA Fig. 2b: normalised singular-value energy of each representation, top-50 share in the legend."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
     for name, s in svd.items():
         ax.plot(range(1, len(s["spectrum"]) + 1), s["spectrum"],
                 label=f"{name}: top-{TOP_SINGULAR} {100 * s[f'top{TOP_SINGULAR}_share']:.1f}%")
@@ -462,8 +465,8 @@ def plot_pca(images, x0, per_t, blocks, ts, path):
     vae_rgb, vae_var = pca_rgb(x0.flatten(2).transpose(1, 2))  # latent pixels as tokens (B, h w, C)
     panels = {(t, blk): pca_rgb(kept[blk]) for t, (_, kept, _) in zip(ts, per_t) for blk in blocks}
     n_img, cols = len(images), 1 + len(blocks)
-    fig, axes = plt.subplots(n_img * (1 + len(ts)), cols, figsize=(1.3 * cols, 1.3 * n_img * (1 + len(ts))),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_img * (1 + len(ts)), cols, figsize=(1.1 * cols, 1.1 * n_img * (1 + len(ts))),
+                             squeeze=False, layout="constrained")
     for i in range(n_img):
         top = i * (1 + len(ts))
         axes[top, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -572,13 +575,13 @@ def setup(args, device):
         fail(f"projector {args.projector} outputs {z_dims[args.projector]} dims but {args.enc_type} gives "
              f"{encoder.embed_dim}: pass the encoder the model was trained with (--enc-type)")
     dataset = build_dataset(args, resolution)
-    random_parts = list(config.get("random_components", []))
+    random_parts = [f"training run: {part}" for part in config.get("random_components", [])]
     random_parts += [f"data ({SYNTHETIC})"] if dataset.synthetic else []
     random_parts += [f"data latents (VAE {TINY_RANDOM})"] if getattr(dataset, "vae", None) == TINY_RANDOM else []
     random_parts += [f"encoder ({encoder.name})"] if not encoder.pretrained else []
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; these numbers mean nothing", part)
-    return model.to(device), encoder, dataset, sorted(set(random_parts))
+    return model.to(device), encoder, dataset, random_parts
 
 
 def parse_args(argv=None):
