@@ -4,6 +4,8 @@ singular-value energy, and a smoke checkpoint producing every figure and the JSO
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from data import SyntheticDataset
 from encoders import load_encoders
 from sample import load_checkpoint
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def brute_force_cknna(x, y, k):
     """CKNNA written from its definition with Python loops: kernels of L2-normalised rows, each row's k nearest
@@ -175,6 +178,24 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_ckpt, tmp_path):
     for i in (0, 7, 23):
         assert np.allclose(stored[i], encoder(dataset[i][0][None]).mean(dim=1)[0].numpy(), atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "features" / "labels.npy"), np.arange(24) % 10)
+
+
+@pytest.mark.slow
+def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, tmp_path):
+    """Two CPU ranks (gloo) write disjoint rows of the same features: every metric equals the one-process run."""
+    single = analysis.main(smoke_args(smoke_ckpt, tmp_path / "one", "--figure-images", "1"))
+    flags = [str(a) for a in ["--ckpt", smoke_ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25",
+                              "0.75", "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3",
+                              "--figure-images", "1", "--out", tmp_path / "two"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "analysis.py", *flags],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    sharded = json.loads((tmp_path / "two" / "analysis.json").read_text())
+    assert sharded["world_size"] == 2
+    for key in ("cknna", "linear_probe", "clamp_q_val", "cknna_ceiling"):
+        assert sharded[key] == json.loads(json.dumps(single[key])), key
+    for name, energy in single["svd_energy"].items():  # fp32 Gram sums in another order: equal to rounding
+        assert sharded["svd_energy"][name]["spectrum"] == pytest.approx(energy["spectrum"], abs=1e-7)
 
 
 @pytest.mark.parametrize("flags,message", [(["--t", "1.5"], "times lie in"), (["--num-images", "8"], "needs more than"),
