@@ -630,6 +630,8 @@ def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world, device = distributed.init(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact kernels for the metrics
+    if args.num_images < world:
+        fail(f"--num-images {args.num_images} is fewer than the {world} processes; use fewer processes")
     model, encoder, dataset, random_parts = setup(args, device)
     depth, hidden = len(model.blocks), model.config["hidden_size"]
     folder = os.path.join(args.out, "features")
