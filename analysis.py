@@ -380,16 +380,16 @@ def plot_curves(metrics, key, ylabel, title, tap, path, reference=None):
     """One curve per t of metrics[key][t]['blocks'] over the blocks; the projector as a marker at the tap."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
-    for t, row in metrics[key].items():
-        if not isinstance(row, dict):
-            continue
-        line, = ax.plot(range(1, len(row["blocks"]) + 1), row["blocks"], marker="o", ms=3, label=f"t = {t}")
+    curves = {t: row for t, row in metrics[key].items() if isinstance(row, dict)}  # skip 'encoder', 'chance'
+    depth = len(next(iter(curves.values()))["blocks"])
+    for t, row in curves.items():
+        line, = ax.plot(range(1, depth + 1), row["blocks"], marker="o", ms=3, label=f"t = {t}")
         if row.get("projector") is not None:
             ax.plot([tap], [row["projector"]], marker="*", ms=12, color=line.get_color(), ls="none")
     ax.axvline(tap, color="grey", ls=":", lw=1, label=f"tap (block {tap}); * projector")
     if reference is not None:
         ax.axhline(reference[1], color="black", ls="--", lw=1, label=reference[0])
-    ax.set(xlabel="SiT block", ylabel=ylabel, title=title)
+    ax.set(xlabel="SiT block", ylabel=ylabel, title=title, xticks=range(1, depth + 1, max(1, depth // 14)))
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
@@ -426,7 +426,7 @@ def plot_autocorrelation(images, columns, path):
     axes[0, 0].set_title("image", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle("SARA Fig. 2a: autocorrelation row of the black reference patch (cosine, -1 blue .. 1 red)",
+    fig.suptitle("SARA Fig. 2a: autocorrelation row of the outlined reference patch (cosine, -1 blue .. 1 red)",
                  fontsize=8)
     save_figure(fig, path)
 
