@@ -155,9 +155,16 @@ def test_hooks_capture_the_tap_the_projector_reads(smoke_ckpt):
     assert torch.allclose(pooled[model.encoder_depth - 1], tap.mean(dim=1))
 
 
+@pytest.fixture(scope="module")
+def smoke_run(smoke_ckpt, tmp_path_factory):
+    """analysis.py on the smoke checkpoint in one process: (returned dict, output folder)."""
+    out = tmp_path_factory.mktemp("analysis")
+    return analysis.main(smoke_args(smoke_ckpt, out, "--keep-features")), out
+
+
 @pytest.mark.slow
-def test_smoke_checkpoint_writes_every_figure_and_number(smoke_ckpt, tmp_path):
-    result = analysis.main(smoke_args(smoke_ckpt, tmp_path, "--keep-features"))
+def test_smoke_checkpoint_writes_every_figure_and_number(smoke_run):
+    result, tmp_path = smoke_run
     for name in ("cknna", "linear_probe", "sara_fig2a", "sara_fig2b", "sra2_fig2"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "analysis.json").read_text())
@@ -181,12 +188,12 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, tmp_path):
+def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, smoke_run, tmp_path):
     """Two CPU ranks (gloo) write disjoint rows of the same features: every metric equals the one-process run."""
-    single = analysis.main(smoke_args(smoke_ckpt, tmp_path / "one", "--figure-images", "1"))
+    single = smoke_run[0]
     flags = [str(a) for a in ["--ckpt", smoke_ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25",
                               "0.75", "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3",
-                              "--figure-images", "1", "--out", tmp_path / "two"]]
+                              "--figure-images", "2", "--out", tmp_path / "two"]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "analysis.py", *flags],
                    cwd=ROOT, env=env, check=True, capture_output=True)
