@@ -1,6 +1,7 @@
 """analysis.py: CKNNA against closed forms and a brute-force reading of its definition, the linear probe, the
 singular-value energy, and a smoke checkpoint producing every figure and the JSON."""
 
+import argparse
 import json
 import math
 import os
@@ -185,6 +186,18 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_run):
     for i in (0, 7, 23):
         assert np.allclose(stored[i], encoder(dataset[i][0][None]).mean(dim=1)[0].numpy(), atol=1e-6)
     assert np.array_equal(np.load(tmp_path / "features" / "labels.npy"), np.arange(24) % 10)
+
+
+def test_official_repa_checkpoint_names_its_encoder_and_path(smoke_ckpt, tmp_path):
+    """REPA's {model, ema, opt, args, steps} file: encoder and interpolant come from its argparse args."""
+    ema = torch.load(smoke_ckpt, weights_only=True)["ema"]
+    repa_args = argparse.Namespace(model="SiT-T/2", enc_type="tiny-random", path_type="linear", encoder_depth=2)
+    path = tmp_path / "repa.pt"
+    torch.save({"model": ema, "ema": ema, "opt": {}, "args": repa_args, "steps": 2}, path)
+    args = smoke_args(str(path), tmp_path)
+    model, encoder, _, random_parts = analysis.setup(args, torch.device("cpu"))
+    assert (args.enc_type, args.path, args.projector, model.encoder_depth) == ("tiny-random", "linear", 0, 2)
+    assert encoder.embed_dim == model.config["z_dims"][0] and "encoder (tiny-random)" in random_parts
 
 
 @pytest.mark.slow
