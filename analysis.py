@@ -103,8 +103,8 @@ def hsic_unbiased(rows, cols, a, b, m):
     a, b = a.double(), b.double()
     key, key_t = rows * m + cols, cols * m + rows  # entry (i, j) and its transpose (j, i) as one integer
     order = key.argsort()
-    pos = torch.searchsorted(key[order], key_t).clamp(max=max(len(key) - 1, 0))
-    hit = key[order][pos] == key_t if len(key) else key_t.bool()  # (j, i) is in the support too
+    pos = torch.searchsorted(key[order], key_t).clamp(max=len(key) - 1)
+    hit = key[order][pos] == key_t  # (j, i) is in the support too
     trace = (a[hit] * b[order[pos[hit]]]).sum()  # sum_ij A_ij B_ji
     col_a = torch.zeros(m, dtype=a.dtype, device=a.device).index_add_(0, cols, a)  # 1^T A
     row_b = torch.zeros(m, dtype=b.dtype, device=b.device).index_add_(0, rows, b)  # B 1
