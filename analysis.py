@@ -7,7 +7,8 @@
 Features: each image's SD-VAE latent x0 is noised with the training interpolant at every --t (fixed per-image noise,
 the null class as REPA's authors do, so no label leaks in); forward hooks on model.blocks record the hidden state
 after every block, the model returns the projector output at the tap; the frozen encoder sees the clean image.
-Mean-pooled features of every image go to memory-mapped files under --out (sharded over torchrun ranks); the
+Mean-pooled features of every image go to memory-mapped files under --out (each torchrun rank writes its share, so
+the ranks must see the same --out); the
 token-level Gram matrices for the spectra are accumulated on the fly, so memory stays bounded at 50k images.
 Then rank 0 computes, and writes analysis.json plus one PNG per figure:
   cknna.png         CKNNA (Huh et al. 2024, k=10) of every SiT block vs the encoder, one curve per t (REPA Fig. 2/3)
@@ -554,8 +555,14 @@ def setup(args, device):
     except SystemExit as e:
         fail(str(e))
     config, repa_args = checkpoint_meta(args.ckpt)
-    args.path = config.get("align_config", {}).get("path") or getattr(repa_args, "path_type", "linear")
-    args.enc_type = args.enc_type or config.get("enc_type") or getattr(repa_args, "enc_type", None) or "dinov2-vit-b"
+    args.path = config.get("align_config", {}).get("path") or getattr(repa_args, "path_type", None)
+    if args.path is None:
+        log.warning("%s records no interpolant: assuming the linear path (REPA's default)", args.ckpt)
+        args.path = "linear"
+    args.enc_type = args.enc_type or config.get("enc_type") or getattr(repa_args, "enc_type", None)
+    if args.enc_type is None:
+        log.warning("%s records no encoder and --enc-type is not given: using dinov2-vit-b (REPA's)", args.ckpt)
+        args.enc_type = "dinov2-vit-b"
     if not args.use_labels and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         fail("the model has no null class (trained without label dropout): pass --use-labels")
     resolution = model.config["input_size"] * 8
