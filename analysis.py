@@ -8,8 +8,8 @@ Features: each image's SD-VAE latent x0 is noised with the training interpolant 
 the null class as REPA's authors do, so no label leaks in); forward hooks on model.blocks record the hidden state
 after every block, the model returns the projector output at the tap; the frozen encoder sees the clean image.
 Mean-pooled features of every image go to memory-mapped files under --out (each torchrun rank writes its share, so
-the ranks must see the same --out); the
-token-level Gram matrices for the spectra are accumulated on the fly, so memory stays bounded at 50k images.
+the ranks must see the same --out); the token-level Gram matrices for the spectra are accumulated on the fly, so
+memory stays bounded at 50k images.
 Then rank 0 computes, and writes analysis.json plus one PNG per figure:
   cknna.png         CKNNA (Huh et al. 2024, k=10) of every SiT block vs the encoder, one curve per t (REPA Fig. 2/3)
   linear_probe.png  top-1 of a BatchNorm + Linear probe per block on a held-out split (REPA Table 2, issue #32)
