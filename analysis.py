@@ -1,7 +1,7 @@
 """What alignment does to a SiT's representation: REPA's CKNNA and linear probe, SARA Fig. 2, SRA^2 Fig. 2.
 
     python analysis.py --ckpt runs/x/checkpoints/0400000.pt --data-dir data/imagenet256 --out analysis/x
-    torchrun --nproc_per_node 8 analysis.py --ckpt last.pt --data-dir data/imagenet256 --num-images 50000 --out analysis/x
+    torchrun --nproc_per_node 8 analysis.py --ckpt last.pt --data-dir data/imagenet256 --num-images 50000 --out a/x
     python analysis.py --ckpt tiny.pt --data-dir synthetic --enc-type tiny-random --num-images 64 --out /tmp/a  # CPU
 
 Features: each image's SD-VAE latent x0 is noised with the training interpolant at every --t (fixed per-image noise,
@@ -350,8 +350,8 @@ def compute_metrics(store, grams, args, depth, num_classes, device):
             out["linear_probe"][k]["projector"] = p_top1
             out["clamp_q_val"][k]["projector"] = p_q
     bar.close()
-    out["svd_energy"] = {name: {f"top{TOP_SINGULAR}_share": top_energy_share(g),
-                                "spectrum": spectrum(g)[:SPECTRUM_POINTS].tolist()} for name, g in sorted(grams.items())}
+    out["svd_energy"] = {name: {f"top{TOP_SINGULAR}_share": top_energy_share(g), "spectrum":
+                                spectrum(g)[:SPECTRUM_POINTS].tolist()} for name, g in sorted(grams.items())}
     return out
 
 

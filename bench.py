@@ -257,7 +257,7 @@ def main(args):
 
 
 def cknna_table(args):
-    """Seconds of analysis.py's CKNNA for --cknna-samples images x --cknna-blocks blocks vs one encoder; returns rows."""
+    """Seconds of analysis.py's CKNNA, --cknna-samples images x --cknna-blocks blocks vs one encoder; returns rows."""
     import analysis
 
     torch.set_num_threads(args.threads)
