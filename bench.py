@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
+import analysis
 import losses
 import sample
 import train
@@ -258,8 +259,6 @@ def main(args):
 
 def cknna_table(args):
     """Seconds of analysis.py's CKNNA, --cknna-samples images x --cknna-blocks blocks vs one encoder; returns rows."""
-    import analysis
-
     torch.set_num_threads(args.threads)
     n, blocks = args.cknna_samples, args.cknna_blocks
     name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
