@@ -187,8 +187,14 @@ def save_random_encoders(spec, resolution, folder):
 
 def isolated(fn, *args):
     """fn(*args) in a fresh child process, so its peak memory and allocator state are its own."""
-    # CUDA does not survive fork; on CPU fork skips re-importing torch in every child
-    with multiprocessing.get_context("spawn" if GPU else "fork").Pool(1) as pool:
+    # CUDA does not survive fork. On CPU a fork server that imported bench (and torch) once forks every child: a
+    # plain fork of a process that has run OpenMP work (an earlier test, say) hangs in the child's first parallel op.
+    if GPU:
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["bench"])
+    with context.Pool(1) as pool:
         return pool.apply(fn, args)
 
 
