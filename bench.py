@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
+import analysis
 import losses
 import sample
 import train
@@ -77,6 +78,11 @@ def parse_args(argv=None):
            "--batch-size random images with random weights, beside the vanilla SiT step")
     a("--peak-tflops", type=float, default=PEAK_TFLOPS,
       help="the GPU's dense peak TFLOP/s at --precision, for MFU (A100 bf16/fp16: 312; H100 SXM: 989)")
+    a("--cknna-only", action="store_true", help="time only analysis.py's CKNNA (no training or sampler tables)")
+    a("--cknna-samples", type=int, default=10000, help="CKNNA timing: images (rows of each feature matrix)")
+    a("--cknna-blocks", type=int, default=28, help="CKNNA timing: SiT blocks compared with the encoder (XL: 28)")
+    a("--cknna-dim", type=int, default=1152, help="CKNNA timing: SiT hidden size (XL: 1152)")
+    a("--cknna-enc-dim", type=int, default=768, help="CKNNA timing: encoder width (DINOv2-B: 768)")
     return p.parse_args(argv)
 
 
@@ -244,8 +250,14 @@ def save_random_encoders(spec, resolution, folder):
 
 def isolated(fn, *args):
     """fn(*args) in a fresh child process, so its peak memory and allocator state are its own."""
-    # CUDA does not survive fork; on CPU fork skips re-importing torch in every child
-    with multiprocessing.get_context("spawn" if GPU else "fork").Pool(1) as pool:
+    # CUDA does not survive fork. On CPU a fork server that imported bench (and torch) once forks every child: a
+    # plain fork of a process that has run OpenMP work (an earlier test, say) hangs in the child's first parallel op.
+    if GPU:
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["bench"])
+    with context.Pool(1) as pool:
         return pool.apply(fn, args)
 
 
@@ -357,5 +369,35 @@ def main(args):
     return header, rows, sampler
 
 
+# ----------------------------------------------------------------------------------------------
+# analysis.py's CKNNA: time per SiT block at REPA's scale (random features: the cost does not depend on them)
+
+
+def cknna_table(args):
+    """Seconds of analysis.py's CKNNA, --cknna-samples images x --cknna-blocks blocks vs one encoder; returns rows."""
+    torch.set_num_threads(args.threads)
+    n, blocks = args.cknna_samples, args.cknna_blocks
+    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
+    print(f"bench.py: {name}, torch {torch.__version__}; CKNNA (k={analysis.TOPK}) of {blocks} blocks "
+          f"({n} x {args.cknna_dim}) vs an encoder ({n} x {args.cknna_enc_dim}), fp32")
+    print("RANDOM: Gaussian features stand in for pooled SiT and encoder features (the cost is the same)")
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    encoder = torch.randn(n, args.cknna_enc_dim, generator=gen, device=DEVICE)  # (N, D_enc)
+    result = {}
+    sec_enc, _ = timed(lambda: result.update(enc=analysis.neighbours(analysis.clamp_outliers(encoder)[0])))
+    prep, score = [], []
+    for _ in range(blocks):  # one block's features at a time, as analysis.py holds them
+        block = torch.randn(n, args.cknna_dim, generator=gen, device=DEVICE)  # (N, H)
+        prep.append(timed(lambda: result.update(blk=analysis.neighbours(analysis.clamp_outliers(block)[0])))[0])
+        score.append(timed(analysis.cknna_from_neighbours, result["blk"], result["enc"])[0])
+    rows = [["neighbours (encoder, once)", f"{sec_enc:.3f}"],
+            ["clamp + neighbours per block", f"{statistics.median(prep):.3f}"],
+            ["score per block", f"{statistics.median(score):.4f}"],
+            [f"all {blocks} blocks", f"{sec_enc + sum(prep) + sum(score):.1f}"]]
+    print_table(["stage", "seconds"], rows)
+    return rows
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli_args = parse_args()
+    cknna_table(cli_args) if cli_args.cknna_only else main(cli_args)
