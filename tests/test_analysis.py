@@ -196,7 +196,7 @@ def test_official_repa_checkpoint_names_its_encoder_and_path(smoke_ckpt, tmp_pat
     torch.save({"model": ema, "ema": ema, "opt": {}, "args": repa_args, "steps": 2}, path)
     args = smoke_args(str(path), tmp_path)
     model, encoder, _, random_parts = analysis.setup(args, torch.device("cpu"))
-    assert (args.enc_type, args.path, args.projector, model.encoder_depth) == ("tiny-random", "linear", 0, 2)
+    assert (args.enc_type, args.path_type, args.projector, model.encoder_depth) == ("tiny-random", "linear", 0, 2)
     assert encoder.embed_dim == model.config["z_dims"][0] and "encoder (tiny-random)" in random_parts
 
 
