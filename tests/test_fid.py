@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -86,18 +87,90 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
     monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
     var = np.array([1.0, 4.0])
     with pytest.warns(UserWarning, match="singular"):
-        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var))
+        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var), route="sqrtm")
     np.testing.assert_allclose(calls[1], np.diag((var + 1e-6) ** 2))  # (s1 + eps I)(s2 + eps I)
     assert got == pytest.approx(2 * var.sum() - 2 * (var + 1e-6).sum(), abs=1e-12)
 
 
 def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
-    with pytest.raises(ValueError, match="imaginary"):  # not PSD: sqrtm(diag(-1, 1)) = diag(i, 1)
+    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) = diag(i, 1)
+    with pytest.raises(ValueError, match="imaginary"), pytest.warns(UserWarning, match="sqrtm"):
         fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
         fid.fid_from_stats(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="do not match"):
         fid.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def pool3_like(n, dim, seed, shift=0.3):
+    """(n,dim) nonnegative float64 features with shared low-rank structure, as Inception's pool3 rows."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(99).standard_normal((dim // 8, dim)) / 8  # the same structure for every set
+    return np.maximum(rng.standard_normal((n, dim // 8)) @ basis + shift + 0.3 * rng.standard_normal((n, dim)), 0)
+
+
+def exact_fid(x1, x2):
+    """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c X2c^T / sqrt((n1-1)(n2-1)):
+    singular values carry no square-root-of-rounding error, so this is the reference both routes are held to."""
+    c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
+    tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt((len(x1) - 1) * (len(x2) - 1))
+    diff = x1.mean(0) - x2.mean(0)
+    return diff @ diff + np.trace(np.cov(x1, rowvar=False)) + np.trace(np.cov(x2, rowvar=False)) - 2 * tr_sqrt
+
+
+@pytest.mark.parametrize("n_samples, n_ref", [(1000, 2000), (100, 2000), (1000, 150), (100, 150)])
+def test_eigh_route_agrees_with_sqrtm_on_realistic_statistics(n_samples, n_ref):
+    # 256-d pool3-like features; fewer rows than dimensions makes that side's covariance singular
+    samples, ref = pool3_like(n_samples, 256, seed=1, shift=0.35), pool3_like(n_ref, 256, seed=2)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (samples, ref)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither route may need its fallback here
+        fast = fid.fid_from_stats(*stats[0], *stats[1])
+        adm = fid.fid_from_stats(*stats[0], *stats[1], route="sqrtm")
+    exact = exact_fid(samples, ref)
+    assert 1 < exact < 1e3
+    assert abs(fast - adm) <= 1e-6 * adm
+    assert abs(fast - exact) <= 1e-8 * exact  # the symmetric route is the more accurate one
+
+
+def test_covariance_factor_cholesky_and_singular_eigh():
+    full = np.cov(pool3_like(500, 64, seed=3), rowvar=False)
+    factor = fid.covariance_factor(full)
+    assert np.array_equal(factor, np.tril(factor))  # positive definite: the Cholesky factor
+    np.testing.assert_allclose(factor @ factor.T, full, rtol=0, atol=1e-13 * np.abs(full).max())
+    singular = np.cov(pool3_like(20, 64, seed=4), rowvar=False)  # rank 19
+    factor = fid.covariance_factor(singular)
+    np.testing.assert_allclose(factor @ factor.T, singular, rtol=0, atol=1e-12 * np.abs(singular).max())
+    assert fid.covariance_factor(np.diag([1.0, -1.0, 2.0])) is None  # indefinite: no factor
+    # a cached factor gives the same FID as one computed inside
+    mu, sigma = np.zeros(64), np.cov(pool3_like(300, 64, seed=5), rowvar=False)
+    assert fid.fid_from_stats(mu, sigma, mu + 1, full, factor2=fid.covariance_factor(full)) == fid.fid_from_stats(
+        mu, sigma, mu + 1, full
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1e-3])
+def test_eigh_route_falls_back_to_sqrtm_on_bad_eigenvalues(monkeypatch, bad):
+    x1, x2 = pool3_like(300, 32, seed=6), pool3_like(400, 32, seed=7)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (x1, x2)]
+    adm = fid.fid_from_stats(*stats[0], *stats[1], route="sqrtm")
+    real_eigh = scipy.linalg.eigh
+
+    def broken_eigh(a, *args, **kwargs):
+        """The real eigenvalues with the smallest replaced by `bad` (NaN, or negative far beyond rounding)."""
+        values = real_eigh(a, *args, **kwargs)
+        values[0] = bad
+        return values
+
+    monkeypatch.setattr(scipy.linalg, "eigh", broken_eigh)
+    with pytest.warns(UserWarning, match="using ADM's sqrtm"):
+        assert fid.fid_from_stats(*stats[0], *stats[1]) == adm
+    monkeypatch.setattr(scipy.linalg, "eigh", real_eigh)  # without the injection: no warning, the same value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fid.fid_from_stats(*stats[0], *stats[1]) == pytest.approx(adm, rel=1e-10)
+    with pytest.raises(ValueError, match="unknown FID route"):
+        fid.fid_from_stats(*stats[0], *stats[1], route="svd")
 
 
 def test_running_gaussian_matches_numpy_mean_and_cov():
@@ -312,7 +385,7 @@ def recording_fid(monkeypatch):
     """Replace fid_from_stats (a 2048-d sqrtm costs tens of seconds here; it is tested above) by a recorder."""
     calls = []
 
-    def record(mu1, sigma1, mu2, sigma2):
+    def record(mu1, sigma1, mu2, sigma2, **options):
         """Keep the inputs; return the call's number."""
         calls.append((mu1, sigma1, mu2, sigma2))
         return float(len(calls))
