@@ -933,11 +933,13 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# the smallest value of every numeric flag; --min-images 4: precision/recall's k = 3 neighbours need 4 images
+FLAG_MINIMUMS = dict(ref_images=1, seed=0, batch_size=1, workers=1, min_images=4, is_split=1, pr_block=1)
+
+
 def check_args(args):
     """Range-check the numeric flags before any work."""
-    minimum = {"ref_images": 1, "seed": 0, "batch_size": 1, "workers": 1, "is_split": 1, "pr_block": 1}
-    minimum["min_images"] = 4  # precision/recall's k = 3 neighbours need 4 images per set
-    for name, low in minimum.items():
+    for name, low in FLAG_MINIMUMS.items():
         if getattr(args, name) < low:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= {low}, got {getattr(args, name)}")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import warnings
 
 import numpy as np
@@ -333,20 +334,48 @@ def test_load_inception_checks_sha256_and_uses_the_hub_cache(weights_file, model
     assert fid.load_inception(None, digest)[1] == digest
 
 
-def test_image_set_streams_npz_and_png_folder_identically(tmp_path):
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not known"),
+        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not Found"),
+    ],
+)
+def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, reason):
+    def download(url, dst, hash_prefix=None, progress=True):
+        """torch.hub's downloader, offline or facing a moved file."""
+        raise failure
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main(fid.parse_args([str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]))
+    text = str(exit_info.value.code)
+    assert text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
+    assert fid.WEIGHTS_URL in text and reason in text and "--weights PATH" in text
+
+
+def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
     arr = images(7, seed=3, size=8)
     np.savez(tmp_path / "set.npz", arr_0=arr)
-    folder = tmp_path / "pngs"
-    folder.mkdir()
+    folder = tmp_path / "pngs"  # prepare.py's layout: one sub-folder per class, and a labels file beside them
     for i, im in enumerate(arr):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
+        (folder / f"{i // 3:05d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"{i // 3:05d}" / f"img{i:08d}.png")
+    (folder / "dataset.json").write_text("{}")
     for path in (tmp_path / "set.npz", folder):
         image_set = fid.ImageSet(str(path))
         batches = list(image_set.batches(3))
         assert len(image_set) == 7 and [len(b) for b in batches] == [3, 3, 1]
         assert image_set.n_batches(3) == 3
         np.testing.assert_array_equal(np.concatenate(batches), arr)
-    Image.fromarray(images(1, seed=4, size=9)[0]).save(folder / "999.png")
+        # rank r of 2 gets batches r, r + 2, ...: here [0:2], [4:6] and [2:4], [6:7]
+        shards = [list(image_set.batches(2, rank=rank, world=2)) for rank in (0, 1)]
+        assert [image_set.n_batches(2, rank, 2) for rank in (0, 1)] == [2, 2]
+        np.testing.assert_array_equal(np.concatenate(shards[0]), arr[[0, 1, 4, 5]])
+        np.testing.assert_array_equal(np.concatenate(shards[1]), arr[[2, 3, 6]])
+    Image.fromarray(images(1, seed=4, size=9)[0]).save(folder / "00002" / "img00000999.png")
     with pytest.raises(ValueError, match="differ in size"):
         list(fid.ImageSet(str(folder)).batches(3))
 
@@ -456,6 +485,43 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
 
 
+def run_fid(nproc, *argv):
+    """fid.py in fresh processes, one thread each: plain python for nproc 0, else torchrun with nproc gloo ranks."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the same kernels in every process
+    proc = subprocess.run(
+        [sys.executable, *launcher, os.path.join(repo, "fid.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_exactly_the_single_process_results(tmp_path, weights_file):
+    # odd counts and batch 2: the ranks' shards differ in length and the last batch is partial
+    np.savez(tmp_path / "ref.npz", arr_0=images(5, seed=9))
+    tree = tmp_path / "samples"
+    for i, im in enumerate(images(7, seed=10)):
+        (tree / f"{i % 2:05d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tree / f"{i % 2:05d}" / f"{i}.png")
+    flags = ["--min-images", "4", "--is-split", "3", "--batch-size", "2", "--no-cache"]
+    flags += ["--weights", weights_file[0], "--weights-sha256", weights_file[1], "--device", "cpu"]
+    for nproc in (0, 2):
+        run_fid(nproc, tmp_path / "ref.npz", tree, "--out", tmp_path / f"eval{nproc}.json", *flags)
+        run_fid(nproc, tree, "--write-ref", tmp_path / f"ref{nproc}.npz", "--ref-images", "5", *flags)
+    single, sharded = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (0, 2))
+    assert single["num_samples"] == 7 and single["recall"] > 0
+    assert sharded == single  # every number bit for bit
+    with np.load(tmp_path / "ref0.npz") as one, np.load(tmp_path / "ref2.npz") as two:
+        assert sorted(one.files) == sorted(two.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+        assert len(one["arr_0"]) == 5
+        for key in one.files:
+            assert np.array_equal(one[key], two[key]), key
+
+
 def bad_input_cases(tmp_path):
     """(argv, expected message) pairs, each a bad input that must fail before any Inception work."""
     good = tmp_path / "good.npz"
@@ -493,6 +559,18 @@ def test_bad_input_gives_one_line_error(tmp_path):
             fid.main(fid.parse_args([*map(str, argv), "--min-images", "4", "--device", "cpu"]))
         text = str(exit_info.value.code)
         assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (argv, text)
+
+
+def test_every_numeric_flag_is_range_checked(tmp_path):
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    paths = [str(tmp_path / "set.npz")] * 2
+    numeric = {k for k, v in vars(fid.parse_args(paths)).items() if type(v) in (int, float)}
+    assert numeric == set(fid.FLAG_MINIMUMS)  # a new numeric flag needs its range here
+    for name, low in fid.FLAG_MINIMUMS.items():
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main(fid.parse_args([*paths, flag, str(low - 1), "--device", "cpu"]))
+        assert str(exit_info.value.code) == f"fid.py: error: {flag} must be >= {low}, got {low - 1}"
 
 
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
