@@ -119,7 +119,7 @@ def exact_fid(x1, x2):
     return diff @ diff + np.trace(np.cov(x1, rowvar=False)) + np.trace(np.cov(x2, rowvar=False)) - 2 * tr_sqrt
 
 
-@pytest.mark.parametrize("n_samples, n_ref", [(1000, 2000), (100, 2000), (1000, 150), (100, 150)])
+@pytest.mark.parametrize("n_samples, n_ref", [(600, 1000), (100, 1000), (600, 150), (100, 150)])
 def test_eigh_route_agrees_with_sqrtm_on_realistic_statistics(n_samples, n_ref):
     # 256-d pool3-like features; fewer rows than dimensions makes that side's covariance singular
     samples, ref = pool3_like(n_samples, 256, seed=1, shift=0.35), pool3_like(n_ref, 256, seed=2)
