@@ -3,6 +3,7 @@
     python bench.py                                        # GPU: SiT-XL/2, 256 px, batch 32 (one GPU's share of 256)
     python bench.py --peak-tflops 989                      # H100 SXM bf16/fp16 dense peak, for the MFU column
     python bench.py --threads 1 --encoder dinov2-vit-b     # shared CPU: the real DINOv2-B architecture, random weights
+    python bench.py --fid                                  # fid.py: FID from stats vs torch-fidelity, evaluation time
 
 Each preset is one train.py train_step (build_run, the same flags as train.py) on random data; each preset and the
 sampler run in a fresh child process, so the peak memory is theirs alone. Step time is the median over --steps
@@ -22,6 +23,7 @@ import torch
 from torch.utils import flop_counter
 
 import analysis
+import fid
 import losses
 import sample
 import train
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     a("--cknna-blocks", type=int, default=28, help="CKNNA timing: SiT blocks compared with the encoder (XL: 28)")
     a("--cknna-dim", type=int, default=1152, help="CKNNA timing: SiT hidden size (XL: 1152)")
     a("--cknna-enc-dim", type=int, default=768, help="CKNNA timing: encoder width (DINOv2-B: 768)")
+    add_fid_args(p)
     return p.parse_args(argv)
 
 
@@ -398,6 +401,116 @@ def cknna_table(args):
     return rows
 
 
+# fid.py (python bench.py --fid): FID from statistics beside torch-fidelity, and whole-evaluation time
+
+FID_EVAL_SIZES, FID_REF_IMAGES = (10_000, 50_000), 10_000  # samples scored against ADM's 10k-image reference batch
+
+
+def add_fid_args(p):
+    """bench.py's --fid flags."""
+    a = p.add_argument
+    a("--fid", action="store_true", help="time fid.py instead of training: FID from statistics and a whole evaluation")
+    a("--fid-dim", type=int, default=fid.POOL_DIM, help="feature dimension of the FID statistics (pool3: 2048)")
+    a("--fid-stats-rows", type=int, default=10_000, help="feature rows behind each set's statistics")
+    a("--fid-repeats", type=int, default=3, help="timings per FID route, interleaved across routes; median shown")
+    a("--fid-images", type=int, default=1024 if GPU else 16, help="256 px images timed through Inception")
+    a("--fid-batch", type=int, default=64 if GPU else 8, help="images per Inception forward (ADM: 64)")
+    a("--fid-pr-rows", type=int, default=10_000 if GPU else 2048,
+      help="rows per set of the timed precision/recall; larger sets are extrapolated by pair count")
+
+
+def fid_features(rows, dim, seed, shift):
+    """(rows,dim) float64 nonnegative features with shared low-rank structure, like pool3 (a realistic spectrum)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(dim // 8, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 8
+    x = torch.randn(rows, dim // 8, generator=gen, dtype=torch.float64) @ basis + shift  # rows,dim
+    return (x + 0.3 * torch.randn(rows, dim, generator=gen, dtype=torch.float64)).relu()
+
+
+def fid_routes(args):
+    """Name -> FID-from-statistics function of (samples, reference) stats: fid.py's routes, torch-fidelity's if any."""
+    routes = {
+        "fid.py eigh, reference factor cached": lambda s, r, factor: fid.fid_from_stats(*s, *r, factor2=factor),
+        "fid.py eigh (default)": lambda s, r, factor: fid.fid_from_stats(*s, *r),
+        "fid.py sqrtm (ADM's exact route)": lambda s, r, factor: fid.fid_from_stats(*s, *r, route="sqrtm"),
+    }
+    try:
+        from torch_fidelity.metric_fid import fid_statistics_to_metric
+        from torch_fidelity.version import __version__ as version
+    except ImportError:
+        print("torch-fidelity is not installed (pip install torch-fidelity): its row is skipped")
+        return routes
+
+    def fidelity(s, r, factor):
+        """torch-fidelity's FID: the square roots of np.linalg.eigvals of the product."""
+        stats = [dict(mu=mu, sigma=sigma) for mu, sigma in (s, r)]
+        return fid_statistics_to_metric(*stats, False)["frechet_inception_distance"]
+
+    return {**routes, f"torch-fidelity {version}": fidelity}
+
+
+def time_fid_routes(args):
+    """Median seconds and value of each FID route on the same realistic statistics, repeats interleaved."""
+    stats = [(x.mean(0).numpy(), x.T.cov().numpy()) for x in
+             (fid_features(args.fid_stats_rows, args.fid_dim, s, shift) for s, shift in ((1, 0.35), (2, 0.3)))]
+    factor = fid.covariance_factor(stats[1][1])  # what a run computes once for its reference
+    routes = fid_routes(args)
+    times, values = {name: [] for name in routes}, {}
+    for _ in range(args.fid_repeats):  # round-robin: a load spike on a shared machine hits every route alike
+        for name, route in routes.items():
+            sec, _ = timed(lambda: values.__setitem__(name, route(*stats, factor)))
+            times[name].append(sec)
+    return {name: (statistics.median(times[name]), values[name]) for name in routes}
+
+
+def time_evaluation(args):
+    """Inception images/s, precision/recall seconds at --fid-pr-rows per set, Inception Score seconds per image."""
+    model = fid.randomize_weights(fid.FIDInception()).eval().requires_grad_(False).to(DEVICE)
+    images = torch.randint(0, 256, (args.fid_images, 256, 256, 3), dtype=torch.uint8).numpy()
+    batches = [images[i : i + args.fid_batch] for i in range(0, len(images), args.fid_batch)]
+    fid.extract_features(model, batches[:1], DEVICE)  # warm-up: allocator, cuDNN autotuning
+    inception_sec, _ = timed(fid.extract_features, model, batches, DEVICE)
+    pool = [fid_features(args.fid_pr_rows, fid.POOL_DIM, s, 0.3).float().to(DEVICE) for s in (3, 4)]
+    pr_sec, _ = timed(fid.precision_recall, *pool)
+    probs = torch.softmax(torch.randn(FID_REF_IMAGES, fid.LOGITS_DIM, dtype=torch.float64), 1).numpy()
+    is_sec, _ = timed(fid.inception_score, probs)
+    return dict(img_per_sec=args.fid_images / inception_sec, pr_sec=pr_sec, is_per_image=is_sec / FID_REF_IMAGES)
+
+
+def fid_bench(args):
+    """Print the FID-from-statistics table and the whole-evaluation table; returns both tables' rows."""
+    torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
+    print(f"bench.py --fid: {name}, torch {torch.__version__}; load average at start: {os.getloadavg()[0]:.1f}")
+    print("RANDOM: Inception weights (seeded; the same cost as the real ones), features and images")
+    routes = time_fid_routes(args)
+    ref_sec = next((sec for route, (sec, _) in routes.items() if route.startswith("torch-fidelity")), None)
+    adm = routes["fid.py sqrtm (ADM's exact route)"][1]
+    stats_rows = [[route, f"{sec:.3f}", "-" if ref_sec is None else f"{ref_sec / sec:.2f}", f"{value:.9g}",
+                   f"{abs(value - adm) / adm:.1e}"] for route, (sec, value) in routes.items()]
+    print(f"\nFID from statistics, {args.fid_dim}-d, {args.fid_stats_rows} rows per set, median of {args.fid_repeats} "
+          "interleaved runs (numpy/scipy on the CPU)")
+    print_table(["route", "seconds", "x torch-fidelity", "FID", "rel. diff vs sqrtm"], stats_rows)
+
+    cost = time_evaluation(args)
+    fid_sec = routes["fid.py eigh (default)"][0]
+    pr_pairs = 3 * args.fid_pr_rows**2  # ref-ref, sample-sample and ref-sample distances
+    eval_rows = []
+    for n in FID_EVAL_SIZES:
+        inception = (n + FID_REF_IMAGES) / cost["img_per_sec"]  # samples and the (then cached) reference
+        pr = cost["pr_sec"] * (n * n + FID_REF_IMAGES**2 + n * FID_REF_IMAGES) / pr_pairs
+        metrics = 2 * fid_sec + cost["is_per_image"] * n + pr  # sFID (2023-d) costs what FID (2048-d) does
+        eval_rows.append([f"{n} samples", f"{inception:.0f}", f"{pr:.1f}", f"{metrics - pr:.1f}",
+                          f"{inception + metrics:.0f}"])
+    print(f"\nwhole evaluation of 256 px samples against a {FID_REF_IMAGES}-image reference (Inception counts the"
+          " reference too: the first evaluation computes its features, later ones read the cache). EXTRAPOLATED from"
+          f" {args.fid_images} images at {cost['img_per_sec']:.2f} img/s (batch {args.fid_batch}), precision/recall"
+          f" timed at {args.fid_pr_rows} rows per set and scaled by pair count, sFID taken as FID's time")
+    print_table(["samples", "Inception s", "prec/recall s", "FID+sFID+IS s", "total s"], eval_rows)
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    return stats_rows, eval_rows
+
+
 if __name__ == "__main__":
     cli_args = parse_args()
-    cknna_table(cli_args) if cli_args.cknna_only else main(cli_args)
+    (cknna_table if cli_args.cknna_only else fid_bench if cli_args.fid else main)(cli_args)

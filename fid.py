@@ -9,15 +9,21 @@ number computed here can sit next to a published one:
     improved precision / recall with k = 3 and (by default) ADM's fp16 distances.
   * The ADM reference-batch npz: arr_0 (uint8 N,H,W,3) plus optional mu, sigma, mu_s, sigma_s.
 
+FID's tr sqrt(sigma1 sigma2) uses symmetric eigensolvers by default (--fid-route eigh, equal to ADM's
+sqrtm to rounding and several times faster); --fid-route sqrtm is ADM's computation exactly.
+
 Usage:
-    python fid.py REF.npz SAMPLES.npz            # SAMPLES may also be a folder of PNGs
-    python fid.py --write-ref OUT.npz IMAGES      # build an ADM-format reference batch
+    python fid.py REF.npz SAMPLES.npz                          # SAMPLES may also be a folder (tree) of PNGs
+    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz     # the same numbers, the network sharded over ranks
+    python fid.py --write-ref OUT.npz IMAGES                    # build an ADM-format reference batch
 """
 
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -31,6 +37,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -340,8 +347,12 @@ def hub_weights_path():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:  # the full digest as hash_prefix: stricter than the 8-hex suffix check_hash would use
             torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
-        except RuntimeError as err:
-            raise ValueError(f"downloading {WEIGHTS_URL} failed: {err}") from err
+        except Exception as err:  # offline (URLError), moved (HTTPError 404), hash mismatch (RuntimeError), ...
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"cannot download the Inception weights {os.path.basename(WEIGHTS_URL)} from {WEIGHTS_URL} ({reason});"
+                f" fetch that file elsewhere and pass --weights PATH, or put it at {path}"
+            ) from err
     return path
 
 
@@ -408,14 +419,46 @@ class Features:
     spatial_stats: tuple  # (mu_s 2023, sigma_s 2023x2023) float64
 
 
+def in_batch_order(outputs, world, device):
+    """Yield every rank's (pool, spatial, logits) batches in single-process order; each rank passes its own outputs.
+
+    Rank r holds batches r, r + world, ...: round k all-gathers batch k * world + r from every rank r (rows padded
+    to the round's largest batch), so every rank sees all batches, whole and in order.
+    """
+    if world == 1:
+        yield from outputs
+        return
+    widths = (POOL_DIM, SPATIAL_DIM, LOGITS_DIM)
+    for mine in itertools.chain(outputs, itertools.repeat(None)):
+        rows = torch.zeros(0, sum(widths), device=device) if mine is None else torch.cat(mine, 1)  # B,5079
+        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=device))
+        longest = max(int(count) for count in counts)
+        if longest == 0:  # every rank has run out of batches
+            return
+        gathered = [rows.new_empty(longest, rows.shape[1]) for _ in range(world)]
+        dist.all_gather(gathered, F.pad(rows, (0, 0, 0, longest - len(rows))))  # world x (longest,5079)
+        for part, count in zip(gathered, counts):
+            if count:
+                yield part[: int(count)].split(widths, 1)
+
+
 @torch.inference_mode()
-def extract_features(model, batches, device="cpu", total=None):
-    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits, streams the statistics."""
+def extract_features(model, batches, device="cpu", total=None, world=1):
+    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits, streams the statistics.
+
+    world > 1 (under torchrun): `batches` is this rank's share, ImageSet.batches(..., rank, world); every rank
+    returns the Features of all images, identical to a single process's given the same batch size.
+    """
     strict_fp32()
     pool_stats, spatial_stats = RunningGaussian(), RunningGaussian()
     pools, logits = [], []
-    for batch in tqdm(batches, total=total, disable=None, file=sys.stderr, desc="inception"):
-        pool, spatial, logit = model(preprocess(torch.from_numpy(batch).to(device)))
+    quiet = world > 1 and dist.get_rank() > 0  # one progress bar, rank 0's
+    outputs = (
+        model(preprocess(torch.from_numpy(batch).to(device)))
+        for batch in tqdm(batches, total=total, disable=quiet or None, file=sys.stderr, desc="inception")
+    )
+    for pool, spatial, logit in in_batch_order(outputs, world, device):
         pool_stats.update(pool)
         spatial_stats.update(spatial)
         pools.append(pool.cpu())
@@ -430,8 +473,65 @@ def extract_features(model, batches, device="cpu", total=None):
 # --------------------------------------------------------------------------------------------
 
 
-def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance of two Gaussians, with ADM's eps*I retry for a singular product and imaginary-part check."""
+FID_ROUTES = ("eigh", "sqrtm")
+
+
+def psd_eigenvalues(values):
+    """Eigenvalues of a symmetric PSD matrix with those within rounding of 0 set to 0; None if any is non-finite
+    or negative beyond rounding (numpy's matrix_rank tolerance: size * eps * largest magnitude)."""
+    if not np.isfinite(values).all():
+        return None
+    tol = len(values) * np.finfo(np.float64).eps * np.abs(values).max()
+    # a zero eigenvalue comes out as +-1e-15 or so; its square root, 3e-8, times hundreds would bias FID
+    return None if values.min() < -tol else np.where(values > tol, values, 0)
+
+
+def covariance_factor(sigma):
+    """F (D,D) with F @ F.T = sigma: Cholesky when sigma is positive definite, else U sqrt(lambda) from eigh.
+
+    None when sigma has eigenvalues that are non-finite or negative beyond rounding. Compute it once for a
+    reference and pass it to every fid_from_stats(..., factor2=F) against that reference.
+    """
+    try:
+        return scipy.linalg.cholesky(sigma, lower=True)
+    except np.linalg.LinAlgError:  # singular (fewer images than dimensions) or broken
+        values, vectors = scipy.linalg.eigh(sigma, driver="evd")
+        values = psd_eigenvalues(values)
+        return None if values is None else vectors * np.sqrt(values)  # D,D
+
+
+def trace_sqrt_product(sigma1, factor2):
+    """tr sqrt(sigma1 sigma2) from sigma2 = F F^T: F^T sigma1 F is symmetric PSD with the eigenvalues of sigma1 sigma2,
+    so a symmetric eigensolver (values only) replaces sqrtm; None when those eigenvalues are not PSD to rounding."""
+    product = factor2.T @ sigma1 @ factor2  # D,D
+    values = psd_eigenvalues(scipy.linalg.eigh(product, eigvals_only=True, driver="evd"))
+    return None if values is None else np.sqrt(values).sum()
+
+
+def trace_sqrtm(sigma1, sigma2, eps):
+    """ADM's tr sqrtm(sigma1 sigma2): scipy's sqrtm, the eps*I retry of a singular product, the imaginary-part check."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonals as ADM does")
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # rounding gives a tiny imaginary part; a large one means the statistics are broken
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return np.trace(covmean)
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=None):
+    """Frechet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) of two Gaussians.
+
+    route "eigh" (default): tr sqrt(F^T sigma1 F) with sigma2 = F F^T (factor2, covariance_factor(sigma2) when
+    None), symmetric solvers only; it falls back to "sqrtm" with a warning when eigenvalues are non-finite or
+    negative beyond rounding. route "sqrtm": ADM's evaluator exactly (scipy sqrtm of sigma1 sigma2).
+    """
+    if route not in FID_ROUTES:
+        raise ValueError(f"unknown FID route {route!r}; use one of {', '.join(FID_ROUTES)}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -441,17 +541,15 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"singular covariance product; adding {eps} to the diagonals as ADM does")
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # rounding gives a tiny imaginary part; a large one means the statistics are broken
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    tr_covmean = None
+    if route == "eigh":
+        factor2 = covariance_factor(sigma2) if factor2 is None else factor2
+        tr_covmean = None if factor2 is None else trace_sqrt_product(sigma1, factor2)
+        if tr_covmean is None:
+            warnings.warn("FID route eigh: eigenvalues non-finite or negative beyond rounding; using ADM's sqrtm")
+    if tr_covmean is None:
+        tr_covmean = trace_sqrtm(sigma1, sigma2, eps)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(probs, split_size=5000):
@@ -553,7 +651,7 @@ def _load_image(path):
 
 
 class ImageSet:
-    """Images from an ADM npz (arr_0 streamed from the zip, never loaded whole) or a folder of image files."""
+    """Images from an ADM npz (arr_0 streamed from the zip, never loaded whole) or a folder tree of image files."""
 
     def __init__(self, path):
         """Open and validate `path` (npz header or folder listing) without reading the images."""
@@ -563,7 +661,13 @@ class ImageSet:
             with open_arr0(path) as (_, shape):
                 self.count = shape[0]
         elif os.path.isdir(path):
-            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+            # recursive: prepare.py's images/ keeps one sub-folder per class (images/00000/img00000000.png)
+            self.files = sorted(
+                os.path.join(root, f)
+                for root, _, files in os.walk(path, followlinks=True)
+                for f in files
+                if f.lower().endswith(IMAGE_EXTS)
+            )
             self.count = len(self.files)
         else:
             raise ValueError(f"no such file or folder: {path}")
@@ -572,31 +676,35 @@ class ImageSet:
         """Number of images."""
         return self.count
 
-    def batches(self, batch_size, workers=4):
-        """Yield uint8 (B,H,W,3) numpy batches in order."""
+    def batches(self, batch_size, workers=4, rank=0, world=1):
+        """Yield uint8 (B,H,W,3) numpy batches in order: all, or rank's share (batches rank, rank + world, ...)."""
+        mine = range(rank, self.n_batches(batch_size), world)
         if self.is_npz:
             with open_arr0(self.path) as (stream, shape):
-                per_image = int(np.prod(shape[1:]))
-                for start in range(0, self.count, batch_size):
+                per_image, position = int(np.prod(shape[1:])), 0
+                for index in mine:
+                    start = index * batch_size
                     n = min(batch_size, self.count - start)
+                    stream.seek((start - position) * per_image, os.SEEK_CUR)  # past other ranks' batches
                     data = stream.read(n * per_image)
                     if len(data) != n * per_image:
                         raise ValueError(f"{self.path}: arr_0 is truncated")
+                    position = start + n
                     yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()  # copy: torch wants writable
             return
         first = None
         with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
-            for start in range(0, self.count, batch_size):
-                images = list(pool.map(_load_image, self.files[start : start + batch_size]))
+            for index in mine:
+                images = list(pool.map(_load_image, self.files[index * batch_size : (index + 1) * batch_size]))
                 first = first or images[0].shape
                 odd = next((im.shape for im in images if im.shape != first), None)
                 if odd:
                     raise ValueError(f"{self.path}: images differ in size ({first} vs {odd}); resize them first")
                 yield np.stack(images)
 
-    def n_batches(self, batch_size):
-        """How many batches batches(batch_size) yields (for progress bars)."""
-        return -(-self.count // batch_size)
+    def n_batches(self, batch_size, rank=0, world=1):
+        """How many batches batches(batch_size, rank=rank, world=world) yields (for progress bars)."""
+        return len(range(rank, -(-self.count // batch_size), world))
 
 
 def read_npz_stats(path):
@@ -628,7 +736,13 @@ def cache_path(ref_path, weights_sha256):
     return f"{os.path.splitext(ref_path)[0]}.inception-{weights_sha256[:8]}.npz"
 
 
-def reference_features(model, ref, weights_sha256, args):
+def features_of(model, image_set, args, rank=0, world=1):
+    """Features of every image of the set; under torchrun each rank runs the network on its share."""
+    batches = image_set.batches(args.batch_size, args.workers, rank, world)
+    return extract_features(model, batches, args.device, image_set.n_batches(args.batch_size, rank, world), world)
+
+
+def reference_features(model, ref, weights_sha256, args, rank=0, world=1):
     """Reference pool3 rows and stats, from the cache beside REF when it matches REF's size and mtime."""
     cache = cache_path(ref.path, weights_sha256)
     stat = os.stat(ref.path)
@@ -639,10 +753,8 @@ def reference_features(model, ref, weights_sha256, args):
                 return Features(
                     torch.from_numpy(c["pool"]), None, (c["mu"], c["sigma"]), (c["mu_s"], c["sigma_s"])
                 )
-    feats = extract_features(
-        model, ref.batches(args.batch_size, args.workers), args.device, ref.n_batches(args.batch_size)
-    )
-    if args.cache:
+    feats = features_of(model, ref, args, rank, world)
+    if args.cache and rank == 0:
         arrays = dict(key=key, pool=feats.pool.numpy(), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
         arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
         try:
@@ -667,7 +779,8 @@ def parse_args(argv=None):
         "paths",
         nargs="+",
         metavar="PATH",
-        help="REF.npz and SAMPLES (npz with arr_0, or a folder of PNGs); with --write-ref, the one image source",
+        help="REF.npz and SAMPLES (npz with arr_0, or a folder of images, read recursively);"
+        " with --write-ref, the one image source",
     )
     p.add_argument(
         "--write-ref",
@@ -691,6 +804,13 @@ def parse_args(argv=None):
         type=int,
         default=2048,
         help="refuse image sets smaller than this (below 2048 the pool3 covariance is singular)",
+    )
+    p.add_argument(
+        "--fid-route",
+        choices=FID_ROUTES,
+        default="eigh",
+        help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on bad eigenvalues)"
+        " or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the product; far slower)",
     )
     p.add_argument("--is-split", type=int, default=5000, help="Inception Score split size (ADM: 5000)")
     p.add_argument("--pr-block", type=int, default=10000, help="rows/columns per distance block (ADM: 10000)")
@@ -721,24 +841,29 @@ def _open_sets(args, count):
     return sets
 
 
-def write_reference(args):
+def write_reference(args, rank=0, world=1):
     """Build an ADM reference batch: stats over every image of the source, arr_0 a seeded random subset."""
     (source,) = _open_sets(args, 1)
     keep = np.sort(np.random.default_rng(args.seed).choice(len(source), min(args.ref_images, len(source)), False))
     model, _ = load_inception(args.weights, args.weights_sha256, args.device)
-    kept = []
+    kept = []  # per batch of this rank's share, its images chosen for arr_0
 
     def keeping(batches):
-        """Pass batches through, setting aside the images chosen for arr_0."""
-        start = 0
-        for batch in batches:
+        """Pass this rank's batches through, setting aside the images chosen for arr_0."""
+        for index, batch in zip(range(rank, source.n_batches(args.batch_size), world), batches):
+            start = index * args.batch_size
             kept.append(batch[keep[(keep >= start) & (keep < start + len(batch))] - start])
-            start += len(batch)
             yield batch
 
-    feats = extract_features(
-        model, keeping(source.batches(args.batch_size, args.workers)), args.device, source.n_batches(args.batch_size)
-    )
+    batches = keeping(source.batches(args.batch_size, args.workers, rank, world))
+    feats = extract_features(model, batches, args.device, source.n_batches(args.batch_size, rank, world), world)
+    if world > 1:
+        shares = [None] * world if rank == 0 else None
+        dist.gather_object(kept, shares, dst=0)
+        if rank > 0:
+            return None
+        # rank r's k-th batch is batch k * world + r: interleaving the shares restores the source's order
+        kept = [part for parts in itertools.zip_longest(*shares) for part in parts if part is not None]
     arrays = dict(arr_0=np.concatenate(kept), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
     arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
     atomic_write(args.write_ref, lambda f: np.savez(f, **arrays))
@@ -746,8 +871,8 @@ def write_reference(args):
     return {"path": args.write_ref, "arr_0": len(keep), "stats_images": len(source)}
 
 
-def evaluate(args):
-    """Evaluate SAMPLES against REF: print the five numbers, write them as JSON, and return them."""
+def evaluate(args, rank=0, world=1):
+    """Evaluate SAMPLES against REF: print the five numbers, write them as JSON, and return them (rank 0)."""
     ref, samples = _open_sets(args, 2)
     if not ref.is_npz:
         raise ValueError(f"REF must be an ADM npz (build one with --write-ref), got folder {ref.path}")
@@ -755,20 +880,24 @@ def evaluate(args):
     # ADM also takes precomputed statistics from the sample file when it carries them
     sample_pool_stats, sample_spatial_stats = read_npz_stats(samples.path) if samples.is_npz else (None, None)
     model, digest = load_inception(args.weights, args.weights_sha256, args.device)
-    ref_feats = reference_features(model, ref, digest, args)
-    sample_feats = extract_features(
-        model, samples.batches(args.batch_size, args.workers), args.device, samples.n_batches(args.batch_size)
-    )
+    ref_feats = reference_features(model, ref, digest, args, rank, world)
+    sample_feats = features_of(model, samples, args, rank, world)
+    if rank > 0:  # the metrics are cheap next to the network: rank 0 computes them alone
+        return None
     precision, recall = precision_recall(
         ref_feats.pool.to(args.device), sample_feats.pool.to(args.device), 3, args.pr_block, args.pr_fp16
     )
     results = {
         "inception_score": inception_score(torch.softmax(sample_feats.logits.double(), 1).numpy(), args.is_split),
         "fid": fid_from_stats(
-            *(sample_pool_stats or sample_feats.pool_stats), *(ref_pool_stats or ref_feats.pool_stats)
+            *(sample_pool_stats or sample_feats.pool_stats),
+            *(ref_pool_stats or ref_feats.pool_stats),
+            route=args.fid_route,
         ),
         "sfid": fid_from_stats(
-            *(sample_spatial_stats or sample_feats.spatial_stats), *(ref_spatial_stats or ref_feats.spatial_stats)
+            *(sample_spatial_stats or sample_feats.spatial_stats),
+            *(ref_spatial_stats or ref_feats.spatial_stats),
+            route=args.fid_route,
         ),
         "precision": precision,
         "recall": recall,
@@ -777,6 +906,7 @@ def evaluate(args):
         "num_ref": len(ref),
         "num_samples": len(samples),
         "weights_sha256": digest,
+        "fid_route": args.fid_route,
         "pr_fp16": args.pr_fp16,
         "is_split": args.is_split,
     }
@@ -789,12 +919,44 @@ def evaluate(args):
     return results
 
 
+def init_distributed(device):
+    """(rank, world size, device): torchrun's environment (nccl and one GPU per rank, or gloo on CPU), else (0, 1)."""
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # a rank may wait
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# the smallest value of every numeric flag; --min-images 4: precision/recall's k = 3 neighbours need 4 images
+FLAG_MINIMUMS = dict(ref_images=1, seed=0, batch_size=1, workers=1, min_images=4, is_split=1, pr_block=1)
+
+
+def check_args(args):
+    """Range-check the numeric flags before any work."""
+    for name, low in FLAG_MINIMUMS.items():
+        if getattr(args, name) < low:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= {low}, got {getattr(args, name)}")
+
+
 def main(args):
-    """Run the command; bad input ends in a one-line error on stderr and exit status 1."""
+    """Run the command (under torchrun, sharded over ranks); bad input ends in a one-line error and exit status 1."""
+    world = 1
     try:
-        return write_reference(args) if args.write_ref else evaluate(args)
+        check_args(args)
+        rank, world, args.device = init_distributed(args.device)
+        return write_reference(args, rank, world) if args.write_ref else evaluate(args, rank, world)
     except (ValueError, OSError) as err:
         raise SystemExit(f"fid.py: error: {err}") from err
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

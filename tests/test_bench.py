@@ -1,4 +1,6 @@
-"""bench.py: a one-step run of every preset prints a row each, with vanilla SiT as the reference."""
+"""bench.py: a one-step run of every preset prints a row each, with vanilla SiT as the reference; --fid times fid.py."""
+
+import pytest
 
 import bench
 
@@ -34,3 +36,20 @@ def test_encoder_costs(capsys):
     assert "encoder forward" in capsys.readouterr().out
     assert bench.encoder_cost_names("all")[:3] == ["dinov2-vit-b", "dinov2-vit-l", "dinov2-vit-g"]
     assert len(bench.encoder_cost_names("all")) == 8
+
+
+@pytest.mark.slow
+def test_fid_tables(capsys):
+    """--fid on tiny statistics: every route gives the same FID, ratios against torch-fidelity, both eval sizes."""
+    args = bench.parse_args(["--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
+                             "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1"])
+    stats_rows, eval_rows = bench.fid_bench(args)
+    names = [r[0] for r in stats_rows]
+    assert names[:3] == ["fid.py eigh, reference factor cached", "fid.py eigh (default)",
+                         "fid.py sqrtm (ADM's exact route)"]
+    assert len({round(float(r[3]), 6) for r in stats_rows}) == 1 and all(float(r[4]) < 1e-9 for r in stats_rows)
+    if len(names) == 4:  # torch-fidelity installed: the ratio column is its seconds over each route's
+        assert names[3].startswith("torch-fidelity") and stats_rows[3][2] == "1.00"
+    assert [r[0] for r in eval_rows] == ["10000 samples", "50000 samples"]
+    assert float(eval_rows[1][-1]) > float(eval_rows[0][-1]) > 0
+    assert "EXTRAPOLATED" in capsys.readouterr().out

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -86,18 +88,90 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
     monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
     var = np.array([1.0, 4.0])
     with pytest.warns(UserWarning, match="singular"):
-        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var))
+        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var), route="sqrtm")
     np.testing.assert_allclose(calls[1], np.diag((var + 1e-6) ** 2))  # (s1 + eps I)(s2 + eps I)
     assert got == pytest.approx(2 * var.sum() - 2 * (var + 1e-6).sum(), abs=1e-12)
 
 
 def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
-    with pytest.raises(ValueError, match="imaginary"):  # not PSD: sqrtm(diag(-1, 1)) = diag(i, 1)
+    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) = diag(i, 1)
+    with pytest.raises(ValueError, match="imaginary"), pytest.warns(UserWarning, match="sqrtm"):
         fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
         fid.fid_from_stats(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="do not match"):
         fid.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def pool3_like(n, dim, seed, shift=0.3):
+    """(n,dim) nonnegative float64 features with shared low-rank structure, as Inception's pool3 rows."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(99).standard_normal((dim // 8, dim)) / 8  # the same structure for every set
+    return np.maximum(rng.standard_normal((n, dim // 8)) @ basis + shift + 0.3 * rng.standard_normal((n, dim)), 0)
+
+
+def exact_fid(x1, x2):
+    """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c X2c^T / sqrt((n1-1)(n2-1)):
+    singular values carry no square-root-of-rounding error, so this is the reference both routes are held to."""
+    c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
+    tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt((len(x1) - 1) * (len(x2) - 1))
+    diff = x1.mean(0) - x2.mean(0)
+    return diff @ diff + np.trace(np.cov(x1, rowvar=False)) + np.trace(np.cov(x2, rowvar=False)) - 2 * tr_sqrt
+
+
+@pytest.mark.parametrize("n_samples, n_ref", [(600, 1000), (100, 1000), (600, 150), (100, 150)])
+def test_eigh_route_agrees_with_sqrtm_on_realistic_statistics(n_samples, n_ref):
+    # 256-d pool3-like features; fewer rows than dimensions makes that side's covariance singular
+    samples, ref = pool3_like(n_samples, 256, seed=1, shift=0.35), pool3_like(n_ref, 256, seed=2)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (samples, ref)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither route may need its fallback here
+        fast = fid.fid_from_stats(*stats[0], *stats[1])
+        adm = fid.fid_from_stats(*stats[0], *stats[1], route="sqrtm")
+    exact = exact_fid(samples, ref)
+    assert 1 < exact < 1e3
+    assert abs(fast - adm) <= 1e-6 * adm
+    assert abs(fast - exact) <= 1e-8 * exact  # the symmetric route is the more accurate one
+
+
+def test_covariance_factor_cholesky_and_singular_eigh():
+    full = np.cov(pool3_like(500, 64, seed=3), rowvar=False)
+    factor = fid.covariance_factor(full)
+    assert np.array_equal(factor, np.tril(factor))  # positive definite: the Cholesky factor
+    np.testing.assert_allclose(factor @ factor.T, full, rtol=0, atol=1e-13 * np.abs(full).max())
+    singular = np.cov(pool3_like(20, 64, seed=4), rowvar=False)  # rank 19
+    factor = fid.covariance_factor(singular)
+    np.testing.assert_allclose(factor @ factor.T, singular, rtol=0, atol=1e-12 * np.abs(singular).max())
+    assert fid.covariance_factor(np.diag([1.0, -1.0, 2.0])) is None  # indefinite: no factor
+    # a cached factor gives the same FID as one computed inside
+    mu, sigma = np.zeros(64), np.cov(pool3_like(300, 64, seed=5), rowvar=False)
+    assert fid.fid_from_stats(mu, sigma, mu + 1, full, factor2=fid.covariance_factor(full)) == fid.fid_from_stats(
+        mu, sigma, mu + 1, full
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1e-3])
+def test_eigh_route_falls_back_to_sqrtm_on_bad_eigenvalues(monkeypatch, bad):
+    x1, x2 = pool3_like(300, 32, seed=6), pool3_like(400, 32, seed=7)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (x1, x2)]
+    adm = fid.fid_from_stats(*stats[0], *stats[1], route="sqrtm")
+    real_eigh = scipy.linalg.eigh
+
+    def broken_eigh(a, *args, **kwargs):
+        """The real eigenvalues with the smallest replaced by `bad` (NaN, or negative far beyond rounding)."""
+        values = real_eigh(a, *args, **kwargs)
+        values[0] = bad
+        return values
+
+    monkeypatch.setattr(scipy.linalg, "eigh", broken_eigh)
+    with pytest.warns(UserWarning, match="using ADM's sqrtm"):
+        assert fid.fid_from_stats(*stats[0], *stats[1]) == adm
+    monkeypatch.setattr(scipy.linalg, "eigh", real_eigh)  # without the injection: no warning, the same value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fid.fid_from_stats(*stats[0], *stats[1]) == pytest.approx(adm, rel=1e-10)
+    with pytest.raises(ValueError, match="unknown FID route"):
+        fid.fid_from_stats(*stats[0], *stats[1], route="svd")
 
 
 def test_running_gaussian_matches_numpy_mean_and_cov():
@@ -260,20 +334,48 @@ def test_load_inception_checks_sha256_and_uses_the_hub_cache(weights_file, model
     assert fid.load_inception(None, digest)[1] == digest
 
 
-def test_image_set_streams_npz_and_png_folder_identically(tmp_path):
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not known"),
+        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not Found"),
+    ],
+)
+def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, reason):
+    def download(url, dst, hash_prefix=None, progress=True):
+        """torch.hub's downloader, offline or facing a moved file."""
+        raise failure
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main(fid.parse_args([str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]))
+    text = str(exit_info.value.code)
+    assert text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
+    assert fid.WEIGHTS_URL in text and reason in text and "--weights PATH" in text
+
+
+def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
     arr = images(7, seed=3, size=8)
     np.savez(tmp_path / "set.npz", arr_0=arr)
-    folder = tmp_path / "pngs"
-    folder.mkdir()
+    folder = tmp_path / "pngs"  # prepare.py's layout: one sub-folder per class, and a labels file beside them
     for i, im in enumerate(arr):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
+        (folder / f"{i // 3:05d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / f"{i // 3:05d}" / f"img{i:08d}.png")
+    (folder / "dataset.json").write_text("{}")
     for path in (tmp_path / "set.npz", folder):
         image_set = fid.ImageSet(str(path))
         batches = list(image_set.batches(3))
         assert len(image_set) == 7 and [len(b) for b in batches] == [3, 3, 1]
         assert image_set.n_batches(3) == 3
         np.testing.assert_array_equal(np.concatenate(batches), arr)
-    Image.fromarray(images(1, seed=4, size=9)[0]).save(folder / "999.png")
+        # rank r of 2 gets batches r, r + 2, ...: here [0:2], [4:6] and [2:4], [6:7]
+        shards = [list(image_set.batches(2, rank=rank, world=2)) for rank in (0, 1)]
+        assert [image_set.n_batches(2, rank, 2) for rank in (0, 1)] == [2, 2]
+        np.testing.assert_array_equal(np.concatenate(shards[0]), arr[[0, 1, 4, 5]])
+        np.testing.assert_array_equal(np.concatenate(shards[1]), arr[[2, 3, 6]])
+    Image.fromarray(images(1, seed=4, size=9)[0]).save(folder / "00002" / "img00000999.png")
     with pytest.raises(ValueError, match="differ in size"):
         list(fid.ImageSet(str(folder)).batches(3))
 
@@ -312,7 +414,7 @@ def recording_fid(monkeypatch):
     """Replace fid_from_stats (a 2048-d sqrtm costs tens of seconds here; it is tested above) by a recorder."""
     calls = []
 
-    def record(mu1, sigma1, mu2, sigma2):
+    def record(mu1, sigma1, mu2, sigma2, **options):
         """Keep the inputs; return the call's number."""
         calls.append((mu1, sigma1, mu2, sigma2))
         return float(len(calls))
@@ -383,6 +485,43 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
 
 
+def run_fid(nproc, *argv):
+    """fid.py in fresh processes, one thread each: plain python for nproc 0, else torchrun with nproc gloo ranks."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the same kernels in every process
+    proc = subprocess.run(
+        [sys.executable, *launcher, os.path.join(repo, "fid.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_exactly_the_single_process_results(tmp_path, weights_file):
+    # odd counts and batch 2: the ranks' shards differ in length and the last batch is partial
+    np.savez(tmp_path / "ref.npz", arr_0=images(5, seed=9))
+    tree = tmp_path / "samples"
+    for i, im in enumerate(images(7, seed=10)):
+        (tree / f"{i % 2:05d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tree / f"{i % 2:05d}" / f"{i}.png")
+    flags = ["--min-images", "4", "--is-split", "3", "--batch-size", "2", "--no-cache"]
+    flags += ["--weights", weights_file[0], "--weights-sha256", weights_file[1], "--device", "cpu"]
+    for nproc in (0, 2):
+        run_fid(nproc, tmp_path / "ref.npz", tree, "--out", tmp_path / f"eval{nproc}.json", *flags)
+        run_fid(nproc, tree, "--write-ref", tmp_path / f"ref{nproc}.npz", "--ref-images", "5", *flags)
+    single, sharded = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (0, 2))
+    assert single["num_samples"] == 7 and single["recall"] > 0
+    assert sharded == single  # every number bit for bit
+    with np.load(tmp_path / "ref0.npz") as one, np.load(tmp_path / "ref2.npz") as two:
+        assert sorted(one.files) == sorted(two.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+        assert len(one["arr_0"]) == 5
+        for key in one.files:
+            assert np.array_equal(one[key], two[key]), key
+
+
 def bad_input_cases(tmp_path):
     """(argv, expected message) pairs, each a bad input that must fail before any Inception work."""
     good = tmp_path / "good.npz"
@@ -420,6 +559,18 @@ def test_bad_input_gives_one_line_error(tmp_path):
             fid.main(fid.parse_args([*map(str, argv), "--min-images", "4", "--device", "cpu"]))
         text = str(exit_info.value.code)
         assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (argv, text)
+
+
+def test_every_numeric_flag_is_range_checked(tmp_path):
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    paths = [str(tmp_path / "set.npz")] * 2
+    numeric = {k for k, v in vars(fid.parse_args(paths)).items() if type(v) in (int, float)}
+    assert numeric == set(fid.FLAG_MINIMUMS)  # a new numeric flag needs its range here
+    for name, low in fid.FLAG_MINIMUMS.items():
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as exit_info:
+            fid.main(fid.parse_args([*paths, flag, str(low - 1), "--device", "cpu"]))
+        assert str(exit_info.value.code) == f"fid.py: error: {flag} must be >= {low}, got {low - 1}"
 
 
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
