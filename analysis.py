@@ -39,9 +39,8 @@ import cluster
 import losses
 from cluster import write_atomic
 from data import LatentImageDataset, SyntheticDataset
-from encoders import TINY_RANDOM, load_encoders
+from encoders import TINY_RANDOM, load_encoders, sample_latent
 from sample import load_checkpoint, sample_seed
-from vae import sample_latent
 
 fail = cluster.failer("analysis.py")
 log = logging.getLogger("analysis")

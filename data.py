@@ -1,7 +1,7 @@
 """Training data: the REPA layout (images + SD-VAE posterior moments + labels) and a synthetic stand-in.
 
 Both datasets yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std], label int64).
-x0 is not sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step (vae.py).
+x0 is not sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step (encoders.sample_latent).
 """
 
 import colorsys
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vae import LATENT_SCALE
+from encoders import LATENT_SCALE
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cluster
-import vae as vae_lib
+import encoders
 from cluster import write_atomic
 from data import supported_ext
 
@@ -165,7 +165,7 @@ def main(args):
                  len(paths), len(classes), world, len(pending), len(mine) - len(pending))
     if pending:
         try:
-            vae = vae_lib.load_vae(args.vae, device)
+            vae = encoders.load_vae(args.vae, device)
         except OSError as e:
             raise SystemExit(f"prepare.py: error: {e}") from None
         loader = DataLoader(CroppedImages(pending, args.resolution), batch_size=args.batch_size,
@@ -177,7 +177,7 @@ def main(args):
                 if not os.path.exists(png):  # a run stopped between the two files left the PNG only
                     picture = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
                     write_atomic(png, lambda f: picture.save(f, format="png", compress_level=args.png_compress))
-            moments = vae_lib.encode_moments(vae, images.to(device)).cpu().numpy()  # (B, 8, R/8, R/8) float32
+            moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()  # (B, 8, R/8, R/8) float32
             for i, m in zip(indices.tolist(), moments):  # after the PNGs: a latent file implies its image
                 write_atomic(os.path.join(latents_dir, output_names(i)[1]), lambda f: np.save(f, m))
             bar.update(len(indices))

@@ -29,7 +29,7 @@ import cluster
 import losses
 from cluster import write_atomic
 from model import SIZES, SiT, size_config
-from vae import decode, load_vae, to_uint8
+from encoders import decode, load_vae, to_uint8
 
 REPA_ENCODER_DEPTH = 8  # REPA's --encoder-depth default, for checkpoints that carry no args
 REPA_NAME = "repa-sit-xl-2"  # --ckpt name of REPA's published SiT-XL/2 EMA weights (a bare state dict)

@@ -37,10 +37,9 @@ import sample
 from cluster import write_atomic
 from data import LatentImageDataset, SyntheticDataset
 from discriminator import build_discriminator, is_disc_step
-from encoders import TINY_RANDOM, load_encoders
+from encoders import TINY_RANDOM, decode, load_encoders, load_vae, sample_latent, to_uint8
 from model import SiT, size_config
 from sample import LATENT_RANGE, euler_maruyama, guided_velocity, tile
-from vae import decode, load_vae, sample_latent, to_uint8
 
 log = logging.getLogger("train")
 fail = cluster.failer("train.py")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data import LatentImageDataset, SyntheticDataset, synthetic_moments
-from vae import LATENT_SCALE
+from encoders import LATENT_SCALE
 
 # Sorted as strings, "img10" comes before "img9": REPA pairs by that string order, not by the number.
 IMAGE_NAMES = ["a/img9.png", "a/img10.png", "b/img2.png", "b/img11.png"]

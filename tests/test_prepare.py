@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import prepare
-import vae as vae_lib
+import encoders
 from data import LatentImageDataset
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1, zebra 2
@@ -86,12 +86,12 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     order = ["goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"]
     assert len(ds) == 5 and ds.num_classes == 3 and ds.resolution == 32 and ds.latent_size == 4
     assert [ds[i][2].item() for i in range(5)] == [0, 0, 1, 1, 2]
-    vae = vae_lib.load_vae("tiny-random")
+    vae = encoders.load_vae("tiny-random")
     for i, name in enumerate(order):
         image, moments, _ = ds[i]
         expected = prepare.center_crop_dhariwal(PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32)
         assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
-        torch.testing.assert_close(moments, vae_lib.encode_moments(vae, image[None])[0])
+        torch.testing.assert_close(moments, encoders.encode_moments(vae, image[None])[0])
     with open(os.path.join(dest, "vae-sd", "dataset.json")) as f:
         meta = json.load(f)
     assert meta["labels"][2] == ["00000/img-mean-std-00000002.npy", 1]
