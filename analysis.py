@@ -587,7 +587,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--ckpt", required=True, help="train.py checkpoint, official REPA checkpoint, or bare SiT state dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
-    a("--data-dir", required=True, help=f"REPA-layout folder (images/, vae-sd/) from prepare.py, or '{SYNTHETIC}'")
+    a("--data-dir", required=True, help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
     a("--synthetic-classes", type=int, default=10, help="number of classes of the synthetic dataset")
     a("--num-images", type=int, default=10000, help="the first this many images of the dataset")
     a("--t", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="times t (t=1 is noise) to analyse the SiT at")

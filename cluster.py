@@ -1,7 +1,7 @@
 """What every script needs to run on a cluster: torchrun process groups, preemption signals, durable
 atomic writes, and one way to stop on bad input.
 
-train.py, sample.py, prepare.py and analysis.py use it; fid.py keeps its own small copies so that it
+train.py, sample.py, data.py and analysis.py use it; fid.py keeps its own small copies so that it
 stays a self-contained evaluator.
 """
 

@@ -10,7 +10,7 @@ token slicing in train.py); FAMILIES below lists both per family. Names follow R
 runs and tests. The architectures are timm ViTs; so are the weights wherever timm publishes them (all but MoCo v3,
 whose official checkpoint is passed as a local file).
 
-SD-VAE (at the end): maps 256 px images to 4x32x32 latents. prepare.py encodes with it, train.py and sample.py
+SD-VAE (at the end): maps 256 px images to 4x32x32 latents. data.py encodes with it, train.py and sample.py
 decode with it. The latent convention is REPA's: images in [-1, 1], posterior [mean, std] stored per image, and
 the diffusion model sees x0 = (mean + std * eps) * 0.18215.
 """

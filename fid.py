@@ -661,7 +661,7 @@ class ImageSet:
             with open_arr0(path) as (_, shape):
                 self.count = shape[0]
         elif os.path.isdir(path):
-            # recursive: prepare.py's images/ keeps one sub-folder per class (images/00000/img00000000.png)
+            # recursive: data.py's images/ keeps one sub-folder per class (images/00000/img00000000.png)
             self.files = sorted(
                 os.path.join(root, f)
                 for root, _, files in os.walk(path, followlinks=True)

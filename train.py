@@ -78,7 +78,7 @@ def parse_args(argv=None):
     a("--preset", default="imagenet256", choices=list(PRESETS), help="run preset the other flags override")
     a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (losses.PRESETS: the papers' weights)")
     a("--model", help="SiT size, e.g. SiT-XL/2, SiT-B/2 (T is a tiny test size)")
-    a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from prepare.py, or '{SYNTHETIC}'")
+    a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
     a("--synthetic-images", type=int, default=256, help="number of images of the synthetic dataset")
     a("--synthetic-classes", type=int, default=10, help="number of classes of the synthetic dataset")
     a("--resolution", type=int, help="image resolution in pixels (latents are 8x smaller)")

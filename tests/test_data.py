@@ -88,17 +88,17 @@ def write_json(root, meta):
 
 
 BAD_INPUTS = {
-    "missing data dir": (lambda root: remove_tree(root), "does not exist.*prepare.py"),
-    "missing images/": (lambda root: remove_tree(os.path.join(root, "images")), "images is missing.*prepare.py"),
-    "missing vae-sd/": (lambda root: remove_tree(os.path.join(root, "vae-sd")), "vae-sd is missing.*prepare.py"),
+    "missing data dir": (lambda root: remove_tree(root), "does not exist.*data.py"),
+    "missing images/": (lambda root: remove_tree(os.path.join(root, "images")), "images is missing.*data.py"),
+    "missing vae-sd/": (lambda root: remove_tree(os.path.join(root, "vae-sd")), "vae-sd is missing.*data.py"),
     "count mismatch": (lambda root: remove(os.path.join(root, "vae-sd", LATENT_NAMES[0])),
-                       "4 images .* but 3 latent files.*prepare.py"),
+                       "4 images .* but 3 latent files.*data.py"),
     "no files": (lambda root: [remove(os.path.join(root, d, n)) for d, names in
                                (("images", IMAGE_NAMES), ("vae-sd", LATENT_NAMES)) for n in names],
-                 "no images or latents.*prepare.py"),
+                 "no images or latents.*data.py"),
     "missing dataset.json": (lambda root: remove(os.path.join(root, "vae-sd", "dataset.json")),
-                             "dataset.json is missing.*prepare.py"),
-    "labels null": (lambda root: write_json(root, {"labels": None}), "has no labels.*prepare.py"),
+                             "dataset.json is missing.*data.py"),
+    "labels null": (lambda root: write_json(root, {"labels": None}), "has no labels.*data.py"),
     "label missing": (lambda root: write_json(root, {"labels": [[n, 0] for n in LATENT_NAMES[1:]]}),
                       "no label for 1 latent files .*a/m9.npy"),
     "label beyond num_classes": (lambda root: write_json(root, {"labels": [[n, 5] for n in LATENT_NAMES],
@@ -107,7 +107,7 @@ BAD_INPUTS = {
                      "one class index"),
     "wrong moments shape": (lambda root: np.save(os.path.join(root, "vae-sd", "a/m10.npy"),
                                                  np.zeros((4, 2, 2), np.float32)),
-                            r"shape \(4, 2, 2\).*\(8, 2, 2\).*prepare.py"),
+                            r"shape \(4, 2, 2\).*\(8, 2, 2\).*data.py"),
 }
 
 

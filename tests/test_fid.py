@@ -359,7 +359,7 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
 def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
     arr = images(7, seed=3, size=8)
     np.savez(tmp_path / "set.npz", arr_0=arr)
-    folder = tmp_path / "pngs"  # prepare.py's layout: one sub-folder per class, and a labels file beside them
+    folder = tmp_path / "pngs"  # data.py's layout: one sub-folder per class, and a labels file beside them
     for i, im in enumerate(arr):
         (folder / f"{i // 3:05d}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(folder / f"{i // 3:05d}" / f"img{i:08d}.png")

@@ -1,4 +1,4 @@
-"""prepare.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on 2 ranks."""
+"""data.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on 2 ranks."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-import prepare
+import data
 import encoders
 from data import LatentImageDataset
 
@@ -34,8 +34,8 @@ TINY = ["--resolution", "32", "--vae", "tiny-random", "--workers", "0", "--batch
 
 
 def run(source, dest, *extra):
-    """prepare.py in this process with the tiny VAE at 32 px."""
-    prepare.main(prepare.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
+    """data.py in this process with the tiny VAE at 32 px."""
+    data.main(data.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
 
 
 def snapshot(dest):
@@ -55,7 +55,7 @@ def test_center_crop_halves_then_crops_exactly():
     array[:, :256, 0] = 255
     array[:, 256:768, 1] = 255
     array[:, 768:, 2] = 255
-    out = prepare.center_crop_dhariwal(PIL.Image.fromarray(array), 256)
+    out = data.center_crop_dhariwal(PIL.Image.fromarray(array), 256)
     assert out.shape == (256, 256, 3) and np.all(out == [0, 255, 0])
 
 
@@ -63,7 +63,7 @@ def test_center_crop_non_integer_scale():
     """400x300 to 64: two halvings (300 >= 128, 150 >= 128) to 100x75, bicubic to 85x64, columns 10..73 kept."""
     array = np.tile(np.arange(400, dtype=np.float64)[None, :, None] * 255 / 399, (300, 1, 3)).astype(np.uint8)
     image = PIL.Image.fromarray(array)
-    out = prepare.center_crop_dhariwal(image, 64)
+    out = data.center_crop_dhariwal(image, 64)
     halved = image.resize((200, 150), PIL.Image.Resampling.BOX).resize((100, 75), PIL.Image.Resampling.BOX)
     expected = np.array(halved.resize((85, 64), PIL.Image.Resampling.BICUBIC))[:, 10:74]
     assert out.shape == (64, 64, 3) and np.array_equal(out, expected)
@@ -71,7 +71,7 @@ def test_center_crop_non_integer_scale():
     # portrait 300x500 to 256: no halving (300 < 512), bicubic to 256x427, rows 85..340 kept
     tall = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 300, 3), dtype=np.uint8))
     expected = np.array(tall.resize((256, 427), PIL.Image.Resampling.BICUBIC))[85:341]
-    assert np.array_equal(prepare.center_crop_dhariwal(tall, 256), expected)
+    assert np.array_equal(data.center_crop_dhariwal(tall, 256), expected)
 
 
 @pytest.mark.slow
@@ -89,7 +89,7 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     vae = encoders.load_vae("tiny-random")
     for i, name in enumerate(order):
         image, moments, _ = ds[i]
-        expected = prepare.center_crop_dhariwal(PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32)
+        expected = data.center_crop_dhariwal(PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32)
         assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
         torch.testing.assert_close(moments, encoders.encode_moments(vae, image[None])[0])
     with open(os.path.join(dest, "vae-sd", "dataset.json")) as f:
@@ -143,9 +143,9 @@ def test_bad_source_is_a_clear_exit(tmp_path):
 
 def test_every_flag_has_help():
     """argparse help on every flag, and the defaults REPA's preprocessing uses."""
-    actions = [a for a in prepare.build_parser()._actions if a.dest != "help"]
+    actions = [a for a in data.build_parser()._actions if a.dest != "help"]
     assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
-    args = prepare.parse_args(["--source", "s", "--dest", "d"])
+    args = data.parse_args(["--source", "s", "--dest", "d"])
     assert args.resolution == 256 and args.vae == "mse" and args.png_compress == 0 and args.max_images is None
 
 
@@ -155,7 +155,7 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     source, dest = write_source(tmp_path / "src"), str(tmp_path / "ddp")
     run(source, str(tmp_path / "single"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "prepare.py",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "data.py",
                "--source", source, "--dest", dest, *TINY]
     result = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -176,7 +176,7 @@ def test_symlinked_class_folders_are_followed(tmp_path):
     os.symlink(tmp_path / "full" / "zebra", tmp_path / "subset" / "zebra", target_is_directory=True)
     os.symlink(tmp_path / "full" / "tench", tmp_path / "subset" / "tench", target_is_directory=True)
     os.symlink(tmp_path / "subset", tmp_path / "full" / "tench" / "loop", target_is_directory=True)
-    paths, labels, classes = prepare.list_source(str(tmp_path / "subset"))
+    paths, labels, classes = data.list_source(str(tmp_path / "subset"))
     assert paths == ["tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"] and labels == [0, 0, 1]
     assert classes == ["tench", "zebra"]
 
@@ -187,6 +187,6 @@ def test_numeric_flags_are_range_checked(tmp_path):
     for flag, value, must in [("--resolution", "0", multiple), ("--resolution", "30", multiple),
                               ("--batch-size", "0", "at least 1"), ("--workers", "-1", "at least 0"),
                               ("--max-images", "0", "at least 1")]:
-        with pytest.raises(SystemExit, match=f"^prepare.py: error: {flag} {value} is out of range: it must be {must}"):
+        with pytest.raises(SystemExit, match=f"^data.py: error: {flag} {value} is out of range: it must be {must}"):
             run(source, str(tmp_path / "out"), flag, value)
     assert not os.path.exists(tmp_path / "out")

@@ -104,7 +104,7 @@ def test_resume_rejects_truncated_and_foreign_checkpoints(tmp_path):
 
 
 def test_bad_input_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="does not exist: run prepare.py"):
+    with pytest.raises(SystemExit, match="does not exist: run data.py"):
         run(tmp_path, "--data-dir", str(tmp_path / "nowhere"))
     (tmp_path / "d" / "images").mkdir(parents=True)
     (tmp_path / "d" / "vae-sd").mkdir()
@@ -151,11 +151,11 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 @pytest.mark.slow
 def test_train_on_prepared_data(tmp_path):
-    """prepare.py on a few generated class folders (tiny random VAE), then training on its output."""
+    """data.py on a few generated class folders (tiny random VAE), then training on its output."""
     import numpy as np
     from PIL import Image
 
-    import prepare
+    import data
 
     rng = np.random.default_rng(0)
     for c, cls in enumerate(["n01", "n02"]):
@@ -163,7 +163,7 @@ def test_train_on_prepared_data(tmp_path):
         for i in range(3):
             pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "raw" / cls / f"{c}_{i}.JPEG")
-    prepare.main(prepare.parse_args(["--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"),
+    data.main(data.parse_args(["--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"),
                                      "--resolution", "32", "--vae", "tiny-random", "--workers", "0"]))
     run_dir = run(tmp_path, "--data-dir", str(tmp_path / "data"), "--align", "repa", "--max-steps", "2")
     ckpt = newest(run_dir)
