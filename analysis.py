@@ -547,8 +547,8 @@ def setup(args, device):
     """Model, encoder, dataset and the resolved options (path, encoder, projector); records random stand-ins."""
     try:
         model = load_checkpoint(args.ckpt, args.weights)
-    except SystemExit as e:
-        fail(str(e))
+    except SystemExit as e:  # sample.py's one-line error, under this script's name
+        fail(str(e).removeprefix("sample.py: error: "))
     config, repa_args = checkpoint_meta(args.ckpt)
     args.path_type = model.config["path_type"]  # the training interpolant (REPA's default, linear, if unrecorded)
     args.enc_type = args.enc_type or config.get("enc_type") or getattr(repa_args, "enc_type", None)

@@ -136,23 +136,23 @@ def setup(args, align):
              "--batch-size", str(args.batch_size), "--precision", args.precision, "--enc-type", args.encoder,
              "--disc-pretrained", str(args.disc_pretrained)]
     flags += ["--enc-weights", args.enc_weights] if args.enc_weights else []
-    cfg = train.resolve_config(train.parse_args(flags))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])  # as train.main
-    torch.manual_seed(cfg["seed"])
+    config = train.resolve_config(train.parse_args(flags))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])  # as train.main
+    torch.manual_seed(config["seed"])
     torch.set_num_threads(args.threads)
-    return cfg
+    return config
 
 
 def measure_preset(args, align):
     """FLOPs of one step, median step time and peak memory of one alignment preset (in a fresh process)."""
     base = memory_now()  # before anything is built: the interpreter and torch's libraries are not counted
-    cfg = setup(args, align)
-    run = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1)
+    config = setup(args, align)
+    run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
     run.model.train()
-    b, r = cfg["batch_size"], cfg["resolution"]
+    b, r = config["batch_size"], config["resolution"]
     batch = [torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
              torch.randn(b, 8, r // 8, r // 8, device=DEVICE), torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)]
-    step = functools.partial(train.train_step, run, cfg, losses.AlignConfig(**cfg["align_config"]), batch)  # step(index, rows)
+    step = functools.partial(train.train_step, run, config, losses.AlignConfig(**config["align_config"]), batch)  # step(index, rows)
     reset_peak_memory()  # after building: loading encoder weights peaks above what training holds
     with flop_counter.FlopCounterMode(display=False) as counter:
         step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
@@ -163,8 +163,8 @@ def measure_preset(args, align):
 
 def measure_sampler(args):
     """Samples/s of sample.py's sampler (Euler-Maruyama + guided_velocity) without and with CFG (fresh process)."""
-    cfg = setup(args, "none")
-    ema = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1).ema
+    config = setup(args, "none")
+    ema = train.build_run(config, NUM_CLASSES, DEVICE, world=1).ema
     indices = list(range(args.sample_batch))
 
     def options(steps, scale):
@@ -181,17 +181,17 @@ def measure_sampler(args):
 
 def measure_parts(args):
     """Median seconds and FLOPs of each part of a SARA step (one D update included), in a fresh process."""
-    cfg = setup(args, "sara")
-    run = train.build_run(cfg, NUM_CLASSES, DEVICE, world=1)
+    config = setup(args, "sara")
+    run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
     run.model.train()
-    align = losses.AlignConfig(**cfg["align_config"])
-    b, r = cfg["batch_size"], cfg["resolution"]
+    align = losses.AlignConfig(**config["align_config"])
+    b, r = config["batch_size"], config["resolution"]
     images = torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE)
     labels = torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)
     latent_shape = (run.model.in_channels, r // 8, r // 8)
-    noise = losses.draw_noise(b, latent_shape, align, cfg["class_dropout"], DEVICE, run.gen)
+    noise = losses.draw_noise(b, latent_shape, align, config["class_dropout"], DEVICE, run.gen)
     x0 = torch.randn(b, *latent_shape, device=DEVICE)  # (B, 4, r/8, r/8)
-    amp = train.autocast_args(cfg["precision"], DEVICE)
+    amp = train.autocast_args(config["precision"], DEVICE)
     z_encs, hs = [], []
 
     def encoder():
@@ -214,7 +214,7 @@ def measure_parts(args):
 
     parts = {"encoder": encoder, "SiT forward+backward": sit_forward_backward,
              "discriminator step": discriminator_step, "AdamW step": run.opt.step,  # on the gradients left in place
-             "EMA": functools.partial(train.update_ema, run.ema, run.model, cfg["ema_decay"])}
+             "EMA": functools.partial(train.update_ema, run.ema, run.model, config["ema_decay"])}
     rows = []
     for name, part in parts.items():
         with flop_counter.FlopCounterMode(display=False) as counter:
@@ -222,7 +222,7 @@ def measure_parts(args):
         walls = [timed(part)[0] for _ in range(args.warmup + args.steps)][args.warmup:]
         rows.append(dict(part=name, sec=statistics.median(walls), flops=counter.get_total_flops()))
     batch = [images, x0.repeat(1, 2, 1, 1), labels]  # (B, 8, r/8, r/8) moments: mean x0, std x0
-    step = [timed(train.train_step, run, cfg, align, batch, 1, slice(0, b))[0]  # step 1: no D update
+    step = [timed(train.train_step, run, config, align, batch, 1, slice(0, b))[0]  # step 1: no D update
             for _ in range(args.warmup + args.steps)]
     return rows, statistics.median(step[args.warmup:])
 

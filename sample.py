@@ -37,6 +37,7 @@ REPA_NAME = "repa-sit-xl-2"  # --ckpt name of REPA's published SiT-XL/2 EMA weig
 REPA_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
             "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0")
 RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
+fail = cluster.failer("sample.py")
 LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map linearly to uint8
 
 # ----------------------------------------------------------------------------------------------
@@ -145,11 +146,6 @@ def generate_images(model, vae, indices, args, device):
 # Checkpoints: this project's train.py format and official REPA checkpoints
 
 
-def fail(msg):
-    """Stop with a one-line error (what was wrong and what to do), never a traceback."""
-    raise SystemExit(f"sample.py: error: {msg}")
-
-
 def repa_path():
     """Where REPA's published weights live once downloaded: torch's hub cache."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", f"{REPA_NAME}.pt")
@@ -195,15 +191,15 @@ def download_repa(path):
 def read_checkpoint(path):
     """torch.load a checkpoint dict with weights_only=True (allowing REPA's argparse.Namespace args)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint file")
+        fail(f"{path}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled types weights_only refuses
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line})") from None
+        fail(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line})")
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"{path}: expected a dict, found {type(ckpt).__name__}")
+        fail(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt
 
 
@@ -224,7 +220,7 @@ def infer_config(state, args=None):
         z_dims = [state[f"projectors.{k}.4.weight"].shape[0] for k in projectors]
         projector_dim = state["projectors.0.0.weight"].shape[0] if projectors else 2048
     except (KeyError, ValueError) as e:  # ValueError: no blocks, or a tensor of the wrong rank
-        raise SystemExit(f"not a SiT state dict: cannot read {e}") from None
+        fail(f"not a SiT state dict: cannot read {e}")
     try:  # heads leave no trace in the weights: from args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
     except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
@@ -264,22 +260,22 @@ def build_model(ckpt, path, weights="ema"):
         state, config = ckpt, None
     else:
         if not is_state_dict(ckpt.get(weights)):
-            raise SystemExit(f"{path}: no {weights!r} state dict in the checkpoint (keys: {sorted(ckpt)})")
+            fail(f"{path}: no {weights!r} state dict in the checkpoint (keys: {sorted(ckpt)})")
         state = ckpt[weights]
         config = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
         if "config" in ckpt and not isinstance(config, dict):  # a train.py checkpoint must say what it is
-            raise SystemExit(f"{path}: the checkpoint's config has no 'model_config' dict")
+            fail(f"{path}: the checkpoint's config has no 'model_config' dict")
     try:
         config = config if config is not None else infer_config(state, ckpt.get("args"))
         model = SiT(**config)
         losses.interpolant(torch.tensor(0.5), model.config["path_type"])  # a path the samplers know
     except SystemExit as e:
-        raise SystemExit(f"{path}: {e}") from None
+        fail(f"{path}: {str(e).removeprefix('sample.py: error: ')}")
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{path}: cannot build SiT from the checkpoint config: {e}") from None
+        fail(f"{path}: cannot build SiT from the checkpoint config: {e}")
     error = fit_error(model, state)
     if error:
-        raise SystemExit(f"{path}: checkpoint does not fit the model: {error}")
+        fail(f"{path}: checkpoint does not fit the model: {error}")
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
@@ -322,10 +318,10 @@ def check_settings(folder, settings, rank):
             old = json.load(f)
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         if changed:
-            raise SystemExit(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
+            fail(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
                              "use another --out or delete it")
     elif os.listdir(folder):  # never mix our PNGs into (or count) someone else's files
-        raise SystemExit(f"{folder} already holds files not written by sample.py; use another --out")
+        fail(f"{folder} already holds files not written by sample.py; use another --out")
     elif rank == 0:
         write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 

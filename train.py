@@ -188,43 +188,43 @@ def check_ranges(config):
 
 def resolve_config(args, world=1):
     """The run's full configuration as a plain dict: preset, then flags, then derived values."""
-    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    check_ranges(cfg)
+    config = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    check_ranges(config)
     try:
-        size = size_config(cfg["model"])
-        align = losses.align_config(cfg["align"], **{  # flags left unset keep the alignment preset's value
-            f.name: cfg.get(f.name) for f in fields(losses.AlignConfig)})
+        size = size_config(config["model"])
+        align = losses.align_config(config["align"], **{  # flags left unset keep the alignment preset's value
+            f.name: config.get(f.name) for f in fields(losses.AlignConfig)})
     except ValueError as e:
         fail(str(e))
-    if cfg["batch_size"] % world:
-        fail(f"--batch-size {cfg['batch_size']} does not divide by the {world} ranks; use a multiple of {world}")
-    cfg["align_config"] = asdict(align)
-    cfg["encoder_depth"] = cfg.get("encoder_depth") or size["encoder_depth"]
-    cfg["sra_depth"] = (cfg.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
+    if config["batch_size"] % world:
+        fail(f"--batch-size {config['batch_size']} does not divide by the {world} ranks; use a multiple of {world}")
+    config["align_config"] = asdict(align)
+    config["encoder_depth"] = config.get("encoder_depth") or size["encoder_depth"]
+    config["sra_depth"] = (config.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
     for name in ("encoder_depth", "sra_depth"):
-        if cfg[name] > size["depth"]:
-            fail(f"--{name.replace('_', '-')} {cfg[name]} is out of range: {cfg['model']} has {size['depth']} blocks")
-    cfg["run_name"] = cfg.get("run_name") or default_run_name(args, cfg, world)
-    cfg["world_size"] = world
-    check_eval(cfg, world)
-    return cfg
+        if config[name] > size["depth"]:
+            fail(f"--{name.replace('_', '-')} {config[name]} is out of range: {config['model']} has {size['depth']} blocks")
+    config["run_name"] = config.get("run_name") or default_run_name(args, config, world)
+    config["world_size"] = world
+    check_eval(config, world)
+    return config
 
 
-def default_run_name(args, cfg, world):
+def default_run_name(args, config, world):
     """preset-align-model plus every experiment flag that differs from the preset, e.g. imagenet256-sara-SiT-XL2-adv0.
 
     An ablation thus gets its own folder without --run-name (resuming refuses another config's checkpoint).
     """
-    base = resolve_config(parse_args(["--preset", cfg["preset"], "--align", cfg["align"], "--model", cfg["model"],
+    base = resolve_config(parse_args(["--preset", config["preset"], "--align", config["align"], "--model", config["model"],
                                       "--run-name", "base"]), world)
     def value(c, k):
         """The value in force: alignment flags resolve through the alignment preset."""
         return c["align_config"][k] if k in c["align_config"] else c.get(k)
 
     skip = RESUMABLE_CHANGES | {"preset", "align", "model", "run_name"}
-    parts = [f"{cfg['preset']}-{cfg['align']}-{cfg['model'].replace('/', '')}"]
-    for k in sorted(k for k in vars(args) if k not in skip and value(cfg, k) != value(base, k)):
-        v = value(cfg, k)
+    parts = [f"{config['preset']}-{config['align']}-{config['model'].replace('/', '')}"]
+    for k in sorted(k for k in vars(args) if k not in skip and value(config, k) != value(base, k)):
+        v = value(config, k)
         text = "-".join(f"{x:g}" if isinstance(x, float) else str(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
         parts.append(k.removesuffix("_weight").replace("_", "") + text.replace("/", ""))
     return "-".join(parts)
@@ -261,16 +261,16 @@ class GlobalBatchSampler(Sampler):
             step += 1
 
 
-def build_dataset(cfg):
+def build_dataset(config):
     """The REPA-layout dataset of --data-dir, or the synthetic one (loudly labelled)."""
-    if cfg["data_dir"] == SYNTHETIC:
-        return SyntheticDataset(cfg["synthetic_images"], cfg["synthetic_classes"], cfg["resolution"], cfg["seed"])
+    if config["data_dir"] == SYNTHETIC:
+        return SyntheticDataset(config["synthetic_images"], config["synthetic_classes"], config["resolution"], config["seed"])
     try:
-        dataset = LatentImageDataset(cfg["data_dir"])
+        dataset = LatentImageDataset(config["data_dir"])
     except ValueError as e:
         fail(str(e))
-    if dataset.resolution != cfg["resolution"]:
-        fail(f"{cfg['data_dir']} holds {dataset.resolution} px images but --resolution is {cfg['resolution']}")
+    if dataset.resolution != config["resolution"]:
+        fail(f"{config['data_dir']} holds {dataset.resolution} px images but --resolution is {config['resolution']}")
     return dataset
 
 
@@ -290,7 +290,7 @@ def checkpoint_step(path):
     return int(os.path.splitext(os.path.basename(path))[0])
 
 
-def load_run_checkpoint(paths, cfg, world):
+def load_run_checkpoint(paths, config, world):
     """(path, checkpoint): the newest readable one of paths, checked to be written by the same configuration.
 
     An unreadable newer file (truncated by a crash, a full disk) is skipped with a warning; the ranks
@@ -315,11 +315,11 @@ def load_run_checkpoint(paths, cfg, world):
     missing = {"model", "ema", "opt", "step", "rng", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         fail(f"{path} is not a train.py checkpoint (missing {sorted(missing)}); use another --run-name")
-    diff = sorted(k for k in set(cfg) | set(ckpt["config"]) if k not in RESUMABLE_CHANGES
-                  and cfg.get(k) != ckpt["config"].get(k))
+    diff = sorted(k for k in set(config) | set(ckpt["config"]) if k not in RESUMABLE_CHANGES
+                  and config.get(k) != ckpt["config"].get(k))
     if diff:
         k = diff[0]
-        fail(f"{path} was written by another config ({k}: {ckpt['config'].get(k)!r} there, {cfg.get(k)!r} now"
+        fail(f"{path} was written by another config ({k}: {ckpt['config'].get(k)!r} there, {config.get(k)!r} now"
              f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); use another --run-name or the same flags")
     return path, ckpt
 
@@ -358,9 +358,9 @@ def update_ema(ema, model, decay):
 
 
 @torch.no_grad()
-def write_sample_grid(ema, vae, cfg, step, run_dir, device):
+def write_sample_grid(ema, vae, config, step, run_dir, device):
     """A grid of EMA samples for fixed classes and noise (SDE, no guidance), decoded when there is a VAE."""
-    g = torch.Generator().manual_seed(cfg["seed"])
+    g = torch.Generator().manual_seed(config["seed"])
     n, c, s = 16, ema.in_channels, ema.config["input_size"]
     x = torch.randn(n, c, s, s, generator=g).to(device)  # (16, C, h, w) the same every time
     y = (torch.arange(n) * 997 % ema.num_classes).to(device)  # 16 fixed, spread-out classes
@@ -370,7 +370,7 @@ def write_sample_grid(ema, vae, cfg, step, run_dir, device):
         return torch.randn(like.shape, generator=g, dtype=like.dtype).to(device)
 
     velocity = guided_velocity(ema, y)
-    latents = euler_maruyama(velocity, x, cfg["sample_steps"], noise, ema.config["path_type"]).float()  # (16, C, h, w)
+    latents = euler_maruyama(velocity, x, config["sample_steps"], noise, ema.config["path_type"]).float()  # (16, C, h, w)
     images = decode(vae, latents) if vae is not None else to_uint8(latents[:, :3] / LATENT_RANGE)  # (16, 3, H, W)
     path = os.path.join(run_dir, "samples", f"{step:07d}.png")
     grid = tile(images.permute(0, 2, 3, 1).cpu().numpy())  # (4h, 4w, 3)
@@ -404,22 +404,22 @@ class Run:
     forward_disc: torch.nn.Module | None = None  # DDP wrapper of disc, for D's own step only
 
 
-def build_run(cfg, num_classes, device, world):
+def build_run(config, num_classes, device, world):
     """Model, EMA, optimizers, scalers, encoders and discriminator from a resolved config."""
-    align = losses.AlignConfig(**cfg["align_config"])
-    with cluster.failing(fail, "--enc-type " + cfg["enc_type"]):
-        encoders = (load_encoders(cfg["enc_type"], device, cfg["resolution"], cfg.get("enc_weights"))
+    align = losses.AlignConfig(**config["align_config"])
+    with cluster.failing(fail, "--enc-type " + config["enc_type"]):
+        encoders = (load_encoders(config["enc_type"], device, config["resolution"], config.get("enc_weights"))
                     if align.needs_encoder else [])
-    size = {k: v for k, v in size_config(cfg["model"]).items() if k not in ("encoder_depth", "sra_depth")}
-    tokens = (cfg["resolution"] // 8 // size["patch_size"]) ** 2
-    if encoders and tokens != (cfg["resolution"] // 16) ** 2:  # every encoder here gives a (res/16)^2 grid
-        fail(f"{cfg['model']} has {tokens} tokens but the encoder gives {(cfg['resolution'] // 16) ** 2}: "
+    size = {k: v for k, v in size_config(config["model"]).items() if k not in ("encoder_depth", "sra_depth")}
+    tokens = (config["resolution"] // 8 // size["patch_size"]) ** 2
+    if encoders and tokens != (config["resolution"] // 16) ** 2:  # every encoder here gives a (res/16)^2 grid
+        fail(f"{config['model']} has {tokens} tokens but the encoder gives {(config['resolution'] // 16) ** 2}: "
              "token-wise alignment needs patch size 2 (e.g. SiT-XL/2), or --align none / sra2")
     model = SiT(
-        input_size=cfg["resolution"] // 8, num_classes=num_classes, class_dropout_prob=cfg["class_dropout"],
-        encoder_depth=cfg["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=cfg["projector_dim"],
-        sra_depth=cfg["sra_depth"], sra_mlp_layers=cfg["sra_mlp_layers"], sra_hidden_dim=cfg.get("sra_hidden_dim"),
-        grad_checkpointing=bool(cfg["grad_checkpointing"]), path_type=align.path_type, **size,
+        input_size=config["resolution"] // 8, num_classes=num_classes, class_dropout_prob=config["class_dropout"],
+        encoder_depth=config["encoder_depth"], z_dims=[e.embed_dim for e in encoders], projector_dim=config["projector_dim"],
+        sra_depth=config["sra_depth"], sra_mlp_layers=config["sra_mlp_layers"], sra_hidden_dim=config.get("sra_hidden_dim"),
+        grad_checkpointing=bool(config["grad_checkpointing"]), path_type=align.path_type, **size,
     ).to(device)
 
     def wrap(module):
@@ -428,19 +428,19 @@ def build_run(cfg, num_classes, device, world):
 
     run = Run(
         model=model, ema=copy.deepcopy(model).eval().requires_grad_(False),  # DiT-style EMA: a copy, no grad, eval
-        opt=torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                              weight_decay=cfg["weight_decay"], fused=device.type == "cuda"),  # one kernel per step
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16"),
-        gen=torch.Generator(device).manual_seed(cfg["seed"]), encoders=encoders,
-        forward_model=torch.compile(wrap(model)) if cfg["compile"] else wrap(model),
+        opt=torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=tuple(config["adam_betas"]),
+                              weight_decay=config["weight_decay"], fused=device.type == "cuda"),  # one kernel per step
+        scaler=torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16"),
+        gen=torch.Generator(device).manual_seed(config["seed"]), encoders=encoders,
+        forward_model=torch.compile(wrap(model)) if config["compile"] else wrap(model),
     )
     if align.adv_weight:
         with cluster.failing(fail, "the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
-            disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(cfg["disc_pretrained"]),
-                                                     cfg["disc_lr"], tuple(cfg["disc_betas"]),
-                                                     sync_bn=bool(cfg.get("disc_sync_bn")))
+            disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(config["disc_pretrained"]),
+                                                     config["disc_lr"], tuple(config["disc_betas"]),
+                                                     sync_bn=bool(config.get("disc_sync_bn")))
         run.disc = disc.to(device)
-        run.disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+        run.disc_scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")
         run.forward_disc = wrap(run.disc)
     return run
 
@@ -451,31 +451,31 @@ def autocast_args(precision, device):
                 enabled=precision != "fp32")
 
 
-def train_step(run, cfg, align, batch, step, rows):
+def train_step(run, config, align, batch, step, rows):
     """One generator update (and D's, on its schedule) on this rank's batch; returns what to log."""
     images, moments, labels = batch
     device = moments.device
     latent_shape = (run.model.in_channels, run.model.config["input_size"], run.model.config["input_size"])
-    noise = losses.draw_noise(cfg["batch_size"], latent_shape, align, cfg["class_dropout"], device, run.gen)[rows]
-    x0 = sample_latent(moments, torch.randn(cfg["batch_size"], *latent_shape, device=device, generator=run.gen)[rows])
-    amp = autocast_args(cfg["precision"], device)
+    noise = losses.draw_noise(config["batch_size"], latent_shape, align, config["class_dropout"], device, run.gen)[rows]
+    x0 = sample_latent(moments, torch.randn(config["batch_size"], *latent_shape, device=device, generator=run.gen)[rows])
+    amp = autocast_args(config["precision"], device)
     with torch.autocast(**amp):
         with torch.no_grad():
             z_encs = [enc(images) for enc in run.encoders]  # per encoder (B, N, D) on the clean image
         out = losses.training_losses(run.forward_model, x0, labels, z_encs, align, noise, run.disc)
     run.scaler.scale(out.total).backward()
     run.scaler.unscale_(run.opt)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg["max_grad_norm"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config["max_grad_norm"])
     finite = bool(torch.isfinite(grad_norm))  # all-reduced gradients: every rank agrees
     if finite:
         run.scaler.step(run.opt)
-        update_ema(run.ema, run.model, cfg["ema_decay"])
+        update_ema(run.ema, run.model, config["ema_decay"])
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     record = {k: v.detach().float() for k, v in out.terms.items()}
     record.update({"grad_norm": grad_norm.detach().float()} if finite else {})
     record.update(bad_steps=torch.tensor(float(not finite)))
-    if run.disc is not None and is_disc_step(step, cfg["disc_every"]):
+    if run.disc is not None and is_disc_step(step, config["disc_every"]):
         with torch.autocast(**amp):
             d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0], out.hs[0])
         run.disc_scaler.scale(d_loss).backward()
@@ -495,22 +495,22 @@ def main(args):
 def run_training(args, stop):
     """Build everything from the resolved config, resume if a checkpoint exists, train, checkpoint."""
     rank, world, device = cluster.init()
-    cfg = resolve_config(args, world)
-    run_dir = os.path.join(cfg["out"], cfg["run_name"])
+    config = resolve_config(args, world)
+    run_dir = os.path.join(config["out"], config["run_name"])
     setup_logging(run_dir, rank)
-    align = losses.AlignConfig(**cfg["align_config"])
-    require_loggers(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    align = losses.AlignConfig(**config["align_config"])
+    require_loggers(config)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
 
-    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank and in every run
-    dataset = build_dataset(cfg)
-    run = build_run(cfg, dataset.num_classes, device, world)
-    cfg["model_config"] = run.model.config
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank and in every run
+    dataset = build_dataset(config)
+    run = build_run(config, dataset.num_classes, device, world)
+    config["model_config"] = run.model.config
     random_parts = ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + [
         f"encoder ({e.name})" for e in run.encoders if not e.pretrained] + (
         ["discriminator trunk (random ResNet-18)"] if run.disc is not None and not run.disc.pretrained else []) + (
-        [f"vae ({TINY_RANDOM})"] if cfg["vae"] == TINY_RANDOM and cfg["sample_every"] else [])
-    cfg["random_components"] = random_parts  # in config.json and every checkpoint: no silent stand-ins
+        [f"vae ({TINY_RANDOM})"] if config["vae"] == TINY_RANDOM and config["sample_every"] else [])
+    config["random_components"] = random_parts  # in config.json and every checkpoint: no silent stand-ins
     for part in random_parts:
         log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run mean nothing", part)
 
@@ -518,7 +518,7 @@ def run_training(args, stop):
     step, batch_index, rollbacks, bad_in_a_row = 0, 0, [], 0
     ckpts = checkpoint_paths(run_dir)
     if ckpts:
-        path, ckpt = load_run_checkpoint(ckpts, cfg, world)
+        path, ckpt = load_run_checkpoint(ckpts, config, world)
         load_state(run, ckpt)
         set_rng_state(ckpt["rng"], run.gen, device)
         step, batch_index, rollbacks = ckpt["step"], ckpt.get("batch", ckpt["step"]), ckpt.get("rollbacks", [])
@@ -526,55 +526,55 @@ def run_training(args, stop):
         log.info("resumed from %s at step %d", path, step)
     metrics = None
     if rank == 0:
-        write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
-        metrics = MetricsLog(run_dir, cfg, step)
+        write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+        metrics = MetricsLog(run_dir, config, step)
     vae = None
-    if (rank == 0 and cfg["sample_every"] or cfg["eval_every"]) and cfg["vae"] != "none":
-        with cluster.failing(fail, f"--vae {cfg['vae']}"):
-            vae = load_vae(cfg["vae"], device)
-    evaluator = build_evaluator(cfg, run_dir, rank, world, device) if cfg["eval_every"] else None
+    if (rank == 0 and config["sample_every"] or config["eval_every"]) and config["vae"] != "none":
+        with cluster.failing(fail, f"--vae {config['vae']}"):
+            vae = load_vae(config["vae"], device)
+    evaluator = build_evaluator(config, run_dir, rank, world, device) if config["eval_every"] else None
 
-    local_batch = cfg["batch_size"] // world
+    local_batch = config["batch_size"] // world
     loader = DataLoader(
-        dataset, batch_sampler=GlobalBatchSampler(len(dataset), cfg["batch_size"], rank, world, cfg["seed"],
+        dataset, batch_sampler=GlobalBatchSampler(len(dataset), config["batch_size"], rank, world, config["seed"],
                                                   batch_index),
-        num_workers=cfg["num_workers"], pin_memory=device.type == "cuda", persistent_workers=cfg["num_workers"] > 0,
+        num_workers=config["num_workers"], pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
         generator=torch.Generator(),  # a private generator: iterating never touches the global RNG
-        worker_init_fn=functools.partial(cluster.ignore_signals, cfg["preempt_signals"]))  # main process decides
+        worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))  # main process decides
     rows = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's share of each global draw
     stats, t_last = {}, time.time()
     run.model.train()
-    bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=config["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
     for batch in loader:
-        if evaluator and step and step % cfg["eval_every"] == 0 and step not in evaluator.done:  # also on resume
-            evaluate(run.ema, vae, evaluator, cfg, step, metrics, rank, world, device)
-        if step >= cfg["max_steps"]:
+        if evaluator and step and step % config["eval_every"] == 0 and step not in evaluator.done:  # also on resume
+            evaluate(run.ema, vae, evaluator, config, step, metrics, rank, world, device)
+        if step >= config["max_steps"]:
             break
-        record = train_step(run, cfg, align, [x.to(device, non_blocking=True) for x in batch], step, rows)
+        record = train_step(run, config, align, [x.to(device, non_blocking=True) for x in batch], step, rows)
         bad_in_a_row = bad_in_a_row + 1 if record["bad_steps"] else 0
         step, batch_index = step + 1, batch_index + 1
         bar.update(1)
         for k, v in record.items():
             stats.setdefault(k, []).append(v)
-        if bad_in_a_row >= cfg["max_bad_steps"]:
-            step = roll_back(run, cfg, run_dir, step, bad_in_a_row, batch_index, rollbacks, metrics, device, rank,
+        if bad_in_a_row >= config["max_bad_steps"]:
+            step = roll_back(run, config, run_dir, step, bad_in_a_row, batch_index, rollbacks, metrics, device, rank,
                              world)
             stats, bad_in_a_row, t_last, bar.n = {}, 0, time.time(), step
             continue
-        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+        if step % config["log_every"] == 0 or step == config["max_steps"]:
             t_now = time.time()
             row = reduce_stats(stats, world)
             row.update(step=step, sec_per_step=(t_now - t_last) / len(stats["velocity"]),
-                       images_per_sec=cfg["batch_size"] * len(stats["velocity"]) / (t_now - t_last))
+                       images_per_sec=config["batch_size"] * len(stats["velocity"]) / (t_now - t_last))
             stats, t_last = {}, t_now
             if rank == 0:
                 log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                 metrics.write(row)
-        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and rank == 0:
-            write_sample_grid(run.ema, vae, cfg, step, run_dir, device)
+        if config["sample_every"] and step % config["sample_every"] == 0 and rank == 0:
+            write_sample_grid(run.ema, vae, config, step, run_dir, device)
         preempted = stop.agreed(world)  # one host all-reduce per step: every rank stops after the same step
-        if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"] or preempted:
-            save_checkpoint(run_dir, cfg, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+        if step % config["ckpt_every"] == 0 or step == config["max_steps"] or preempted:
+            save_checkpoint(run_dir, config, step, run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
                             bad_in_a_row=bad_in_a_row)
         if preempted:
             log.info("preempted (%s): stopped after step %d with a checkpoint; re-run the same command to continue",
@@ -697,7 +697,7 @@ def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
     cluster.barrier(world)
 
 
-def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, device, rank, world):
+def roll_back(run, config, run_dir, step, burst, batch_index, rollbacks, metrics, device, rank, world):
     """After `burst` non-finite steps in a row, reload the newest periodic checkpoint before them; returns its step.
 
     The data and noise streams are not rewound: training goes on with global batch batch_index, so the
@@ -706,21 +706,21 @@ def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, d
     """
     first_bad = step - burst  # the step count before the burst's first step
     stopping = f"{burst} non-finite steps in a row at step {step}"
-    if len(rollbacks) >= cfg["max_rollbacks"]:
+    if len(rollbacks) >= config["max_rollbacks"]:
         fail(f"{stopping} after {len(rollbacks)} rollbacks (--max-rollbacks); the newest checkpoint is still good: "
              "lower --lr or use --precision bf16/fp32")
     # only periodic checkpoints: a preemption or end-of-run one in between must not change where a rollback lands
     older = [p for p in checkpoint_paths(run_dir)
-             if checkpoint_step(p) <= first_bad and checkpoint_step(p) % cfg["ckpt_every"] == 0]
+             if checkpoint_step(p) <= first_bad and checkpoint_step(p) % config["ckpt_every"] == 0]
     if not older:
         fail(f"{stopping} and no --ckpt-every checkpoint from before step {first_bad + 1} to roll back to: lower "
              "--lr or use --precision bf16/fp32")
-    path, ckpt = load_run_checkpoint(older, cfg, world)
+    path, ckpt = load_run_checkpoint(older, config, world)
     load_state(run, ckpt)
     rollback = dict(step=ckpt["step"], first_batch=ckpt.get("batch", ckpt["step"]), last_batch=batch_index - 1)
     rollbacks.append(rollback)
     log.warning("%s: rollback %d of at most %d to %s; global batches %d..%d skipped", stopping, len(rollbacks),
-                cfg["max_rollbacks"], path, rollback["first_batch"], rollback["last_batch"])
+                config["max_rollbacks"], path, rollback["first_batch"], rollback["last_batch"])
     if rank == 0:
         for newer in checkpoint_paths(run_dir):
             if checkpoint_step(newer) > ckpt["step"]:  # written after the rollback point: another history now
@@ -728,7 +728,7 @@ def roll_back(run, cfg, run_dir, step, burst, batch_index, rollbacks, metrics, d
         trim_metrics(os.path.join(run_dir, METRICS), ckpt["step"])
         metrics.write(dict(step=ckpt["step"], rollbacks=len(rollbacks), skipped_from_batch=rollback["first_batch"],
                            skipped_to_batch=rollback["last_batch"]))
-    save_checkpoint(run_dir, cfg, ckpt["step"], run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
+    save_checkpoint(run_dir, config, ckpt["step"], run, device, rank, world, batch=batch_index, rollbacks=rollbacks,
                     bad_in_a_row=0)
     return ckpt["step"]
 
@@ -745,18 +745,18 @@ def reduce_stats(stats, world):
     return row
 
 
-def save_checkpoint(run_dir, cfg, step, run, device, rank, world, **extra):
+def save_checkpoint(run_dir, config, step, run, device, rank, world, **extra):
     """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts.
 
     extra: batch (the next global batch) and rollbacks (skipped batch ranges), see roll_back.
     """
     if rank == 0:  # every rank holds the same random states: one copy resumes them all
         ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED if getattr(run, key) is not None}
-        ckpt.update(step=step, rng=rng_state(run.gen, device), config=cfg, **extra)
+        ckpt.update(step=step, rng=rng_state(run.gen, device), config=config, **extra)
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         write_atomic(path, lambda f: torch.save(ckpt, f))
-        for old in checkpoint_paths(run_dir)[: -cfg["keep_ckpts"]]:
-            if not (cfg["keep_every"] and int(os.path.basename(old)[:-3]) % cfg["keep_every"] == 0):  # kept for good
+        for old in checkpoint_paths(run_dir)[: -config["keep_ckpts"]]:
+            if not (config["keep_every"] and int(os.path.basename(old)[:-3]) % config["keep_every"] == 0):  # kept for good
                 os.remove(old)
         log.info("saved %s", path)
     cluster.barrier(world)
@@ -776,10 +776,10 @@ def trim_metrics(path, step):
 # Experiment logging
 
 
-def require_loggers(cfg):
+def require_loggers(config):
     """A one-line error when --wandb or --tensorboard 1 is asked for and its package is missing."""
-    wanted = [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")] if cfg["tensorboard"] else []
-    wanted += [(f"--wandb {cfg['wandb']}", "wandb", "wandb")] if cfg.get("wandb") else []
+    wanted = [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")] if config["tensorboard"] else []
+    wanted += [(f"--wandb {config['wandb']}", "wandb", "wandb")] if config.get("wandb") else []
     for flag, module, package in wanted:
         try:
             importlib.import_module(module)
@@ -791,17 +791,17 @@ def require_loggers(cfg):
 class MetricsLog:
     """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and the loss-curve PNG."""
 
-    def __init__(self, run_dir, cfg, step):
+    def __init__(self, run_dir, config, step):
         """Trim rows past the resumed step and open the mirrors asked for."""
         self.path, self.png = os.path.join(run_dir, METRICS), os.path.join(run_dir, LOSS_CURVES)
         trim_metrics(self.path, step)
         self.tensorboard = self.wandb = None
-        if cfg["tensorboard"]:
+        if config["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events it is about to write again
             self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1)
-        if cfg.get("wandb"):
+        if config.get("wandb"):
             import wandb
 
             id_path = os.path.join(run_dir, "wandb-id.txt")  # one W&B run per run folder, across resumes
@@ -809,8 +809,8 @@ class MetricsLog:
                 write_atomic(id_path, lambda f: f.write(uuid.uuid4().hex[:16].encode()))
             with open(id_path) as f:
                 run_id = f.read().strip()
-            self.wandb = wandb.init(project=cfg["wandb"], name=cfg["run_name"], id=run_id, resume="allow",
-                                    config=cfg, dir=run_dir)
+            self.wandb = wandb.init(project=config["wandb"], name=config["run_name"], id=run_id, resume="allow",
+                                    config=config, dir=run_dir)
 
     def write(self, row):
         """Append row (a dict of numbers with a "step") everywhere and redraw the loss curves."""
