@@ -16,11 +16,15 @@ RESNET18_WEIGHTS = "IMAGENET1K_V1"  # torchvision's ImageNet ResNet-18, checksum
 class Discriminator(nn.Module):
     """1x1 conv D_enc->64, bn1, relu, layer1, layer2, global average pool, Linear(128, 1)."""
 
-    def __init__(self, in_channels, pretrained=False):
+    def __init__(self, in_channels, pretrained=False, weights=None):
+        """pretrained: torchvision's ImageNet weights (downloaded once), or the same file given as weights."""
         super().__init__()
-        weights = torchvision.models.ResNet18_Weights[RESNET18_WEIGHTS] if pretrained else None
-        trunk = torchvision.models.resnet18(weights=weights)
-        self.pretrained = pretrained
+        download = pretrained and weights is None
+        trunk = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights[RESNET18_WEIGHTS] if download
+                                            else None)
+        if weights is not None:  # torchvision's resnet18-f37072fd.pth, for machines without network access
+            trunk.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.pretrained = pretrained or weights is not None
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=1, bias=False)  # replaces the 7x7 RGB stem
         # No maxpool (our reading, see the README): a 16x16 token map stays 16x16 through layer1, 8x8 after layer2.
         self.bn1, self.relu, self.layer1, self.layer2 = trunk.bn1, trunk.relu, trunk.layer1, trunk.layer2
@@ -85,12 +89,13 @@ def sync_batchnorm(module):
     return module
 
 
-def build_discriminator(in_channels, pretrained=False, lr=2e-4, betas=(0.5, 0.999), sync_bn=False):
+def build_discriminator(in_channels, pretrained=False, lr=2e-4, betas=(0.5, 0.999), sync_bn=False, weights=None):
     """The discriminator and its own Adam (lr 2e-4, betas (0.5, 0.999): the usual GAN setting; SARA gives none).
 
-    sync_bn: batch statistics over the global batch under DDP (SyncBatchNorm2d) instead of per rank.
+    sync_bn: batch statistics over the global batch under DDP (SyncBatchNorm2d) instead of per rank;
+    weights: a local file of the ImageNet ResNet-18 instead of the download.
     """
-    disc = Discriminator(in_channels, pretrained)
+    disc = Discriminator(in_channels, pretrained, weights)
     disc = sync_batchnorm(disc) if sync_bn else disc
     return disc, torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
 

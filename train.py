@@ -58,17 +58,26 @@ PRESETS = {
 }
 CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")  # Run fields with state
 # Flags that may change when a run is resumed; any other difference means another experiment.
-RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "num_workers",
-                     "compile", "tf32", "max_bad_steps", "out", "data_dir", "world_size", "grad_checkpointing",
-                     "vae", "sample_steps", "keep_every", "eval_every", "eval_ref", "eval_samples", "eval_cfg",
-                     "eval_steps", "eval_weights",
-                     "preempt_signals", "max_rollbacks", "wandb", "tensorboard"}
+# Weight-file flags are paths: local copies of the same weights may move.
+RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "keep_every", "num_workers",
+                     "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks", "preempt_signals",
+                     "out", "data_dir", "world_size", "vae", "sample_steps", "eval_every", "eval_ref", "eval_samples",
+                     "eval_cfg", "eval_steps", "eval_weights", "enc_weights", "disc_weights", "wandb", "tensorboard"}
 METRICS = "metrics.jsonl"
 LOSS_CURVES = "losses.png"
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
+
+
+def signal_names(text):
+    """--preempt-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
+    names = () if text.lower() == "none" else tuple(n.strip().upper().removeprefix("SIG") for n in text.split(","))
+    for name in names:
+        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in ("KILL", "STOP"):
+            raise argparse.ArgumentTypeError(f"{name} is not a signal a process can catch; use e.g. TERM,USR1 or none")
+    return names
 
 
 def parse_args(argv=None):
@@ -119,6 +128,7 @@ def parse_args(argv=None):
     a("--disc-lr", type=float, default=2e-4, help="discriminator Adam learning rate")
     a("--disc-betas", type=float, nargs=2, default=(0.5, 0.999), help="discriminator Adam betas")
     a("--disc-pretrained", type=int, choices=[0, 1], help="1: ImageNet ResNet-18 trunk (paper); 0: random")
+    a("--disc-weights", help="local file of torchvision's ImageNet ResNet-18 (resnet18-f37072fd.pth) instead of the download")
     a("--disc-sync-bn", type=int, choices=[0, 1], default=0,
       help="1: D's BatchNorm uses the global batch's statistics under DDP; 0: each rank's own (as the papers)")
     # Speed
@@ -435,10 +445,11 @@ def build_run(config, num_classes, device, world):
         forward_model=torch.compile(wrap(model)) if config["compile"] else wrap(model),
     )
     if align.adv_weight:
-        with cluster.failing(fail, "the discriminator's ResNet-18 trunk (--disc-pretrained 1)"):
+        with cluster.failing(fail, "the discriminator's ResNet-18 trunk (--disc-pretrained 1; offline: --disc-weights)"):
             disc, run.disc_opt = build_discriminator(model.config["z_dims"][0], bool(config["disc_pretrained"]),
                                                      config["disc_lr"], tuple(config["disc_betas"]),
-                                                     sync_bn=bool(config.get("disc_sync_bn")))
+                                                     sync_bn=bool(config.get("disc_sync_bn")),
+                                                     weights=config.get("disc_weights"))
         run.disc = disc.to(device)
         run.disc_scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")
         run.forward_disc = wrap(run.disc)

@@ -214,3 +214,17 @@ def test_discriminator_learns_to_separate():
         loss.backward()
         disc_opt.step()
     assert loss.item() < 0.5 * first and acc.item() == 1.0
+
+
+def test_discriminator_trunk_from_a_local_file(tmp_path):
+    """--disc-weights: torchvision's ResNet-18 file fills bn1, layer1 and layer2 exactly; the run counts it pretrained."""
+    import torchvision
+
+    torch.manual_seed(3)
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    disc, _ = build_discriminator(32, weights=str(tmp_path / "resnet18.pth"))
+    for name in ("bn1", "layer1", "layer2"):
+        for key, value in getattr(resnet, name).state_dict().items():
+            assert torch.equal(getattr(disc, name).state_dict()[key], value), f"{name}.{key}"
+    assert disc.pretrained and not build_discriminator(32)[0].pretrained
