@@ -186,7 +186,8 @@ def align_config(preset, **overrides):
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown alignment options {sorted(unknown)}")
-    return replace(AlignConfig(**PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    return replace(AlignConfig(**PRESETS[preset]), **overrides)
 
 
 @dataclass

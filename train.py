@@ -138,7 +138,7 @@ def parse_args(argv=None):
     a("--num-workers", type=int, help="data loader workers per rank")
     # Output
     a("--out", default="runs", help="folder that holds the run folders")
-    a("--run-name", help="run folder name (default: preset-align-model)")
+    a("--run-name", help="run folder name (default: preset-align-model, then each flag that differs from the preset)")
     a("--ckpt-every", type=int, help="checkpoint every this many steps (and at the end)")
     a("--keep-ckpts", type=int, default=3, help="how many newest checkpoints to keep")
     a("--log-every", type=int, help="log line and metrics.jsonl row every this many steps")
@@ -300,6 +300,23 @@ def checkpoint_step(path):
     return int(os.path.splitext(os.path.basename(path))[0])
 
 
+# AlignConfig fields before they took their flags' names: checkpoints written then still resume.
+OLD_ALIGN_NAMES = {"patch": "patch_weight", "struc": "struc_weight", "adv": "adv_weight", "vae": "sra_weight",
+                   "vae_objective": "sra_objective", "vae_beta": "sra_beta", "path": "path_type"}
+
+
+def upgrade_config(stored):
+    """A checkpoint's config in today's names, with flags added since at their defaults (what the run used)."""
+    defaults = {k: v for k, v in vars(parse_args(["--preset", stored["preset"]])).items() if v is not None}
+    config = {**defaults, **stored}
+    align = dict(config["align_config"])
+    if "vae_t_lo" in align:
+        align["sra_t_range"] = (align.pop("vae_t_lo"), align.pop("vae_t_hi"))
+    config["align_config"] = {OLD_ALIGN_NAMES.get(k, k): v for k, v in align.items()}
+    config["model_config"] = {"path_type": config["align_config"]["path_type"], **config.get("model_config", {})}
+    return config
+
+
 def load_run_checkpoint(paths, config, world):
     """(path, checkpoint): the newest readable one of paths, checked to be written by the same configuration.
 
@@ -325,6 +342,7 @@ def load_run_checkpoint(paths, config, world):
     missing = {"model", "ema", "opt", "step", "rng", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         fail(f"{path} is not a train.py checkpoint (missing {sorted(missing)}); use another --run-name")
+    ckpt["config"] = upgrade_config(ckpt["config"])
     diff = sorted(k for k in set(config) | set(ckpt["config"]) if k not in RESUMABLE_CHANGES
                   and config.get(k) != ckpt["config"].get(k))
     if diff:
@@ -624,6 +642,7 @@ class Evaluator:
     inception: torch.nn.Module
     digest: str  # sha256 of the Inception weights, written with every score
     ref: fid.Features | None  # rank 0: reference pool3 rows and the statistics FID compares against
+    factors: tuple | None  # rank 0: the reference covariances' factors (FID, sFID), computed once for every evaluation
     done: set = field(default_factory=set)  # steps with a score in metrics.jsonl (a resumed run skips them)
 
 
@@ -655,7 +674,8 @@ def build_evaluator(config, run_dir, rank, world, device):
     cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
     path = os.path.join(run_dir, METRICS)
     done = {row["step"] for row in map(json.loads, open(path)) if "fid" in row} if os.path.exists(path) else set()
-    return Evaluator(inception, digest, ref, done)
+    factors = tuple(fid.covariance_factor(s[1]) for s in (ref.pool_stats, ref.spatial_stats)) if ref else None
+    return Evaluator(inception, digest, ref, factors, done)
 
 
 def merge_gaussians(parts):
@@ -695,9 +715,10 @@ def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
         precision, recall = fid.precision_recall(ref.pool.to(device), pool.to(device))
         row = dict(
             step=step,
-            fid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.pool_stats) for p in parts]), *ref.pool_stats),
+            fid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.pool_stats) for p in parts]), *ref.pool_stats,
+                                   factor2=evaluator.factors[0]),
             sfid=fid.fid_from_stats(*merge_gaussians([(len(p.pool), *p.spatial_stats) for p in parts]),
-                                    *ref.spatial_stats),
+                                    *ref.spatial_stats, factor2=evaluator.factors[1]),
             inception_score=fid.inception_score(torch.softmax(logits.double(), 1).numpy()),
             precision=precision, recall=recall, eval_samples=config["eval_samples"], eval_cfg=config["eval_cfg"],
             eval_steps=config["eval_steps"], eval_sec=time.time() - t_start, inception_sha256=evaluator.digest)

@@ -540,3 +540,17 @@ def test_sara_with_disc_sync_bn_two_ranks_equal_one_process(tmp_path):
     for key, lr in (("model", 1e-4), ("disc", 2e-4)):
         for k, v in a[key].items():
             assert torch.allclose(v.float(), b[key][k].float(), atol=2 * lr, rtol=0), (key, k)
+
+
+def test_checkpoints_from_before_the_vocabulary_pass_still_resume(tmp_path):
+    """A checkpoint whose config has the old AlignConfig names, no path_type and no newer flags resumes as is."""
+    run_dir = run(tmp_path, "--align", "sara+sra2", "--sra-t-range", "0", "0.5", "--max-steps", "2")
+    path = train.checkpoint_paths(run_dir)[-1]
+    ckpt = torch.load(path, weights_only=True)
+    old = {v: k for k, v in train.OLD_ALIGN_NAMES.items()}
+    align = {old.get(k, k): v for k, v in ckpt["config"]["align_config"].items() if k != "sra_t_range"}
+    ckpt["config"]["align_config"] = dict(align, vae_t_lo=0.0, vae_t_hi=0.5)
+    del ckpt["config"]["model_config"]["path_type"], ckpt["config"]["disc_sync_bn"], ckpt["config"]["keep_every"]
+    torch.save(ckpt, path)
+    resumed = newest(run(tmp_path, "--align", "sara+sra2", "--sra-t-range", "0", "0.5", "--max-steps", "4"))
+    assert resumed["step"] == 4
