@@ -311,7 +311,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, kind, message):
     corrupt(kind, path)
     with pytest.raises(SystemExit, match=message) as e:
         sample.load_checkpoint(path)
-    assert "\n" not in str(e.value) and str(e.value).startswith(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"sample.py: error: {path}")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -543,7 +543,7 @@ def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
 
 @pytest.mark.slow
 def test_online_eval_on_two_processes_equals_one(tmp_path):
-    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--lr 0: same EMA)."""
+    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--ema-decay 1: the same EMA, the initial weights)."""
     import fid
     import train
 
@@ -551,7 +551,7 @@ def test_online_eval_on_two_processes_equals_one(tmp_path):
     torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
     ref = str(tmp_path / "ref.npz")
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
-    flags = [*TRAIN, "--align", "none", "--lr", "0", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
+    flags = [*TRAIN, "--align", "none", "--ema-decay", "1", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
              "--eval-steps", "3", "--eval-weights", weights]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
