@@ -407,7 +407,6 @@ FID_EVAL_SIZES, FID_REF_IMAGES = (10_000, 50_000), 10_000  # samples scored agai
 
 
 def add_fid_args(p):
-    """bench.py's --fid flags."""
     a = p.add_argument
     a("--fid", action="store_true", help="time fid.py instead of training: FID from statistics and a whole evaluation")
     a("--fid-dim", type=int, default=fid.POOL_DIM, help="feature dimension of the FID statistics (pool3: 2048)")

@@ -211,7 +211,6 @@ class SyntheticDataset(Dataset):
 
 
 def build_parser():
-    """The argument parser of data.py."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", required=True, help="ImageNet-style folder: one sub-folder of images per class")
@@ -307,7 +306,6 @@ class CroppedImages(Dataset):
         self.items, self.resolution = items, resolution
 
     def __len__(self):
-        """Number of images to process."""
         return len(self.items)
 
     def __getitem__(self, i):

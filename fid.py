@@ -384,7 +384,6 @@ class RunningGaussian:
     """Mean and covariance (np.cov convention, N-1) of feature rows, accumulated batch by batch in float64."""
 
     def __init__(self):
-        """An empty accumulator."""
         self.count, self.shift, self.total, self.scatter = 0, None, None, None
 
     def update(self, feats):
@@ -673,7 +672,6 @@ class ImageSet:
             raise ValueError(f"no such file or folder: {path}")
 
     def __len__(self):
-        """Number of images."""
         return self.count
 
     def batches(self, batch_size, workers=4, rank=0, world=1):

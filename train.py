@@ -858,7 +858,6 @@ class MetricsLog:
         plot_metrics(self.path, self.png)
 
     def close(self):
-        """Flush and close the mirrors."""
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

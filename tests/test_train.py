@@ -63,9 +63,9 @@ def test_smoke_each_alignment_preset(tmp_path, align):
                 "sra2": {"velocity", "sra"}, "repa+sra2": {"velocity", "patch", "sra"}}[align]
     assert expected <= set(rows[0]) and not {"patch", "struc", "adv", "sra"} - expected & set(rows[0])
     assert all(torch.isfinite(torch.tensor(r["velocity"])) for r in rows)
-    cfg = json.load(open(os.path.join(run_dir, "config.json")))
-    assert "data (synthetic)" in cfg["random_components"]  # stand-ins are recorded, never silent
-    assert cfg["model_config"]["sra_depth"] == (1 if "sra2" in align else 0)
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert "data (synthetic)" in config["random_components"]  # stand-ins are recorded, never silent
+    assert config["model_config"]["sra_depth"] == (1 if "sra2" in align else 0)
 
 
 def test_sample_grid_written(tmp_path):
