@@ -40,7 +40,7 @@ import losses
 from cluster import write_atomic
 from data import LatentImageDataset, SyntheticDataset
 from encoders import TINY_RANDOM, load_encoders, sample_latent
-from sample import load_checkpoint, sample_seed
+from sample import load_checkpoint, resolve_ckpt, sample_seed
 
 fail = cluster.failer("analysis.py")
 log = logging.getLogger("analysis")
@@ -546,6 +546,7 @@ def build_dataset(args, resolution):
 def setup(args, device):
     """Model, encoder, dataset and the resolved options (path, encoder, projector); records random stand-ins."""
     try:
+        args.ckpt = resolve_ckpt(args.ckpt)[0] if os.path.isdir(args.ckpt) else args.ckpt  # a run: its newest
         model = load_checkpoint(args.ckpt, args.weights)
     except SystemExit as e:  # sample.py's one-line error, under this script's name
         fail(str(e).removeprefix("sample.py: error: "))
@@ -585,7 +586,7 @@ def parse_args(argv=None):
     """Command-line options; checks that need no model happen here."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="train.py checkpoint, official REPA checkpoint, or bare SiT state dict")
+    a("--ckpt", required=True, help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or bare SiT state dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--data-dir", required=True, help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
     a("--synthetic-classes", type=int, default=10, help="number of classes of the synthetic dataset")

@@ -238,3 +238,11 @@ def test_bench_cknna_rows(capsys):
     assert [r[0] for r in rows] == ["neighbours (encoder, once)", "clamp + neighbours per block", "score per block",
                                     "all 3 blocks"]
     assert "RANDOM" in capsys.readouterr().out
+
+
+def test_a_run_folder_means_its_newest_checkpoint(smoke_ckpt, tmp_path):
+    """--ckpt RUN_FOLDER, as sample.py takes it: the folder's newest checkpoint is analysed."""
+    run_dir = os.path.dirname(os.path.dirname(smoke_ckpt))
+    args = smoke_args(run_dir, tmp_path)
+    analysis.setup(args, torch.device("cpu"))
+    assert args.ckpt == smoke_ckpt
