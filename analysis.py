@@ -222,7 +222,7 @@ def sit_features(model, x0, eps, t, y, path="linear", keep=(), use_labels=False)
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(pooled), kept, [z.float() for z in out.zs]
+    return torch.stack(pooled), kept, [z.float() for z in out.h_dens]
 
 
 def batch_features(model, encoder, batch, indices, args, device, keep=()):

@@ -192,7 +192,7 @@ def measure_parts(args):
     noise = losses.draw_noise(b, latent_shape, align, config["class_dropout"], DEVICE, run.gen)
     x0 = torch.randn(b, *latent_shape, device=DEVICE)  # (B, 4, r/8, r/8)
     amp = train.autocast_args(config["precision"], DEVICE)
-    z_encs, hs = [], []
+    z_encs, h_dens = [], []
 
     def encoder():
         with torch.no_grad(), torch.autocast(**amp):
@@ -202,11 +202,11 @@ def measure_parts(args):
         with torch.autocast(**amp):
             out = losses.training_losses(run.model, x0, labels, z_encs, align, noise, run.disc)
         run.scaler.scale(out.total).backward()
-        hs[:] = out.hs
+        h_dens[:] = out.h_dens
 
     def discriminator_step():
         with torch.autocast(**amp):
-            d_loss, _ = losses.discriminator_step_loss(run.disc, z_encs[0], hs[0])
+            d_loss, _ = losses.discriminator_step_loss(run.disc, z_encs[0], h_dens[0])
         run.disc_scaler.scale(d_loss).backward()
         run.disc_scaler.step(run.disc_opt)
         run.disc_scaler.update()

@@ -17,6 +17,22 @@ import torch.distributed as dist
 # One way to fail: a one-line error that says what was wrong and what to do, never a traceback
 
 
+class UserError(ValueError):
+    """Bad input or a fault the user can mend; the message says what was wrong and what to do.
+
+    Library code raises it; only a script's main turns it into one line (see main_errors).
+    """
+
+
+@contextlib.contextmanager
+def main_errors(script):
+    """Around a script's main: a UserError ends the process as `script: error: message`, exit status 1."""
+    try:
+        yield
+    except UserError as e:
+        raise SystemExit(f"{script}: error: {e}") from None
+
+
 def failer(script):
     """The script's fail(msg): raise SystemExit('script: error: msg'), argparse's format."""
 

@@ -47,10 +47,10 @@ def velocity_loss(v_pred, v_target):
 # Representation alignment to an external encoder (REPA, SARA)
 
 
-def patch_loss(z_encs, hs):
+def patch_loss(z_encs, h_dens):
     """L_patch, SARA (6) = REPA: minus the mean token-wise cosine similarity over encoders, batch, tokens."""
     # REPA averages per-sample token means over the batch and encoders: equal to this flat mean.
-    cos = [F.cosine_similarity(z.detach().float(), h.float(), dim=-1).mean() for z, h in zip(z_encs, hs, strict=True)]
+    cos = [F.cosine_similarity(z.detach().float(), h.float(), dim=-1).mean() for z, h in zip(z_encs, h_dens, strict=True)]
     return -torch.stack(cos).mean()
 
 
@@ -60,13 +60,13 @@ def autocorrelation(h):
     return h @ h.transpose(1, 2)  # (B, N, N)
 
 
-def struc_loss(z_enc, h, reduction="mean"):
+def struc_loss(z_enc, h_den, reduction="mean"):
     """L_struc, SARA (8): ||A(z_enc) - A(h_den)||_F^2, averaged over the batch.
 
     reduction='mean' also divides by the N*N entries (our reading, see the README: the literal sum
     is N^2 = 65,536 times larger at 256 tokens and would swamp the other terms at beta = 0.5).
     """
-    sq = (autocorrelation(z_enc.detach()) - autocorrelation(h)).square()  # (B, N, N); encoder side fixed
+    sq = (autocorrelation(z_enc.detach()) - autocorrelation(h_den)).square()  # (B, N, N); encoder side fixed
     if reduction == "mean":
         return sq.mean()
     if reduction == "sum":
@@ -105,10 +105,10 @@ def frozen(module):
             p.requires_grad_(f)
 
 
-def discriminator_step_loss(disc, z_enc, h):
+def discriminator_step_loss(disc, z_enc, h_den):
     """L_D (SARA (9)) on one batch plus D's accuracy; the denoiser side is detached (D's step only)."""
     real = disc(tokens_to_map(z_enc.detach()))  # (B,) logits; encoder tokens are the positives
-    fake = disc(tokens_to_map(h.detach()))  # (B,)
+    fake = disc(tokens_to_map(h_den.detach()))  # (B,)
     acc = torch.cat([real > 0, fake < 0]).float().mean()
     return discriminator_loss(real, fake), acc
 
@@ -117,7 +117,7 @@ def discriminator_step_loss(disc, z_enc, h):
 # Self-representation alignment to the VAE latent (SRA^2)
 
 
-def sra_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
+def sra_loss(x0_hat, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
     """L_align, SRA2 (7): head prediction vs the clean scaled latent x0 (detached), zero outside t_range.
 
     smooth_l1 (beta 0.05, the paper's), l1, l2 (mean reductions, as the authors' SRA code) or
@@ -125,15 +125,15 @@ def sra_loss(pred, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1
     """
     # SRA2 (7) as printed is discontinuous at |df| = beta (its linear branch is |df|/beta - 1/2);
     # we use torch's smooth_l1 (0.5 df^2 / beta, else |df| - beta / 2), whose quadratic branch it shares.
-    pred, x0 = pred.float(), x0.detach().float()
+    x0_hat, x0 = x0_hat.float(), x0.detach().float()
     if objective == "smooth_l1":
-        per = F.smooth_l1_loss(pred, x0, beta=beta, reduction="none")  # (B, C, H, W)
+        per = F.smooth_l1_loss(x0_hat, x0, beta=beta, reduction="none")  # (B, C, H, W)
     elif objective == "l1":
-        per = (pred - x0).abs()
+        per = (x0_hat - x0).abs()
     elif objective == "l2":
-        per = (pred - x0).square()
+        per = (x0_hat - x0).square()
     elif objective == "cosine":
-        per = 1 - F.cosine_similarity(pred, x0, dim=1)  # (B, H, W)
+        per = 1 - F.cosine_similarity(x0_hat, x0, dim=1)  # (B, H, W)
     else:
         raise ValueError(f"unknown SRA^2 objective {objective!r}; choose smooth_l1, l1, l2 or cosine")
     per_sample = per.flatten(1).mean(dim=1)  # (B,)
@@ -217,7 +217,7 @@ class StepLosses:
 
     total: torch.Tensor
     terms: dict  # name -> scalar tensor, unweighted
-    hs: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
+    h_dens: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
 
 
 def training_losses(model, x0, y, z_encs, align, noise, disc=None):
@@ -232,21 +232,21 @@ def training_losses(model, x0, y, z_encs, align, noise, disc=None):
     x_t = alpha * x0 + sigma * eps  # (B, C, H, W)
     out = model(x_t, t, y, drop=noise.drop)
     terms = {"velocity": velocity_loss(out.v, d_alpha * x0 + d_sigma * eps)}
-    if align.needs_encoder and len(out.zs) != len(z_encs):
-        raise ValueError(f"model has {len(out.zs)} projectors but {len(z_encs)} encoders were given")
+    if align.needs_encoder and len(out.h_dens) != len(z_encs):
+        raise ValueError(f"model has {len(out.h_dens)} projectors but {len(z_encs)} encoders were given")
     if align.patch_weight:
-        terms["patch"] = patch_loss(z_encs, out.zs)
+        terms["patch"] = patch_loss(z_encs, out.h_dens)
     if align.struc_weight:
-        terms["struc"] = torch.stack([struc_loss(z, h, align.struc_reduction) for z, h in zip(z_encs, out.zs)]).mean()
+        terms["struc"] = torch.stack([struc_loss(z, h, align.struc_reduction) for z, h in zip(z_encs, out.h_dens, strict=True)]).mean()
     if align.adv_weight:
         with frozen(disc):  # one discriminator, on the first encoder's tokens (our choice, see the README)
-            terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.zs[0])))
+            terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.h_dens[0])))
     if align.sra_weight:
-        if out.latent is None:
+        if out.x0_hat is None:
             raise ValueError("the SRA^2 term needs a model built with sra_depth > 0")
-        terms["sra"] = sra_loss(out.latent, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range)
+        terms["sra"] = sra_loss(out.x0_hat, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range)
     weights = {"velocity": 1.0, "patch": align.patch_weight, "struc": align.struc_weight, "adv": align.adv_weight,
                "sra": align.sra_weight}
     total = sum(weights[k] * v for k, v in terms.items())
-    return StepLosses(total, terms, out.zs)
+    return StepLosses(total, terms, out.h_dens)
 

@@ -185,11 +185,11 @@ class FinalLayer(nn.Module):
 
 
 class SiTOutput(NamedTuple):
-    """What one forward returns; indexable like REPA's (v, zs) tuple: out[0] is the velocity."""
+    """What one forward returns; indexable like REPA's (v, zs_tilde) tuple: out[0] is the velocity."""
 
     v: torch.Tensor  # (B, C, H, W) predicted velocity eps - x0
-    zs: list  # per encoder: (B, N, D_enc) projector output at the REPA/SARA tap (empty if none)
-    latent: torch.Tensor | None  # (B, C, H, W) SRA^2 head prediction of the clean latent, or None
+    h_dens: list  # per encoder: (B, N, D_enc) projector output h_den, SARA (5) (empty if none)
+    x0_hat: torch.Tensor | None  # (B, C, H, W) SRA^2 head's prediction of the clean latent, or None
 
 
 class SiT(nn.Module):
@@ -275,6 +275,10 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def null_condition(self, y):
+        """The null class for each label in y (B,): the unconditional half of classifier-free guidance."""
+        return torch.full_like(y, self.num_classes)
+
     def forward(self, x, t, y, align=True, drop=None):
         """x (B, C, H, W) noisy latent, t (B,) in [0, 1], y (B,) labels -> SiTOutput.
 
@@ -283,18 +287,18 @@ class SiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
         c = self.t_embedder(t) + self.y_embedder(y, drop)  # (B, H)
-        zs, latent = [], None
+        h_dens, x0_hat = [], None
         for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)  # (B, N, H)
             if align and i == self.encoder_depth:  # tap: raw residual stream, before any norm
-                zs = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
+                h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
             if align and i == self.sra_depth:
-                latent = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)  # (B, C, H, W)
+                x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)  # (B, C, H, W)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
-        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), zs, latent)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def euler_ode(velocity, x, num_steps=50, heun=False):
 
 def guided_velocity(model, y, cfg=1.0, guidance_low=0.0, guidance_high=1.0):
     """Velocity function of a SiT for labels y (B,), with CFG on all channels inside the guidance interval."""
-    null = torch.full_like(y, model.num_classes)  # the null class, REPA's y_null
+    null = model.null_condition(y)  # REPA's y_null
 
     def velocity(x, t, t_step=None):
         """x (B, C, H, W) float64 at time t -> v float64; t_step (default t) decides whether to guide."""

@@ -506,7 +506,7 @@ def train_step(run, config, align, batch, step, rows):
     record.update(bad_steps=torch.tensor(float(not finite)))
     if run.disc is not None and is_disc_step(step, config["disc_every"]):
         with torch.autocast(**amp):
-            d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0], out.hs[0])
+            d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0], out.h_dens[0])
         run.disc_scaler.scale(d_loss).backward()
         run.disc_scaler.step(run.disc_opt)
         run.disc_scaler.update()

@@ -173,7 +173,7 @@ def test_gradient_routing():
     model.zero_grad()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     d_before = [p.clone() for p in disc.parameters()]
-    d_loss, acc = L.discriminator_step_loss(disc, z[0], out.hs[0])
+    d_loss, acc = L.discriminator_step_loss(disc, z[0], out.h_dens[0])
     disc_opt.zero_grad()
     d_loss.backward()
     disc_opt.step()
@@ -205,7 +205,7 @@ def test_every_preset_overfits_one_batch(preset):
 
 def test_discriminator_learns_to_separate():
     model, encoder, disc, disc_opt, x0, y, z, align = tiny_setup("sara")
-    h = L.training_losses(model, x0, y, z, align, noise(x0), disc).hs[0].detach()
+    h = L.training_losses(model, x0, y, z, align, noise(x0), disc).h_dens[0].detach()
     first = None
     for _ in range(30):
         loss, acc = L.discriminator_step_loss(disc, z[0], h)

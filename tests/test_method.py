@@ -184,7 +184,7 @@ def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
         z = run.encoders[0](images)  # (B, N, D)
         x0 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         noise = L.draw_noise(8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(6))
-        h = L.training_losses(run.model, x0, labels, [z], align, noise, run.disc).hs[0]
+        h = L.training_losses(run.model, x0, labels, [z], align, noise, run.disc).h_dens[0]
         real, fake = run.disc(L.tokens_to_map(z)), run.disc(L.tokens_to_map(h))
     assert real.min() > 0.3 and fake.max() < -0.3, (real, fake)  # on a fresh noise draw too
 
@@ -331,7 +331,8 @@ def test_default_guidance_interval_guides_every_step(sampler):
     class Recorder(torch.nn.Module):
         """A stand-in SiT that records the batch size and time of every forward."""
 
-        num_classes = 10
+        def null_condition(self, y):
+            return torch.full_like(y, 10)
 
         def forward(self, x, t, y, align):
             batches.append((round(t[0].item(), 6), len(x)))

@@ -22,8 +22,8 @@ def test_repa_state_dict_loads_strict_and_outputs_match():
         out = net(REF["x"], REF["t"], REF["y"])
     assert (out.v - REF["v_eval"]).abs().max() <= 1e-5
     assert out[0] is out.v  # REPA's samplers index the output
-    assert len(out.zs) == len(REF["zs_eval"]) == 2
-    for z, z_ref in zip(out.zs, REF["zs_eval"]):
+    assert len(out.h_dens) == len(REF["zs_eval"]) == 2
+    for z, z_ref in zip(out.h_dens, REF["zs_eval"]):
         assert (z - z_ref).abs().max() <= 1e-5
 
 
@@ -68,10 +68,10 @@ def test_small_preset_runs_with_both_taps():
     net = build_sit("SiT-S/8", input_size=16, num_classes=10, encoder_depth=4, z_dims=[12, 20], sra_depth=2).eval()
     x = torch.randn(2, 4, 16, 16)
     out = net(x, torch.rand(2), torch.tensor([0, 10]))
-    assert out.v.shape == x.shape and out.latent.shape == x.shape
-    assert [z.shape for z in out.zs] == [(2, 4, 12), (2, 4, 20)]
+    assert out.v.shape == x.shape and out.x0_hat.shape == x.shape
+    assert [z.shape for z in out.h_dens] == [(2, 4, 12), (2, 4, 20)]
     plain = net(x, torch.rand(2), torch.tensor([0, 10]), align=False)
-    assert plain.zs == [] and plain.latent is None
+    assert plain.h_dens == [] and plain.x0_hat is None
 
 
 def test_taps_read_the_residual_stream_after_the_named_block():
@@ -88,9 +88,9 @@ def test_taps_read_the_residual_stream_after_the_named_block():
         h = block(h, c)
         feats.append(h)
     out = net(x, t, y)
-    assert torch.allclose(out.zs[0], net.projectors[0](feats[1]), atol=1e-6)
-    assert out.latent.shape == x.shape
-    assert torch.allclose(out.latent[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, 16),
+    assert torch.allclose(out.h_dens[0], net.projectors[0](feats[1]), atol=1e-6)
+    assert out.x0_hat.shape == x.shape
+    assert torch.allclose(out.x0_hat[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, 16),
                           net.sra_head(feats[2])[:, 0], atol=1e-6)  # token 0 is the top-left 2x2 patch
 
 
@@ -106,7 +106,7 @@ def test_gradient_checkpointing_is_exact():
     for net in (a, b):
         torch.manual_seed(1)
         out = net(x, t, y)
-        (out.v.square().sum() + out.zs[0].sum()).backward()
+        (out.v.square().sum() + out.h_dens[0].sum()).backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name

@@ -111,7 +111,7 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     # redone in a batch of one instead of two: equal up to float rounding of the convolutions
     redone, original = (np.load(io.BytesIO(s["vae-sd/00000/img-mean-std-00000003.npy"][0])) for s in (after, before))
     assert redone.shape == (8, 4, 4) and redone.dtype == np.float32
-    np.testing.assert_allclose(redone, original, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(redone, original, rtol=1e-4, atol=1e-5)  # batch-size-dependent conv rounding
 
 
 def test_max_images_and_png_compression(tmp_path):

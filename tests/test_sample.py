@@ -91,7 +91,8 @@ def test_guidance_interval_evaluations():
     class Recorder(torch.nn.Module):
         """A stand-in SiT that records (batch, t, labels) of every call."""
 
-        num_classes = 10
+        def null_condition(self, y):
+            return torch.full_like(y, 10)
 
         def forward(self, x, t, y, align):
             """Record the call; velocity 0."""
