@@ -37,14 +37,13 @@ from tqdm import tqdm
 
 import cluster
 import losses
-from cluster import write_atomic
-from data import LatentImageDataset, SyntheticDataset
+import runs
+from cluster import UserError, at_least, fraction, positive, ranged, write_atomic
+from data import SYNTHETIC, LatentImageDataset, SyntheticDataset
 from encoders import TINY_RANDOM, load_encoders, sample_latent
-from sample import load_checkpoint, resolve_ckpt, sample_seed
+from sample import sample_seed
 
-fail = cluster.failer("analysis.py")
 log = logging.getLogger("analysis")
-SYNTHETIC = "synthetic"  # --data-dir value for the built-in procedural dataset (as train.py)
 TOPK = 10  # CKNNA neighbours (Huh et al. and REPA)
 CLAMP_QUANTILE = 0.95  # Huh et al.'s outlier clamp
 CKNNA_EPS = 1e-6  # added to the denominator, as the authors' code does
@@ -323,7 +322,7 @@ def compute_metrics(store, grams, args, depth, num_classes, device):
         """(CKNNA neighbours of the clamped features, clamp value, probe top-1) of one (N, D) representation."""
         x = torch.from_numpy(np.asarray(array)).to(device)  # (N, D)
         clamped, q_val = clamp_outliers(x)
-        result = neighbours(clamped), q_val, probe(x) if not args.no_probe else None
+        result = neighbours(clamped), q_val, probe(x) if args.probe else None
         bar.update(1)
         return result
 
@@ -494,7 +493,7 @@ def figures(model, encoder, dataset, metrics, args, device):
     tap = model.encoder_depth
     plot_curves(metrics, "cknna", "CKNNA vs encoder", f"CKNNA (k={TOPK}) of SiT blocks vs {args.enc_type}", tap,
                 os.path.join(args.out, "cknna.png"))
-    if not args.no_probe:
+    if args.probe:
         plot_curves(metrics, "linear_probe", "held-out top-1", "Linear probe (BatchNorm + Linear) per block", tap,
                     os.path.join(args.out, "linear_probe.png"), reference=(f"encoder {args.enc_type}",
                                                                           metrics["linear_probe"]["encoder"]))
@@ -517,137 +516,140 @@ def figures(model, encoder, dataset, metrics, args, device):
 # Setup
 
 
-def checkpoint_meta(path):
-    """(train.py config dict or {}, REPA argparse args or None), read through mmap so no weights are loaded twice."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return config, ckpt.get("args")
-
-
 def build_dataset(args, resolution):
-    """The REPA-layout dataset of --data-dir or the synthetic one, checked against the model's resolution."""
+    """The REPA-layout dataset of --data-dir or the synthetic one, at the model's resolution."""
     if args.data_dir == SYNTHETIC:
         return SyntheticDataset(args.num_images, args.synthetic_classes, resolution, seed=0)
     try:
         dataset = LatentImageDataset(args.data_dir)
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e)) from e
     if dataset.resolution != resolution:
-        fail(f"{args.data_dir} holds {dataset.resolution} px images but the checkpoint's SiT takes {resolution} px")
+        raise UserError(f"{args.data_dir} holds {dataset.resolution} px images but the checkpoint's "
+                        f"SiT takes {resolution} px")
     if args.num_images > len(dataset):
-        fail(f"--num-images {args.num_images} but {args.data_dir} holds {len(dataset)} images; ask for fewer")
+        raise UserError(f"--num-images {args.num_images} but {args.data_dir} holds {len(dataset)} "
+                        "images; ask for fewer")
     return dataset
 
 
 def setup(args, device):
-    """Model, encoder, dataset and the resolved options (path, encoder, projector); records random stand-ins."""
-    try:
-        args.ckpt = resolve_ckpt(args.ckpt)[0] if os.path.isdir(args.ckpt) else args.ckpt  # a run: its newest
-        model = load_checkpoint(args.ckpt, args.weights)
-    except SystemExit as e:  # sample.py's one-line error, under this script's name
-        fail(str(e).removeprefix("sample.py: error: "))
-    config, repa_args = checkpoint_meta(args.ckpt)
-    args.path_type = model.config["path_type"]  # the training interpolant (REPA's default, linear, if unrecorded)
-    args.enc_type = args.enc_type or config.get("enc_type") or getattr(repa_args, "enc_type", None)
+    """Model, encoder, dataset and the resolved options (path, encoder, projector); records the
+    random stand-ins."""
+    args.ckpt = runs.resolve_ckpt(args.ckpt)[0] if os.path.isdir(args.ckpt) else args.ckpt
+    ckpt = runs.read_checkpoint(args.ckpt)
+    model = runs.build_model(ckpt, args.ckpt, args.weights)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    args.path_type = model.config["path_type"]  # the training interpolant (linear if unrecorded)
+    args.enc_type = args.enc_type or config.get("enc_type") or getattr(ckpt.get("args"), "enc_type", None)
     if args.enc_type is None:
-        log.warning("%s records no encoder and --enc-type is not given: using dinov2-vit-b (REPA's)", args.ckpt)
+        log.warning("%s records no encoder and --enc-type is not given: using dinov2-vit-b (REPA's)",
+                    args.ckpt)
         args.enc_type = "dinov2-vit-b"
     if not args.use_labels and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        fail("the model has no null class (trained without label dropout): pass --use-labels")
+        raise UserError("the model has no null class (trained without label dropout): pass "
+                        "--use-labels 1")
     resolution = model.config["input_size"] * 8
-    with cluster.failing(fail, f"--enc-type {args.enc_type}"):
+    with cluster.failing(f"--enc-type {args.enc_type}"):
         encoders = load_encoders(args.enc_type, device, resolution, args.enc_weights)
     if len(encoders) != 1:
-        fail(f"--enc-type {args.enc_type}: analyse one encoder at a time (pick its projector with --projector)")
+        raise UserError(f"--enc-type {args.enc_type}: analyse one encoder at a time (pick its "
+                        "projector with --projector)")
     encoder = encoders[0]
     z_dims = model.config["z_dims"]
     if args.projector is None and z_dims:
         args.projector = 0
     if args.projector is not None and not 0 <= args.projector < len(z_dims):
-        fail(f"--projector {args.projector}: the model has {len(z_dims)} projectors")
+        raise UserError(f"--projector {args.projector}: the model has {len(z_dims)} projectors")
     if args.projector is not None and z_dims[args.projector] != encoder.embed_dim:
-        fail(f"projector {args.projector} outputs {z_dims[args.projector]} dims but {args.enc_type} gives "
-             f"{encoder.embed_dim}: pass the encoder the model was trained with (--enc-type)")
+        raise UserError(f"projector {args.projector} outputs {z_dims[args.projector]} dims but "
+                        f"{args.enc_type} gives {encoder.embed_dim}: pass the encoder the model was "
+                        "trained with (--enc-type)")
     dataset = build_dataset(args, resolution)
     random_parts = [f"training run: {part}" for part in config.get("random_components", [])]
     random_parts += [f"data ({SYNTHETIC})"] if dataset.synthetic else []
-    random_parts += [f"data latents (VAE {TINY_RANDOM})"] if getattr(dataset, "vae", None) == TINY_RANDOM else []
+    if getattr(dataset, "vae", None) == TINY_RANDOM:
+        random_parts.append(f"data latents (VAE {TINY_RANDOM})")
     random_parts += [f"encoder ({encoder.name})"] if not encoder.pretrained else []
     for part in random_parts:
-        log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; these numbers mean nothing", part)
+        log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; these numbers mean nothing",
+                    part)
     return model.to(device), encoder, dataset, random_parts
 
 
 def parse_args(argv=None):
     """Command-line options; checks that need no model happen here."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="analysis.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or bare SiT state dict")
+    count, flag = at_least(1), dict(type=int, choices=[0, 1])
+    a("--ckpt", required=True,
+      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT state dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
-    a("--data-dir", required=True, help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
-    a("--synthetic-classes", type=int, default=10, help="number of classes of the synthetic dataset")
-    a("--num-images", type=int, default=10000, help="the first this many images of the dataset")
-    a("--t", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="times t (t=1 is noise) to analyse the SiT at")
+    a("--data-dir", required=True, help=f"REPA-layout folder from data.py, or '{SYNTHETIC}'")
+    a("--synthetic-classes", type=count, default=10, help="number of classes of the synthetic data")
+    a("--num-images", type=at_least(TOPK + 1), default=10000,
+      help=f"the first this many images of the dataset (CKNNA's k = {TOPK} needs more than {TOPK})")
+    a("--t", type=fraction(), nargs="+", default=[0.25, 0.5, 0.75],
+      help="times t in [0, 1] (t=1 is noise) to analyse the SiT at")
     a("--enc-type", help="encoder as train.py's --enc-type (default: the checkpoint's, else dinov2-vit-b)")
     a("--enc-weights", help="local encoder checkpoint instead of downloading (as train.py)")
-    a("--projector", type=int, help="which projector matches --enc-type (default 0; none if the model has none)")
-    a("--use-labels", action="store_true",
-      help="condition on the true labels; default the null class, as REPA's authors (no label leaks into probes)")
-    a("--no-probe", action="store_true", help="skip the linear probes")
-    a("--probe-holdout", type=float, default=0.2, help="held-out fraction of the images for the probe's top-1")
-    a("--probe-epochs", type=int, default=30, help="linear probe training epochs")
-    a("--probe-lr", type=float, default=1e-3, help="linear probe Adam learning rate (cosine schedule)")
-    a("--probe-batch-size", type=int, default=1024, help="linear probe batch size")
-    a("--figure-images", type=int, default=4, help="images in the SARA Fig. 2a and SRA^2 Fig. 2 figures")
-    a("--pca-blocks", type=int, default=6, help="SiT blocks shown in the PCA figure (spread over the depth)")
-    a("--batch-size", type=int, default=64, help="images per forward, per process")
-    a("--num-workers", type=int, default=4, help="data loader workers per process")
+    a("--projector", type=at_least(0),
+      help="which projector matches --enc-type (default 0; none if the model has none)")
+    a("--use-labels", **flag, default=0,
+      help="1: condition on the true labels; 0: the null class, as REPA's authors (no label leaks)")
+    a("--probe", **flag, default=1, help="0: skip the linear probes")
+    a("--probe-holdout", type=ranged(float, "in (0, 1)", lambda v: 0 < v < 1), default=0.2,
+      help="held-out fraction of the images for the probe's top-1")
+    a("--probe-epochs", type=count, default=30, help="linear probe training epochs")
+    a("--probe-lr", type=positive(), default=1e-3, help="linear probe Adam learning rate (cosine)")
+    a("--probe-batch-size", type=count, default=1024, help="linear probe batch size")
+    a("--figure-images", type=count, default=4, help="images in the SARA Fig. 2a and SRA^2 Fig. 2 figures")
+    a("--pca-blocks", type=count, default=6, help="SiT blocks in the PCA figure (spread over the depth)")
+    a("--batch-size", type=count, default=64, help="images per forward, per process")
+    a("--num-workers", type=at_least(0), default=4, help="data loader workers per process")
     a("--out", required=True, help="output folder: analysis.json, the PNGs, features/ while running")
-    a("--keep-features", action="store_true", help="keep the pooled features (out/features/*.npy) afterwards")
+    a("--keep-features", **flag, default=0, help="1: keep the pooled features (out/features/*.npy)")
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    args = p.parse_args(argv)
-    for name in ("num_images", "batch_size", "figure_images", "pca_blocks", "probe_epochs", "probe_batch_size",
-                 "synthetic_classes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_images <= TOPK:
-        fail(f"--num-images {args.num_images}: CKNNA with k={TOPK} needs more than {TOPK} images")
-    if not all(0 <= t <= 1 for t in args.t):
-        fail(f"--t {args.t}: times lie in [0, 1] (t=0 data, t=1 noise)")
-    if not 0 < args.probe_holdout < 1:
-        fail(f"--probe-holdout {args.probe_holdout}: a fraction in (0, 1)")
-    return args
+    return p.parse_args(argv)
 
 
 def main(args):
-    """Extract features (sharded), then on rank 0: metrics, analysis.json and the figures. Returns the JSON dict."""
+    """Extract features (sharded), then on rank 0: metrics, analysis.json and the figures; returns the
+    JSON dict."""
+    with cluster.main_errors("analysis.py"):
+        return analyse(args)
+
+
+def analyse(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rank, world, device = cluster.init(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact kernels for the metrics
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact metrics
     if args.num_images < world:
-        fail(f"--num-images {args.num_images} is fewer than the {world} processes; use fewer processes")
+        raise UserError(f"--num-images {args.num_images} is fewer than the {world} processes; use "
+                        "fewer processes")
     model, encoder, dataset, random_parts = setup(args, device)
     depth, hidden = len(model.blocks), model.config["hidden_size"]
     folder = os.path.join(args.out, "features")
-    store_args = (folder, args.num_images, depth, hidden, encoder.embed_dim, args.t, args.projector is not None)
+    store_args = (folder, args.num_images, depth, hidden, encoder.embed_dim, args.t,
+                  args.projector is not None)
     if rank == 0:
         FeatureStore(*store_args, create=True).flush()
     cluster.barrier(world)  # the files exist before any rank opens them
-    grams = extract(model, encoder, dataset, args, FeatureStore(*store_args, create=False), rank, world, device)
+    grams = extract(model, encoder, dataset, args, FeatureStore(*store_args, create=False), rank, world,
+                    device)
     cluster.barrier(world)  # every rank's rows are on disk
     result = None
     if rank == 0:
-        metrics = compute_metrics(FeatureStore(*store_args, create=False), grams, args, depth, dataset.num_classes,
-                                  device)
+        store = FeatureStore(*store_args, create=False)
+        metrics = compute_metrics(store, grams, args, depth, dataset.num_classes, device)
         metrics.update(figures(model, encoder, dataset, metrics, args, device))
         settings = {k: v for k, v in vars(args).items() if k not in ("device",)}
         result = {"settings": settings, "random_components": random_parts, "model_config": model.config,
-                  "tap_block": model.encoder_depth, "num_classes": dataset.num_classes, "world_size": world, **metrics}
-        write_atomic(os.path.join(args.out, "analysis.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+                  "tap_block": model.encoder_depth, "num_classes": dataset.num_classes,
+                  "world_size": world, **metrics}
+        text = json.dumps(result, indent=1).encode()
+        write_atomic(os.path.join(args.out, "analysis.json"), lambda f: f.write(text))
         if not args.keep_features:
             shutil.rmtree(folder)
         print(f"wrote {os.path.join(args.out, 'analysis.json')} and the figures")

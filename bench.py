@@ -93,12 +93,12 @@ def parse_args(argv=None):
 # Measurements, each run in a fresh process
 
 
-def timed(fn, *args):
+def timed(fn, *args, **kwargs):
     """(wall, process CPU) seconds of fn(*args); CUDA synchronised on both sides so the work counts, not its launch."""
     if GPU:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    fn(*args)
+    fn(*args, **kwargs)
     if GPU:
         torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -167,14 +167,14 @@ def measure_sampler(args):
     ema = train.build_run(config, NUM_CLASSES, DEVICE, world=1).ema
     indices = list(range(args.sample_batch))
 
-    def options(steps, scale):
-        """sample.py's own options for a run of this many steps at this guidance scale (no checkpoint read)."""
-        return sample.parse_args(["--ckpt", "(random init)", "--num-steps", str(steps), "--cfg", str(scale)])
-
+    d = sample.parse_args([])  # sample.py's defaults: mode, guidance interval, seed
+    sampling = dict(seed=d.seed, mode=d.mode, guidance_low=d.guidance_low,
+                    guidance_high=d.guidance_high, device=DEVICE)
     rows = []
     for scale in (1.0, args.cfg):
-        sample.sample_latents(ema, indices, options(2, scale), DEVICE)  # warmup
-        sec, _ = timed(sample.sample_latents, ema, indices, options(args.sample_steps, scale), DEVICE)
+        sample.sample_latents(ema, indices, num_steps=2, cfg=scale, **sampling)  # warmup
+        sec, _ = timed(sample.sample_latents, ema, indices, num_steps=args.sample_steps, cfg=scale,
+                       **sampling)
         rows.append(dict(cfg=scale, samples_per_sec=args.sample_batch / sec))
     return rows
 
@@ -464,7 +464,7 @@ def time_fid_routes(args):
 
 def time_evaluation(args):
     """Inception images/s, precision/recall seconds at --fid-pr-rows per set, Inception Score seconds per image."""
-    model = fid.randomize_weights(fid.FIDInception()).eval().requires_grad_(False).to(DEVICE)
+    model = fid.FIDInception().eval().requires_grad_(False).to(DEVICE)  # random init: same cost
     images = torch.randint(0, 256, (args.fid_images, 256, 256, 3), dtype=torch.uint8).numpy()
     batches = [images[i : i + args.fid_batch] for i in range(0, len(images), args.fid_batch)]
     fid.extract_features(model, batches[:1], DEVICE)  # warm-up: allocator, cuDNN autotuning

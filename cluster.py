@@ -5,8 +5,10 @@ train.py, sample.py, data.py and analysis.py use it; fid.py keeps its own small 
 stays a self-contained evaluator.
 """
 
+import argparse
 import contextlib
 import datetime
+import math
 import os
 import signal
 
@@ -33,23 +35,17 @@ def main_errors(script):
         raise SystemExit(f"{script}: error: {e}") from None
 
 
-def failer(script):
-    """The script's fail(msg): raise SystemExit('script: error: msg'), argparse's format."""
-
-    def fail(msg):
-        """Stop with a one-line error (what was wrong and what to do)."""
-        raise SystemExit(f"{script}: error: {msg}")
-
-    return fail
-
-
 @contextlib.contextmanager
-def failing(fail, what):
-    """Turn a failed download, a missing or foreign file or an unknown name inside into fail(what: reason)."""
+def failing(what):
+    """Turn a failed download, a missing or foreign file or an unknown name inside into
+    UserError('what: reason')."""
     try:
         yield
-    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors are OSError / RuntimeError
-        fail(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors: OSError / RuntimeError
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{what}: {type(e).__name__}: {first}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,3 +167,54 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):  # write() failed: drop the partial file
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line values: argparse types that refuse what is out of range, next to the flag they check
+
+
+def ranged(kind, must, ok):
+    """argparse type: text -> kind(text), refused unless finite and ok(value); `must` says the range."""
+
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {must}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def at_least(low, kind=int):
+    """A number >= low (int unless kind says otherwise)."""
+    return ranged(kind, f"at least {low}", lambda v: v >= low)
+
+
+def multiple_of(k):
+    """A positive int divisible by k."""
+    return ranged(int, f"a positive multiple of {k}", lambda v: v > 0 and v % k == 0)
+
+
+def positive(kind=float):
+    """A number > 0."""
+    return ranged(kind, "greater than 0", lambda v: v > 0)
+
+
+def fraction(below_one=False):
+    """A float in [0, 1], or in [0, 1) with below_one."""
+    if below_one:
+        return ranged(float, "in [0, 1)", lambda v: 0 <= v < 1)
+    return ranged(float, "in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def signal_names(text):
+    """--preempt-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
+    if text.lower() == "none":
+        return ()
+    names = tuple(n.strip().upper().removeprefix("SIG") for n in text.split(","))
+    for name in names:
+        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in ("KILL", "STOP"):
+            raise argparse.ArgumentTypeError(
+                f"{name} is not a signal a process can catch; use e.g. TERM,USR1 or none")
+    return names

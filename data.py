@@ -21,6 +21,7 @@ written under a temporary name and then renamed, so an interrupted run leaves no
 import argparse
 import colorsys
 import datetime
+import functools
 import json
 import logging
 import os
@@ -29,16 +30,15 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import cluster
 import encoders
-from cluster import write_atomic
+from cluster import UserError, write_atomic
 from encoders import LATENT_SCALE
 
 log = logging.getLogger(__name__)
-fail = cluster.failer("data.py")
 
 PREPARE_HINT = "run data.py --source <imagenet train folder> --dest <data dir> to create it"
 
@@ -206,22 +206,82 @@ class SyntheticDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# What train.py reads: the dataset of --data-dir and the order of its global batches
+
+SYNTHETIC = "synthetic"  # --data-dir value of the built-in procedural dataset
+
+
+def build_dataset(config):
+    """The REPA-layout dataset of config's data_dir, or the synthetic one (loudly labelled)."""
+    try:
+        if config["data_dir"] == SYNTHETIC:
+            return SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
+                                    config["resolution"], config["seed"])
+        dataset = LatentImageDataset(config["data_dir"])
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if dataset.resolution != config["resolution"]:
+        raise UserError(f"{config['data_dir']} holds {dataset.resolution} px images but "
+                                f"--resolution is {config['resolution']}")
+    return dataset
+
+
+class GlobalBatchSampler(Sampler):
+    """Endless batches: this rank's slice of global batch i of epoch e = randperm(seed, e)[i*G : (i+1)*G].
+
+    The composition of every global batch depends only on the seed, so any number of ranks sees the
+    same data as one process, and a resumed run restarts at the exact batch it stopped at.
+    """
+
+    def __init__(self, size, global_batch, rank, world, seed, start_step):
+        if size < global_batch:
+            raise UserError(f"the dataset has {size} images, fewer than one global batch of "
+                                    f"{global_batch}")
+        self.size, self.global_batch, self.seed, self.start_step = size, global_batch, seed, start_step
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self.per_epoch = size // global_batch  # the last partial batch of an epoch is dropped
+
+    def __iter__(self):
+        """Index lists of length global_batch / world, from start_step on, forever."""
+        step, epoch, perm = self.start_step, -1, None
+        while True:
+            e, i = divmod(step, self.per_epoch)
+            if e != epoch:
+                gen = torch.Generator().manual_seed(self.seed + e)
+                epoch, perm = e, torch.randperm(self.size, generator=gen)
+            start = i * self.global_batch + self.offset
+            yield perm[start : start + self.local].tolist()
+            step += 1
+
+
+def global_batches(dataset, config, rank, world, start_batch, device):
+    """The DataLoader of this rank's share of every global batch from start_batch on."""
+    sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world, config["seed"],
+                                 start_batch)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=config["num_workers"],
+                      pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
+                      generator=torch.Generator(),  # private: iterating never touches the global RNG
+                      worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Making the REPA layout from ImageNet-style class folders (`python data.py` / `torchrun data.py`)
 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", required=True, help="ImageNet-style folder: one sub-folder of images per class")
     p.add_argument("--dest", required=True, help="output data dir (gets images/ and vae-sd/); train.py --data-dir")
-    p.add_argument("--resolution", type=int, default=256, help="side of the square center-cropped images (px)")
+    p.add_argument("--resolution", type=cluster.multiple_of(8), default=256, help="side of the square center-cropped images (px)")
     p.add_argument("--vae", default="mse", help="SD-VAE that encodes the latents: ema / mse (REPA encodes with "
                    "stabilityai/sd-vae-ft-mse), a hub id, a local folder, or tiny-random (tests only)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass on each rank")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=cluster.at_least(1), default=64, help="images per VAE forward pass on each rank")
+    p.add_argument("--workers", type=cluster.at_least(0), default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes per rank that decode and crop the source images (0: in-process)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images in sorted order")
+    p.add_argument("--max-images", type=cluster.at_least(1), default=None, help="only the first N images in sorted order")
     p.add_argument("--png-compress", type=int, default=0, choices=range(10),
                    help="PNG zlib level: 0 as REPA/edm2 (uncompressed, fastest to read), up to 9 (smallest)")
     p.add_argument("--device", default=None, help="torch device for the VAE; None: this rank's GPU, else cpu")
@@ -244,18 +304,6 @@ def center_crop_dhariwal(image, size):
     return array[top:top + size, left:left + size]
 
 
-def check_flags(args):
-    """A one-line error for the first numeric flag outside its range."""
-    for flag, value, must, ok in [("--resolution", args.resolution, "a positive multiple of 8 (the VAE's stride)",
-                                   args.resolution > 0 and args.resolution % 8 == 0),
-                                  ("--batch-size", args.batch_size, "at least 1", args.batch_size >= 1),
-                                  ("--workers", args.workers, "at least 0", args.workers >= 0),
-                                  ("--max-images", args.max_images, "at least 1",
-                                   args.max_images is None or args.max_images >= 1)]:
-        if not ok:
-            fail(f"{flag} {value} is out of range: it must be {must}")
-
-
 def walk(source):
     """os.walk that follows symlinked folders (ImageNet subsets are often built from them), but not in a loop."""
     for folder, dirs, files in os.walk(source, followlinks=True):
@@ -272,7 +320,7 @@ def walk(source):
 def list_source(source, max_images=None):
     """Sorted relative image paths under the class folders of source, their labels and the sorted class names."""
     if not os.path.isdir(source):
-        fail(f"--source {source} is not a directory: point it at the ImageNet train folder")
+        raise UserError(f"--source {source} is not a directory: point it at the ImageNet train folder")
     exts = supported_ext() - {".npy"}
     paths = sorted(os.path.relpath(os.path.join(d, f), source).replace("\\", "/")
                    for d, files in walk(source) for f in files if os.path.splitext(f)[1].lower() in exts)
@@ -282,10 +330,10 @@ def list_source(source, max_images=None):
                     len(loose), source, loose[0])
     paths = [p for p in paths if "/" in p]
     if not any(e.is_dir() for e in os.scandir(source)):
-        fail(f"no class folders in {source}: expected one sub-folder of images per class")
+        raise UserError(f"no class folders in {source}: expected one sub-folder of images per class")
     if not paths:
-        fail(f"no images in the class folders of {source} "
-                         f"(looked for {', '.join(sorted(exts)[:6])}, ...)")
+        raise UserError(f"no images in the class folders of {source} "
+                        f"(looked for {', '.join(sorted(exts)[:6])}, ...)")
     classes = sorted({p.split("/")[0] for p in paths})  # from all images: --max-images keeps the full label set
     index = {c: i for i, c in enumerate(classes)}
     paths = paths[:max_images]
@@ -327,8 +375,13 @@ def write_json(path, meta):
 
 
 def main(args):
+    """data.py: a bad source or VAE ends in one line, `data.py: error: ...`."""
+    with cluster.main_errors("data.py"):
+        prepare(args)
+
+
+def prepare(args):
     """Crop, encode and write this rank's share of the images, then (rank 0) the label files."""
-    check_flags(args)
     paths, labels, classes = list_source(args.source, args.max_images)
     # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
     rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
@@ -340,7 +393,7 @@ def main(args):
         log.info("%d images in %d classes; rank 0 of %d: %d to do, %d already written",
                  len(paths), len(classes), world, len(pending), len(mine) - len(pending))
     if pending:
-        with cluster.failing(fail, f"--vae {args.vae}"):
+        with cluster.failing(f"--vae {args.vae}"):
             vae = encoders.load_vae(args.vae, device)
         loader = DataLoader(CroppedImages(pending, args.resolution), batch_size=args.batch_size,
                             num_workers=args.workers, pin_memory=device.type == "cuda")

@@ -62,7 +62,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write(path, write):
+def write_atomic(path, write):
     """Create `path` by calling write(binary_file) on a temp file beside it, then os.replace it in."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
@@ -83,10 +83,16 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
 def strict_fp32():
-    """Turn TF32 off for CUDA matmuls and convolutions: it moves Inception features at the 1e-3 level."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """TF32 off for CUDA matmuls and convolutions inside (it moves Inception features at the 1e-3
+    level); the caller's settings come back on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,24 +328,6 @@ class FIDInception(nn.Module):
         return pool, spatial, logits
 
 
-def randomize_weights(model, seed=0):
-    """Give the network seeded random weights with O(1) activations (tests and benchmarks, no download)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                # He scaling keeps ~90 ReLU layers from exploding or vanishing, so parity tests see real signal
-                module.weight.normal_(0, (2 / module.weight[0].numel()) ** 0.5, generator=gen)
-            elif isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.8, 1.2, generator=gen)
-                module.bias.normal_(0, 0.1, generator=gen)
-                module.running_mean.normal_(0, 0.1, generator=gen)
-                module.running_var.uniform_(0.5, 1.5, generator=gen)
-        model.fc.weight.normal_(0, 0.05, generator=gen)  # logits of a few units: softmax not saturated
-        model.fc.bias.normal_(0, 1, generator=gen)
-    return model
-
-
 def hub_weights_path():
     """The published weights in the torch.hub cache, downloaded (and hash-checked) on first use."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
@@ -449,19 +437,17 @@ def extract_features(model, batches, device="cpu", total=None, world=1):
     world > 1 (under torchrun): `batches` is this rank's share, ImageSet.batches(..., rank, world); every rank
     returns the Features of all images, identical to a single process's given the same batch size.
     """
-    strict_fp32()
     pool_stats, spatial_stats = RunningGaussian(), RunningGaussian()
     pools, logits = [], []
     quiet = world > 1 and dist.get_rank() > 0  # one progress bar, rank 0's
-    outputs = (
-        model(preprocess(torch.from_numpy(batch).to(device)))
-        for batch in tqdm(batches, total=total, disable=quiet or None, file=sys.stderr, desc="inception")
-    )
-    for pool, spatial, logit in in_batch_order(outputs, world, device):
-        pool_stats.update(pool)
-        spatial_stats.update(spatial)
-        pools.append(pool.cpu())
-        logits.append(logit.cpu())
+    bar = tqdm(batches, total=total, disable=quiet or None, file=sys.stderr, desc="inception")
+    with strict_fp32():
+        outputs = (model(preprocess(torch.from_numpy(batch).to(device))) for batch in bar)
+        for pool, spatial, logit in in_batch_order(outputs, world, device):
+            pool_stats.update(pool)
+            spatial_stats.update(spatial)
+            pools.append(pool.cpu())
+            logits.append(logit.cpu())
     if not pools:
         raise ValueError("no images to evaluate")
     return Features(torch.cat(pools), torch.cat(logits), pool_stats.finalize(), spatial_stats.finalize())
@@ -599,18 +585,18 @@ def manifold_radii(feats, k=3, block=10000, fp16=True):
 
 
 def precision_recall(ref, samples, k=3, block=10000, fp16=True):
-    """Improved precision (samples inside some reference k-NN ball) and recall (the reverse), as ADM computes them."""
-    strict_fp32()
-    ref_radii = manifold_radii(ref, k, block, fp16)  # Nr
-    sample_radii = manifold_radii(samples, k, block, fp16)  # Ns
-    ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
-    sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
-    for i in range(0, len(ref), block):
-        for j in range(0, len(samples), block):
-            # reference rows, sample columns: ADM's orientation, which fp16 rounding is not symmetric in
-            dist = pairwise_sq_dists(ref[i : i + block], samples[j : j + block], fp16)  # r,s
-            ref_inside[i : i + block] |= (dist <= sample_radii[None, j : j + block]).any(1)
-            sample_inside[j : j + block] |= (dist <= ref_radii[i : i + block, None]).any(0)
+    """Improved precision (samples inside some reference k-NN ball) and recall (the reverse), as ADM."""
+    with strict_fp32():
+        ref_radii = manifold_radii(ref, k, block, fp16)  # (Nr,)
+        sample_radii = manifold_radii(samples, k, block, fp16)  # (Ns,)
+        ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+        sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+        for i in range(0, len(ref), block):
+            for j in range(0, len(samples), block):
+                # reference rows, sample columns: ADM's orientation (fp16 rounding is not symmetric)
+                dist = pairwise_sq_dists(ref[i : i + block], samples[j : j + block], fp16)  # (r, s)
+                ref_inside[i : i + block] |= (dist <= sample_radii[None, j : j + block]).any(1)
+                sample_inside[j : j + block] |= (dist <= ref_radii[i : i + block, None]).any(0)
     return sample_inside.double().mean().item(), ref_inside.double().mean().item()
 
 
@@ -734,32 +720,89 @@ def cache_path(ref_path, weights_sha256):
     return f"{os.path.splitext(ref_path)[0]}.inception-{weights_sha256[:8]}.npz"
 
 
-def features_of(model, image_set, args, rank=0, world=1):
+def with_npz_stats(feats, path):
+    """feats with the statistics an ADM npz at path precomputes (mu, sigma; mu_s, sigma_s), where it has them."""
+    pool_stats, spatial_stats = read_npz_stats(path)
+    return dataclasses.replace(feats, pool_stats=pool_stats or feats.pool_stats,
+                               spatial_stats=spatial_stats or feats.spatial_stats)
+
+
+def features_of(model, image_set, batch_size=64, workers=4, device="cpu", rank=0, world=1):
     """Features of every image of the set; under torchrun each rank runs the network on its share."""
-    batches = image_set.batches(args.batch_size, args.workers, rank, world)
-    return extract_features(model, batches, args.device, image_set.n_batches(args.batch_size, rank, world), world)
+    batches = image_set.batches(batch_size, workers, rank, world)
+    total = image_set.n_batches(batch_size, rank, world)
+    return extract_features(model, batches, device, total, world)
 
 
-def reference_features(model, ref, weights_sha256, args, rank=0, world=1):
-    """Reference pool3 rows and stats, from the cache beside REF when it matches REF's size and mtime."""
-    cache = cache_path(ref.path, weights_sha256)
+def reference_features(model, ref, weights_sha256, batch_size=64, workers=4, device="cpu", cache=True,
+                       rank=0, world=1):
+    """The reference's Features, with ADM's precomputed statistics where REF holds them.
+
+    The pool3 rows (for precision/recall) and the statistics of the images are cached beside REF once
+    per Inception weights, and recomputed when REF's size or mtime changes.
+    """
+    path = cache_path(ref.path, weights_sha256)
     stat = os.stat(ref.path)
     key = np.array([stat.st_size, stat.st_mtime_ns], np.int64)
-    if args.cache and os.path.exists(cache):
-        with np.load(cache) as c:
+    feats = None
+    if cache and os.path.exists(path):
+        with np.load(path) as c:
             if np.array_equal(c["key"], key) and c["pool"].shape == (len(ref), POOL_DIM):
-                return Features(
-                    torch.from_numpy(c["pool"]), None, (c["mu"], c["sigma"]), (c["mu_s"], c["sigma_s"])
-                )
-    feats = features_of(model, ref, args, rank, world)
-    if args.cache and rank == 0:
-        arrays = dict(key=key, pool=feats.pool.numpy(), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
-        arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
-        try:
-            atomic_write(cache, lambda f: np.savez(f, **arrays))
-        except OSError as err:  # a read-only reference folder only costs a recomputation next time
-            print(f"fid.py: warning: cannot write cache {cache}: {err}", file=sys.stderr)
-    return feats
+                feats = Features(torch.from_numpy(c["pool"]), None, (c["mu"], c["sigma"]),
+                                 (c["mu_s"], c["sigma_s"]))
+    if feats is None:
+        feats = features_of(model, ref, batch_size, workers, device, rank, world)
+        if cache and rank == 0:
+            arrays = dict(key=key, pool=feats.pool.numpy(), mu=feats.pool_stats[0], sigma=feats.pool_stats[1],
+                          mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
+            try:
+                write_atomic(path, lambda f: np.savez(f, **arrays))
+            except OSError as err:  # a read-only reference folder only costs a recomputation next time
+                print(f"fid.py: warning: cannot write cache {path}: {err}", file=sys.stderr)
+    return with_npz_stats(feats, ref.path)
+
+
+def score(ref, samples, device="cpu", is_split=5000, pr_block=10000, pr_fp16=True, fid_route="eigh",
+          ref_factors=(None, None)):
+    """Inception Score, FID, sFID, precision and recall of samples against ref (both Features).
+
+    ref_factors: covariance_factor of ref's pool and spatial covariances, to reuse across evaluations.
+    """
+    precision, recall = precision_recall(ref.pool.to(device), samples.pool.to(device), 3, pr_block, pr_fp16)
+    probs = torch.softmax(samples.logits.double(), 1).numpy()  # (N, 1008)
+    return {
+        "inception_score": inception_score(probs, is_split),
+        "fid": fid_from_stats(*samples.pool_stats, *ref.pool_stats, route=fid_route, factor2=ref_factors[0]),
+        "sfid": fid_from_stats(*samples.spatial_stats, *ref.spatial_stats, route=fid_route,
+                               factor2=ref_factors[1]),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+class Evaluator:
+    """The evaluation against one reference, kept for many sample sets (train.py --eval-every): the
+    network, the reference's features and its covariance factors are computed once."""
+
+    def __init__(self, ref_path, weights=None, sha256=WEIGHTS_SHA256, device="cpu", rank=0, world=1):
+        self.device, self.rank = device, rank
+        self.model, self.digest = load_inception(weights, sha256, device)
+        if self.digest != WEIGHTS_SHA256 and rank == 0:
+            print(f"fid.py: warning: NOT PRETRAINED: {weights} is not ADM's Inception (sha256 "
+                  f"{self.digest[:16]}...): FIDs are not comparable", file=sys.stderr)
+        self.ref = reference_features(self.model, ImageSet(ref_path), self.digest, device=device,
+                                      rank=rank, world=world)
+        self.factors = None
+
+    def __call__(self, batches, total=None, world=1):
+        """The five numbers of the images in batches (this rank's share, as ImageSet.batches
+        splits them), on rank 0; None on the other ranks."""
+        feats = extract_features(self.model, batches, self.device, total, world)
+        if self.rank > 0:
+            return None
+        if self.factors is None:
+            self.factors = tuple(covariance_factor(s[1]) for s in (self.ref.pool_stats, self.ref.spatial_stats))
+        return score(self.ref, feats, self.device, ref_factors=self.factors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -767,9 +810,23 @@ def reference_features(model, ref, weights_sha256, args, rank=0, world=1):
 # --------------------------------------------------------------------------------------------
 
 
+def at_least(low):
+    """argparse type: an int >= low."""
+
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value" for non-numbers
+    return parse
+
+
 def parse_args(argv=None):
     """Command-line arguments (argv=None reads sys.argv)."""
     p = argparse.ArgumentParser(
+        prog="fid.py",
         description="ADM-compatible FID / sFID / IS / precision-recall (python fid.py REF.npz SAMPLES).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -785,8 +842,8 @@ def parse_args(argv=None):
         metavar="OUT.npz",
         help="instead of evaluating, write an ADM reference batch from PATH: arr_0 and mu/sigma/mu_s/sigma_s",
     )
-    p.add_argument("--ref-images", type=int, default=10000, help="images kept as arr_0 by --write-ref (ADM: 10000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random arr_0 subset chosen by --write-ref")
+    p.add_argument("--ref-images", type=at_least(1), default=10000, help="images kept as arr_0 by --write-ref (ADM: 10000)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the random arr_0 subset chosen by --write-ref")
     p.add_argument("--out", help="JSON results path; unset: SAMPLES with .eval.json")
     p.add_argument("--weights", help="Inception weights file; unset: the torch.hub cache, downloaded if missing")
     p.add_argument(
@@ -795,11 +852,11 @@ def parse_args(argv=None):
         help="expected sha256 (or prefix) of the weights file; '' skips the check",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (ADM: 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding PNGs")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per Inception forward (ADM: 64)")
+    p.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1), help="threads decoding PNGs")
     p.add_argument(
         "--min-images",
-        type=int,
+        type=at_least(4),
         default=2048,
         help="refuse image sets smaller than this (below 2048 the pool3 covariance is singular)",
     )
@@ -810,19 +867,21 @@ def parse_args(argv=None):
         help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on bad eigenvalues)"
         " or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the product; far slower)",
     )
-    p.add_argument("--is-split", type=int, default=5000, help="Inception Score split size (ADM: 5000)")
-    p.add_argument("--pr-block", type=int, default=10000, help="rows/columns per distance block (ADM: 10000)")
+    p.add_argument("--is-split", type=at_least(1), default=5000, help="Inception Score split size (ADM: 5000)")
+    p.add_argument("--pr-block", type=at_least(1), default=10000, help="rows/columns per distance block (ADM: 10000)")
     p.add_argument(
         "--pr-fp16",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="precision/recall distances in fp16 like ADM (matches its published P/R); --no-pr-fp16 for fp32",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: precision/recall distances in fp16 like ADM (matches its published P/R); 0: fp32",
     )
     p.add_argument(
         "--cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="read/write reference activations beside REF.npz",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: read/write reference activations beside REF.npz",
     )
     return p.parse_args(argv)
 
@@ -836,6 +895,8 @@ def _open_sets(args, count):
     for image_set in sets:
         if len(image_set) < args.min_images:
             raise ValueError(f"{image_set.path} has {len(image_set)} images, fewer than --min-images {args.min_images}")
+        if image_set.is_npz:
+            read_npz_stats(image_set.path)  # bad precomputed statistics fail before the network loads
     return sets
 
 
@@ -864,7 +925,7 @@ def write_reference(args, rank=0, world=1):
         kept = [part for parts in itertools.zip_longest(*shares) for part in parts if part is not None]
     arrays = dict(arr_0=np.concatenate(kept), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
     arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
-    atomic_write(args.write_ref, lambda f: np.savez(f, **arrays))
+    write_atomic(args.write_ref, lambda f: np.savez(f, **arrays))
     print(f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over {len(source)} images")
     return {"path": args.write_ref, "arr_0": len(keep), "stats_images": len(source)}
 
@@ -874,46 +935,25 @@ def evaluate(args, rank=0, world=1):
     ref, samples = _open_sets(args, 2)
     if not ref.is_npz:
         raise ValueError(f"REF must be an ADM npz (build one with --write-ref), got folder {ref.path}")
-    ref_pool_stats, ref_spatial_stats = read_npz_stats(ref.path)
-    # ADM also takes precomputed statistics from the sample file when it carries them
-    sample_pool_stats, sample_spatial_stats = read_npz_stats(samples.path) if samples.is_npz else (None, None)
     model, digest = load_inception(args.weights, args.weights_sha256, args.device)
-    ref_feats = reference_features(model, ref, digest, args, rank, world)
-    sample_feats = features_of(model, samples, args, rank, world)
+    io = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, rank=rank, world=world)
+    ref_feats = reference_features(model, ref, digest, cache=args.cache, **io)
+    sample_feats = features_of(model, samples, **io)
+    if samples.is_npz:  # ADM also takes precomputed statistics from the sample file
+        sample_feats = with_npz_stats(sample_feats, samples.path)
     if rank > 0:  # the metrics are cheap next to the network: rank 0 computes them alone
         return None
-    precision, recall = precision_recall(
-        ref_feats.pool.to(args.device), sample_feats.pool.to(args.device), 3, args.pr_block, args.pr_fp16
-    )
-    results = {
-        "inception_score": inception_score(torch.softmax(sample_feats.logits.double(), 1).numpy(), args.is_split),
-        "fid": fid_from_stats(
-            *(sample_pool_stats or sample_feats.pool_stats),
-            *(ref_pool_stats or ref_feats.pool_stats),
-            route=args.fid_route,
-        ),
-        "sfid": fid_from_stats(
-            *(sample_spatial_stats or sample_feats.spatial_stats),
-            *(ref_spatial_stats or ref_feats.spatial_stats),
-            route=args.fid_route,
-        ),
-        "precision": precision,
-        "recall": recall,
-        "ref": ref.path,
-        "samples": samples.path,
-        "num_ref": len(ref),
-        "num_samples": len(samples),
-        "weights_sha256": digest,
-        "fid_route": args.fid_route,
-        "pr_fp16": args.pr_fp16,
-        "is_split": args.is_split,
-    }
+    results = score(ref_feats, sample_feats, args.device, args.is_split, args.pr_block, args.pr_fp16,
+                    args.fid_route)
+    results.update(ref=ref.path, samples=samples.path, num_ref=len(ref), num_samples=len(samples),
+                   weights_sha256=digest, fid_route=args.fid_route, pr_fp16=bool(args.pr_fp16),
+                   is_split=args.is_split)
     for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid")):
         print(f"{label}: {results[key]}")
-    print(f"Precision: {precision}\nRecall: {recall}")
+    print(f"Precision: {results['precision']}\nRecall: {results['recall']}")
     stem = os.path.splitext(samples.path)[0] if samples.is_npz else os.path.normpath(samples.path)
     out = args.out or stem + ".eval.json"
-    atomic_write(out, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+    write_atomic(out, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
     return results
 
 
@@ -931,23 +971,10 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# the smallest value of every numeric flag; --min-images 4: precision/recall's k = 3 neighbours need 4 images
-FLAG_MINIMUMS = dict(ref_images=1, seed=0, batch_size=1, workers=1, min_images=4, is_split=1, pr_block=1)
-
-
-def check_args(args):
-    """Range-check the numeric flags before any work."""
-    for name, low in FLAG_MINIMUMS.items():
-        if getattr(args, name) < low:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be >= {low}, got {getattr(args, name)}")
-
-
 def main(args):
     """Run the command (under torchrun, sharded over ranks); bad input ends in a one-line error and exit status 1."""
     world = 1
     try:
-        check_args(args)
         rank, world, args.device = init_distributed(args.device)
         return write_reference(args, rank, world) if args.write_ref else evaluate(args, rank, world)
     except (ValueError, OSError) as err:

@@ -14,10 +14,12 @@ import torch
 
 import analysis
 import bench
+import runs
 import train
 from data import SyntheticDataset
 from encoders import load_encoders
-from sample import load_checkpoint
+from helpers import cli_error
+from runs import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +138,7 @@ def smoke_ckpt(tmp_path_factory):
     run_dir = train.main(train.parse_args(["--preset", "smoke", "--align", "sara", "--max-steps", "2", "--batch-size",
                                            "4", "--resolution", "32", "--synthetic-images", "16", "--sample-every",
                                            "0", "--out", str(out)]))
-    return train.checkpoint_paths(run_dir)[-1]
+    return runs.checkpoint_paths(run_dir)[-1]
 
 
 def smoke_args(ckpt, out, *flags):
@@ -146,7 +148,7 @@ def smoke_args(ckpt, out, *flags):
 
 
 def test_hooks_capture_the_tap_the_projector_reads(smoke_ckpt):
-    model = load_checkpoint(smoke_ckpt)
+    model = load_model(smoke_ckpt)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
     pooled, kept, zs = analysis.sit_features(model, x0, eps, 0.5, torch.tensor([0, 1, 2]), keep={model.encoder_depth})
@@ -160,7 +162,7 @@ def test_hooks_capture_the_tap_the_projector_reads(smoke_ckpt):
 def smoke_run(smoke_ckpt, tmp_path_factory):
     """analysis.py on the smoke checkpoint in one process: (returned dict, output folder)."""
     out = tmp_path_factory.mktemp("analysis")
-    return analysis.main(smoke_args(smoke_ckpt, out, "--keep-features")), out
+    return analysis.main(smoke_args(smoke_ckpt, out, "--keep-features", "1")), out
 
 
 @pytest.mark.slow
@@ -218,11 +220,11 @@ def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, smoke_run, tmp_path):
         assert sharded["svd_energy"][name]["spectrum"] == pytest.approx(energy["spectrum"], abs=1e-7)
 
 
-@pytest.mark.parametrize("flags,message", [(["--t", "1.5"], "times lie in"), (["--num-images", "8"], "needs more than"),
-                                           (["--probe-holdout", "1"], "a fraction")])
-def test_bad_options_are_one_line_errors(tmp_path, flags, message):
-    with pytest.raises(SystemExit, match=message):
-        smoke_args("x.pt", tmp_path, *flags)
+@pytest.mark.parametrize("flags,message", [(["--t", "1.5"], "--t: 1.5 is out of range: it must be in [0, 1]"),
+                                           (["--num-images", "8"], "--num-images: 8 is out of range: it must be at least 11"),
+                                           (["--probe-holdout", "1"], "--probe-holdout: 1 is out of range: it must be in (0, 1)")])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, flags, message):
+    assert message in cli_error(capsys, lambda argv: smoke_args("x.pt", tmp_path, *argv), *flags)
 
 
 def test_bad_checkpoint_and_encoder_are_one_line_errors(smoke_ckpt, tmp_path):

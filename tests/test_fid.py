@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import fid
+from helpers import cli_error, random_inception
 
 
 # ------------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ import fid
 @pytest.fixture(scope="module")
 def model():
     """The Inception network with seeded random weights."""
-    return fid.randomize_weights(fid.FIDInception(), seed=0).eval().requires_grad_(False)
+    return random_inception(fid.FIDInception(), seed=0).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -507,7 +508,7 @@ def test_two_gloo_ranks_give_exactly_the_single_process_results(tmp_path, weight
     for i, im in enumerate(images(7, seed=10)):
         (tree / f"{i % 2:05d}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(tree / f"{i % 2:05d}" / f"{i}.png")
-    flags = ["--min-images", "4", "--is-split", "3", "--batch-size", "2", "--no-cache"]
+    flags = ["--min-images", "4", "--is-split", "3", "--batch-size", "2", "--cache", "0"]
     flags += ["--weights", weights_file[0], "--weights-sha256", weights_file[1], "--device", "cpu"]
     for nproc in (0, 2):
         run_fid(nproc, tmp_path / "ref.npz", tree, "--out", tmp_path / f"eval{nproc}.json", *flags)
@@ -561,16 +562,19 @@ def test_bad_input_gives_one_line_error(tmp_path):
         assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (argv, text)
 
 
-def test_every_numeric_flag_is_range_checked(tmp_path):
-    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+MINIMUMS = {"--ref-images": 1, "--seed": 0, "--batch-size": 1, "--workers": 1, "--min-images": 4,
+            "--is-split": 1, "--pr-block": 1}
+
+
+def test_every_numeric_flag_is_range_checked(tmp_path, capsys):
     paths = [str(tmp_path / "set.npz")] * 2
-    numeric = {k for k, v in vars(fid.parse_args(paths)).items() if type(v) in (int, float)}
-    assert numeric == set(fid.FLAG_MINIMUMS)  # a new numeric flag needs its range here
-    for name, low in fid.FLAG_MINIMUMS.items():
-        flag = "--" + name.replace("_", "-")
-        with pytest.raises(SystemExit) as exit_info:
-            fid.main(fid.parse_args([*paths, flag, str(low - 1), "--device", "cpu"]))
-        assert str(exit_info.value.code) == f"fid.py: error: {flag} must be >= {low}, got {low - 1}"
+    numeric = {k for k, v in vars(fid.parse_args(paths)).items() if type(v) is int}
+    assert numeric == {f[2:].replace("-", "_") for f in MINIMUMS} | {"pr_fp16", "cache"}
+    for flag, low in MINIMUMS.items():
+        line = cli_error(capsys, fid.parse_args, *paths, flag, str(low - 1))
+        assert line == f"fid.py: error: argument {flag}: must be >= {low}, got {low - 1}"
+    for flag in ("--pr-fp16", "--cache"):
+        assert f"argument {flag}: invalid choice: 2" in cli_error(capsys, fid.parse_args, *paths, flag, "2")
 
 
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):

@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import runs
 import sample
+from cluster import UserError
+from helpers import cli_error
 from model import SiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,14 +117,12 @@ def test_per_sample_noise_matches_repa_and_ignores_batching():
     ref = REF["per_index"]
     assert [sample.sample_seed(ref["seed"], i) for i in ref["indices"]] == ref["seeds"]
     model = reference_model()
-    args = sample.parse_args(["--ckpt", "unused", "--seed", str(ref["seed"]), "--num-steps", str(ref["num_steps"]),
-                              "--cfg", str(ref["cfg"]), "--guidance-high", str(ref["guidance_high"])])
-    out = sample.sample_latents(model, ref["indices"], args, "cpu")  # one batch of 3; REPA ran batches of 1
+    opts = dict(num_steps=ref["num_steps"], cfg=ref["cfg"], guidance_high=ref["guidance_high"])
+    out = sample.sample_latents(model, ref["indices"], seed=ref["seed"], **opts)  # REPA ran batches of 1
     torch.testing.assert_close(out, ref["out"], rtol=1e-5, atol=1e-5)
-    shuffled = sample.sample_latents(model, [2, 0], args, "cpu")
+    shuffled = sample.sample_latents(model, [2, 0], seed=ref["seed"], **opts)
     torch.testing.assert_close(shuffled, ref["out"][[2, 0]], rtol=1e-5, atol=1e-5)
-    args.seed += 1
-    assert (sample.sample_latents(model, [0], args, "cpu") - ref["out"][:1]).abs().max() > 0.1
+    assert (sample.sample_latents(model, [0], seed=ref["seed"] + 1, **opts) - ref["out"][:1]).abs().max() > 0.1
 
 
 def test_class_labels_replace_labels_and_keep_the_noise(monkeypatch):
@@ -131,10 +132,8 @@ def test_class_labels_replace_labels_and_keep_the_noise(monkeypatch):
     seen = []
     original = sample.guided_velocity
     monkeypatch.setattr(sample, "guided_velocity", lambda m, y, *a: seen.append(y.tolist()) or original(m, y, *a))
-    args = sample.parse_args(["--ckpt", "unused", "--num-steps", "3"])
-    labelled = sample.parse_args(["--ckpt", "unused", "--num-steps", "3", "--class-labels", "7,2"])
-    torch.testing.assert_close(sample.sample_latents(model, [0, 1, 2], args, "cpu"),
-                               sample.sample_latents(model, [0, 1, 2], labelled, "cpu"))
+    torch.testing.assert_close(sample.sample_latents(model, [0, 1, 2], num_steps=3),
+                               sample.sample_latents(model, [0, 1, 2], num_steps=3, class_labels=[7, 2]))
     assert seen[1] == [7, 2, 7] and seen[0] != seen[1]
 
 
@@ -160,17 +159,15 @@ def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
 
 def test_latent_output_without_vae(ckpt, tmp_path):
     """--vae none saves latents in [-4, 4] as 4-channel uint8 (h, w, 4): REPA's truncation by default, or rounded."""
-    model = sample.load_checkpoint(ckpt)
-    args = sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none"])
-    assert args.quantize == "floor"
-    latents = sample.sample_latents(model, [0, 1], args, "cpu").float()
-    images = sample.generate_images(model, None, [0, 1], args, "cpu")
+    model = runs.load_model(ckpt)
+    assert sample.parse_args(["--ckpt", ckpt, "--num-steps", "3", "--vae", "none"]).quantize == "floor"
+    latents = sample.sample_latents(model, [0, 1], num_steps=3).float()
+    images = sample.generate_images(model, None, [0, 1], num_steps=3)
     assert images.shape == (2, 8, 8, 4) and images.dtype == np.uint8
     repa = (255 * ((latents / 4 + 1) / 2)).clamp(0, 255).floor()  # REPA's generate.py, op for op
     np.testing.assert_array_equal(images, repa.permute(0, 2, 3, 1).numpy())
-    args.quantize = "round"
     rounded = (latents / 4 * 127.5 + 128).clamp(0, 255).floor()  # DiT's sample.py
-    np.testing.assert_array_equal(sample.generate_images(model, None, [0, 1], args, "cpu"),
+    np.testing.assert_array_equal(sample.generate_images(model, None, [0, 1], num_steps=3, quantize="round"),
                                   rounded.permute(0, 2, 3, 1).numpy())
     assert (rounded != repa).float().mean() > 0.2
 
@@ -182,7 +179,7 @@ def test_resume_skips_written_samples(ckpt, tmp_path, monkeypatch):
     os.remove(tmp_path / "r" / "000001.png")  # as if the run had died before writing it
     done = []
     original = sample.generate_images
-    monkeypatch.setattr(sample, "generate_images", lambda m, v, idx, a, d: done.extend(idx) or original(m, v, idx, a, d))
+    monkeypatch.setattr(sample, "generate_images", lambda m, v, idx, **kw: done.extend(idx) or original(m, v, idx, **kw))
     run(common + ["--num-samples", "5", "--out", str(tmp_path / "r.npz")])
     assert sorted(done) == [1, 3, 4]
     run(common + ["--num-samples", "5", "--batch-size", "5", "--out", str(tmp_path / "fresh.npz")])
@@ -215,10 +212,10 @@ def test_two_processes_write_the_same_npz_as_one(ckpt, tmp_path):
 def test_project_checkpoint_ema_and_raw_weights(ckpt):
     """EMA weights by default, --weights model for the raw ones; config rebuilt from the checkpoint."""
     raw, ema = save_project_ckpt(ckpt)
-    loaded = sample.load_checkpoint(ckpt)
+    loaded = runs.load_model(ckpt)
     assert loaded.config == ema.config and not loaded.training
     torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
-    torch.testing.assert_close(outputs(sample.load_checkpoint(ckpt, "model")), outputs(raw), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(runs.load_model(ckpt, "model")), outputs(raw), rtol=0, atol=0)
 
 
 def test_repa_checkpoint_loads(tmp_path):
@@ -230,10 +227,10 @@ def test_repa_checkpoint_loads(tmp_path):
                               cfg_prob=0.1, enc_type="dinov2-vit-b")
     path = tmp_path / "repa.pt"
     torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=args, steps=400000), path)
-    loaded = sample.load_checkpoint(str(path))
+    loaded = runs.load_model(str(path))
     assert loaded.config == ema.config
     torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
-    torch.testing.assert_close(outputs(sample.load_checkpoint(str(path), "model")), outputs(raw), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(runs.load_model(str(path), "model")), outputs(raw), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("source", ["train.py", "REPA"])
@@ -246,10 +243,9 @@ def test_checkpoint_path_type_reaches_the_sampler(tmp_path, source):
     else:
         args = argparse.Namespace(model="SiT-XL/2", num_classes=10, encoder_depth=1, path_type="cosine")
         torch.save(dict(model=net.state_dict(), ema=net.state_dict(), args=args), path)
-    model = sample.load_checkpoint(path)
+    model = runs.load_model(path)
     assert model.config["path_type"] == "cosine"
-    args = sample.parse_args(["--ckpt", path, "--num-steps", "4", "--seed", "3"])
-    out = sample.sample_latents(model, [0, 1], args, "cpu")
+    out = sample.sample_latents(model, [0, 1], num_steps=4, seed=3)
     gens = [torch.Generator().manual_seed(sample.sample_seed(3, i)) for i in (0, 1)]
     x = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in gens])
     y = torch.cat([torch.randint(0, 10, (1,), generator=g) for g in gens])
@@ -272,7 +268,7 @@ def test_bare_repa_state_dict_loads(tmp_path):
     config = dict(TINY, hidden_size=64, num_heads=1, depth=3, encoder_depth=3, z_dims=[8])
     net = perturbed(SiT(**config), 6)
     torch.save(net.state_dict(), tmp_path / "last.pt")
-    loaded = sample.load_checkpoint(str(tmp_path / "last.pt"))
+    loaded = runs.load_model(str(tmp_path / "last.pt"))
     assert loaded.config == net.config
     torch.testing.assert_close(outputs(loaded), outputs(net), rtol=0, atol=0)
 
@@ -310,19 +306,17 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, kind, message):
     """Each broken checkpoint exits with a one-line message that names the problem."""
     path = str(tmp_path / "bad.pt")
     corrupt(kind, path)
-    with pytest.raises(SystemExit, match=message) as e:
-        sample.load_checkpoint(path)
-    assert "\n" not in str(e.value) and str(e.value).startswith(f"sample.py: error: {path}")
+    with pytest.raises(UserError, match=message) as e:
+        runs.load_model(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(path)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num-samples", "4", "--out", "x.png"], "must end in .npz"),
-    (["--class-labels", "3,99"], r"--class-labels \[99\]: the model has classes 0..9"),
-])
-def test_bad_options_exit_with_a_message(ckpt, tmp_path, argv, message):
+def test_bad_options_exit_with_a_message(ckpt, tmp_path, capsys):
     """Bad command lines stop with a clear message before any sampling."""
-    with pytest.raises(SystemExit, match=message):
-        run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), *argv])
+    assert "--out x.png: must end in .npz with --num-samples" in cli_error(
+        capsys, sample.parse_args, "--num-samples", "4", "--out", "x.png")
+    with pytest.raises(SystemExit, match=r"--class-labels \[99\]: the model has classes 0..9"):
+        run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), "--class-labels", "3,99"])
 
 
 # Out-of-range values of every numeric flag, and one good value each.
@@ -332,18 +326,19 @@ NUMERIC = {"--num-steps": (["0", "-2"], "1"), "--cfg": (["0.99", "nan", "inf", "
            "--batch-size": (["0"], "2"), "--class-labels": (["-1,3"], "0,7")}
 
 
-def test_every_numeric_flag_is_range_checked():
-    """Each int / float flag of the parser is in NUMERIC; each bad value is a one-line error naming its flag."""
-    numeric = {a.option_strings[0] for a in sample.parser()._actions if a.type in (int, float, sample.parse_labels)}
+def test_every_numeric_flag_is_range_checked(capsys):
+    """Each numeric flag of the parser is in NUMERIC and has a range-checking type; each bad value is a
+    one-line error naming its flag."""
+    numeric = {a.option_strings[0] for a in sample.parser()._actions if a.choices is None
+               and getattr(a.type, "__name__", None) in ("int", "float", "parse_labels")}
     assert numeric == set(NUMERIC)
+    assert not [a for a in sample.parser()._actions if a.type in (int, float) and a.choices is None]
     for flag, (bad_values, good) in NUMERIC.items():
         assert getattr(sample.parse_args(["--ckpt", "x.pt", flag, good]), flag[2:].replace("-", "_")) is not None
         for bad in bad_values:
-            with pytest.raises(SystemExit) as e:
-                sample.parse_args(["--ckpt", "x.pt", f"{flag}={bad}"])
-            assert str(e.value).startswith(f"sample.py: error: {flag} ") and "\n" not in str(e.value), (flag, bad)
-    with pytest.raises(SystemExit, match="--guidance-low 0.8 > --guidance-high 0.7: the interval is empty"):
-        sample.parse_args(["--guidance-low", "0.8", "--guidance-high", "0.7"])
+            assert f"error: argument {flag}: " in cli_error(capsys, sample.parse_args, "--ckpt", "x.pt", f"{flag}={bad}")
+    assert "--guidance-low 0.8 > --guidance-high 0.7: the interval is empty" in cli_error(
+        capsys, sample.parse_args, "--guidance-low", "0.8", "--guidance-high", "0.7")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,22 +360,22 @@ def test_default_checkpoint_is_the_newest_of_the_latest_run(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     repa = str(tmp_path / "hub" / "checkpoints" / "repa-sit-xl-2.pt")
-    args = sample.parse_args([])
-    assert args.ckpt == repa and "no run under runs/" in args.ckpt_reason
-    assert sample.parse_args(["--ckpt", "repa-sit-xl-2"]).ckpt == repa
+    path, why = runs.resolve_ckpt(None)
+    assert path == repa and "no run under runs/" in why
+    assert runs.resolve_ckpt("repa-sit-xl-2")[0] == repa
     old = make_run(tmp_path, "old", [10, 20], mtime=1000)
     make_run(tmp_path, "new", [5], mtime=2000)
-    args = sample.parse_args(["--cfg", "1.35"])
-    assert args.ckpt == "runs/new/checkpoints/0000005.pt" and "most recently written run" in args.ckpt_reason
+    path, why = runs.resolve_ckpt(None)
+    assert path == "runs/new/checkpoints/0000005.pt" and "most recently written run" in why
     os.utime(old / "0000010.pt", (3000, 3000))  # an old step touched later does not make its run the newest
-    assert sample.parse_args([]).ckpt == "runs/new/checkpoints/0000005.pt"
+    assert runs.resolve_ckpt(None)[0] == "runs/new/checkpoints/0000005.pt"
     os.utime(old / "0000020.pt", (3000, 3000))
-    assert sample.parse_args([]).ckpt == "runs/old/checkpoints/0000020.pt"
-    assert sample.parse_args(["--ckpt", "runs/new"]).ckpt == os.path.join("runs/new", "checkpoints", "0000005.pt")
-    assert sample.parse_args(["--ckpt", str(old / "0000010.pt")]).ckpt == str(old / "0000010.pt")
+    assert runs.resolve_ckpt(None)[0] == "runs/old/checkpoints/0000020.pt"
+    assert runs.resolve_ckpt("runs/new")[0] == os.path.join("runs/new", "checkpoints", "0000005.pt")
+    assert runs.resolve_ckpt(str(old / "0000010.pt"))[0] == str(old / "0000010.pt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="--ckpt empty: no checkpoint"):
-        sample.parse_args(["--ckpt", "empty"])
+    with pytest.raises(UserError, match="--ckpt empty: no checkpoint"):
+        runs.resolve_ckpt("empty")
 
 
 def test_sample_with_no_flags_uses_the_run_and_its_vae(tmp_path, monkeypatch, capsys):
@@ -411,7 +406,7 @@ def test_failed_repa_download_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run(["--cfg", "1.35"])
     message = str(e.value)
-    assert urls == [sample.REPA_URL] and "dropboxusercontent.com" in sample.REPA_URL
+    assert urls == [runs.REPA_URL] and "dropboxusercontent.com" in runs.REPA_URL
     assert message.startswith("sample.py: error: cannot download repa-sit-xl-2 (REPA's SiT-XL/2 weights) from https://")
     assert "Name or service not known" in message and message.endswith("pass --ckpt PATH") and "\n" not in message
     assert not (tmp_path / "hub" / "checkpoints" / "repa-sit-xl-2.pt").exists()
@@ -427,8 +422,8 @@ def test_downloaded_repa_weights_are_loaded_from_the_cache(tmp_path, monkeypatch
     for _ in range(2):
         run(["--ckpt", "repa-sit-xl-2", "--vae", "none", "--num-steps", "2", "--grid-size", "1",
              "--out", str(tmp_path / "g.png")])
-    assert fetched == [sample.REPA_URL]
-    torch.testing.assert_close(outputs(sample.load_checkpoint(sample.repa_path())), outputs(net), rtol=0, atol=0)
+    assert fetched == [runs.REPA_URL]
+    torch.testing.assert_close(outputs(runs.load_model(runs.repa_path())), outputs(net), rtol=0, atol=0)
 
 
 def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
@@ -437,131 +432,3 @@ def test_unloadable_vae_is_a_one_line_error(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"cannot load the SD-VAE .*vae.*local diffusers folder") as e:
         run(["--ckpt", ckpt, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "g.png")])
     assert "\n" not in str(e.value)
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py: evaluation during training equals sample.py + fid.py; --keep-every
-
-TRAIN = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
-         "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2", "--max-steps", "2"]
-
-
-@pytest.mark.slow
-def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
-    """A killed evaluation repeats on resume, once; its five numbers equal sample.py + fid.py on the same seeds."""
-    import fid
-    import train
-
-    weights = str(tmp_path / "inception.pth")  # random weights: no download, same network in both routes
-    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
-    ref = str(tmp_path / "ref.npz")
-    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    np.savez(ref, arr_0=noise)
-    flags = [*TRAIN, "--out", str(tmp_path / "runs"), "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "4",
-             "--eval-steps", "3", "--eval-cfg", "1.5", "--eval-weights", weights]
-    calls, real_fid = [], fid.fid_from_stats
-
-    def recording_fid(mu1, sigma1, mu2, sigma2, **options):
-        """fid_from_stats, its statistics recorded (online the reference factor comes cached, offline not)."""
-        calls.append((mu1, sigma1, mu2, sigma2))
-        return real_fid(mu1, sigma1, mu2, sigma2, **options)
-
-    def killed(*args, **kwargs):
-        """The process dies in the middle of an evaluation."""
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fid, "fid_from_stats", recording_fid)
-    with monkeypatch.context() as m:
-        m.setattr(sample, "generate_images", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train.main(train.parse_args(flags))
-    assert not calls
-
-    # Offline: the same seeds, guidance, steps and batch size, through the command lines.
-    npz = str(tmp_path / "samples.npz")
-    monkeypatch.chdir(tmp_path)  # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
-    run(["--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4", "--out", npz])
-    samples = np.load(npz)["arr_0"]
-    np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))  # shared images: precision and recall > 0
-
-    run_dir = train.main(train.parse_args(flags))  # resumes at step 2 and evaluates it (new ref: features redone)
-    train.main(train.parse_args(flags))  # done: nothing is evaluated twice
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    evals = [r for r in rows if "fid" in r]
-    assert [r["step"] for r in evals] == [2] and evals[0]["eval_samples"] == 4
-    offline = fid.main(fid.parse_args([ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
-                                       "--device", "cpu", "--no-cache", "--out", str(tmp_path / "eval.json")]))
-    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert evals[0][key] == pytest.approx(offline[key], rel=1e-6, abs=1e-12), key
-    assert offline["inception_score"] > 1 and offline["precision"] > 0 and 0 < offline["recall"] < 1  # 1.0, 0.4
-    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is the same too.
-    assert len(calls) == 4
-    for online_args, offline_args in zip(calls[:2], calls[2:]):
-        assert np.abs(online_args[1]).max() > 1e-3  # real covariances
-        for a, b in zip(online_args, offline_args):
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max())
-
-
-def test_keep_every_keeps_multiples_for_good(tmp_path):
-    """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in turn."""
-    import train
-
-    run_dir = train.main(train.parse_args([*TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
-                                           "--keep-ckpts", "1", "--keep-every", "4"]))
-    assert [os.path.basename(p) for p in train.checkpoint_paths(run_dir)] == ["0000004.pt", "0000008.pt"]
-
-
-def test_merged_gaussians_equal_the_whole_set():
-    """Rank shards' (count, mean, covariance) merge into np.mean / np.cov of all rows."""
-    import train
-
-    x = np.random.default_rng(0).normal(size=(11, 5)) @ np.diag([1, 2, 3, 4, 100.0])
-    parts = [(len(x[r::3]), x[r::3].mean(0), np.cov(x[r::3], rowvar=False)) for r in range(3)]
-    mu, sigma = train.merge_gaussians(parts)
-    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-12)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--keep-every", "-1"], "--keep-every -1 is out of range: it must be at least 0"),
-    (["--eval-every", "5"], "--eval-every needs --eval-ref REF.npz"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-samples", "3"], "--eval-samples 3 is out of range: it must be at least 4"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-steps", "0"], "--eval-steps 0 is out of range: it must be at least 1"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "nan"], "--eval-cfg nan is out of range: it must be at least 1"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "2", "--class-dropout", "0"], "needs a null class"),
-    (["--eval-every", "5", "--eval-ref", "REF", "--vae", "none"], "give a --vae other than none"),
-])
-def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
-    """train.py's --keep-every / --eval-* values are checked before anything is built."""
-    import train
-
-    (tmp_path / "ref.npz").write_bytes(b"")
-    flags = [str(tmp_path / "ref.npz") if f == "REF" else f for f in flags]
-    with pytest.raises(SystemExit, match=message) as e:
-        train.resolve_config(train.parse_args([*TRAIN, *flags]))
-    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
-
-
-@pytest.mark.slow
-def test_online_eval_on_two_processes_equals_one(tmp_path):
-    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--ema-decay 1: the same EMA, the initial weights)."""
-    import fid
-    import train
-
-    weights = str(tmp_path / "inception.pth")
-    torch.save(fid.randomize_weights(fid.FIDInception(), seed=0).state_dict(), weights)
-    ref = str(tmp_path / "ref.npz")
-    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
-    flags = [*TRAIN, "--align", "none", "--ema-decay", "1", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
-             "--eval-steps", "3", "--eval-weights", weights]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    os.path.join(REPO, "train.py"), *flags, "--out", str(tmp_path / "two")], check=True, env=env,
-                   capture_output=True)
-    one = train.main(train.parse_args([*flags, "--out", str(tmp_path / "one")]))
-    rows = {}
-    for name, run_dir in (("one", one), ("two", one.replace(str(tmp_path / "one"), str(tmp_path / "two")))):
-        rows[name] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"fid"' in line]
-    assert len(rows["one"]) == len(rows["two"]) == 1 and rows["one"][0]["fid"] > 1
-    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-6), key

@@ -9,10 +9,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import data
+import fid
+import runs
+import sample
 import train
+from cluster import UserError
+from helpers import cli_error, random_inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
@@ -31,7 +38,7 @@ def run_folder(out, *flags):
 
 def newest(run_dir):
     """The newest checkpoint of a run, loaded."""
-    return torch.load(train.checkpoint_paths(run_dir)[-1], weights_only=True)
+    return torch.load(runs.checkpoint_paths(run_dir)[-1], weights_only=True)
 
 
 def assert_same_state(a, b, keys=("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scaler")):
@@ -93,7 +100,7 @@ def test_resume_rejects_truncated_and_foreign_checkpoints(tmp_path):
     run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
     with pytest.raises(SystemExit, match="another config .*align: 'none' there, 'repa' now"):
         run(tmp_path, "--align", "repa", "--max-steps", "4", "--run-name", os.path.basename(run_dir))
-    path = train.checkpoint_paths(run_dir)[-1]
+    path = runs.checkpoint_paths(run_dir)[-1]
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     with pytest.raises(SystemExit, match="0000002.pt is not a readable checkpoint"):
@@ -116,7 +123,7 @@ def test_bad_input_errors(tmp_path, capsys):
     json.dump({"labels": [["img-mean-std-00000000.npy", 0]]}, open(tmp_path / "d" / "vae-sd" / "dataset.json", "w"))
     with pytest.raises(SystemExit, match="2 images .* but 1 latent files"):
         run(tmp_path, "--data-dir", str(tmp_path / "d"))
-    with pytest.raises(SystemExit, match="--batch-size 4 does not divide by the 3 ranks"):
+    with pytest.raises(UserError, match="--batch-size 4 does not divide by the 3 ranks"):
         train.resolve_config(train.parse_args(TINY), world=3)
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "tiny"])
@@ -126,12 +133,12 @@ def test_bad_input_errors(tmp_path, capsys):
 
 
 def test_global_batches_do_not_depend_on_world_size():
-    one = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
-    halves = [iter(train.GlobalBatchSampler(10, 4, r, 2, seed=0, start_step=0)) for r in range(2)]
+    one = iter(data.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
+    halves = [iter(data.GlobalBatchSampler(10, 4, r, 2, seed=0, start_step=0)) for r in range(2)]
     for _ in range(5):  # crosses epochs (2 batches per epoch, the last 2 images dropped)
         assert next(one) == next(halves[0]) + next(halves[1])
-    later = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=3))
-    again = iter(train.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
+    later = iter(data.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=3))
+    again = iter(data.GlobalBatchSampler(10, 4, 0, 1, seed=0, start_step=0))
     assert next(later) == [next(again) for _ in range(4)][-1]
 
 
@@ -172,13 +179,11 @@ def test_train_on_prepared_data(tmp_path):
 
 
 def test_sample_py_loads_a_train_checkpoint(tmp_path):
-    import sample
-
     run_dir = run(tmp_path, "--align", "repa+sra2", "--max-steps", "2")
-    path = train.checkpoint_paths(run_dir)[-1]
+    path = runs.checkpoint_paths(run_dir)[-1]
     ckpt = torch.load(path, weights_only=True)
     for weights in ("ema", "model"):
-        model = sample.load_checkpoint(path, weights)
+        model = runs.load_model(path, weights)
         assert all(torch.equal(v, ckpt[weights][k]) for k, v in model.state_dict().items())
 
 
@@ -224,13 +229,13 @@ def test_default_run_name_names_what_differs_from_the_preset():
 # ----------------------------------------------------------------------------------------------
 # Long runs on clusters: flags, damaged checkpoints, NaN rollback, preemption, multi-node, logging
 
-REAL_PLOT = train.plot_metrics
+REAL_PLOT = runs.plot_metrics
 
 
 @pytest.fixture(autouse=True)
 def no_loss_plots(monkeypatch):
     """Skip drawing losses.png at each log step (about a second each on a busy CPU); test_logging draws it."""
-    monkeypatch.setattr(train, "plot_metrics", lambda *paths: None)
+    monkeypatch.setattr(runs, "plot_metrics", lambda *paths: None)
 
 
 def train_parser(monkeypatch):
@@ -242,35 +247,47 @@ def train_parser(monkeypatch):
     return parsers[0]
 
 
-OUT_OF_RANGE = {"at least 1": 0, "at least 0": -1, "greater than 0": 0, "in [0, 1]": 1.5, "in [0, 1)": 1,
-                "at least 4 (precision/recall use 3 neighbours)": 3}
+OUT_OF_RANGE = {"at least 1": "0", "at least 0": "-1", "at least 0.0": "-1", "at least 1.0": "0.5",
+                "at least 4": "3", "greater than 0": "0", "in [0, 1]": "1.5", "in [0, 1)": "1",
+                "a positive multiple of 8": "12"}
 
 
-def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch):
+def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch, capsys):
+    """Each numeric flag's type refuses values out of its range (and nan) with one line naming the
+    flag; the checks across flags name theirs too; nothing is written."""
     parser = train_parser(monkeypatch)
-    numeric = {a.dest for a in parser._actions if a.type in (int, float) and a.choices is None}
-    assert numeric == set(train.FLAG_RANGES)  # a new numeric flag needs its range
-    for name, (must, _) in train.FLAG_RANGES.items():
-        action = next(a for a in parser._actions if a.dest == name)
-        bad = OUT_OF_RANGE.get(must, 12)  # 12: not a multiple of 8 (--resolution)
-        for values in ([bad] * (action.nargs or 1), [0.5, bad]) if action.nargs else ([bad],):
-            flag = "--" + name.replace("_", "-")
-            with pytest.raises(SystemExit, match=f"^train.py: error: {flag} .* is out of range: it must be"):
-                train.main(train.parse_args([*TINY, "--out", str(tmp_path), flag, *map(str, values)]))
-            with pytest.raises(SystemExit, match="non-finite|out of range") if action.type is float else \
-                    contextlib.nullcontext():
-                if action.type is float:
-                    train.resolve_config(train.parse_args([*TINY, flag, *["nan"] * (action.nargs or 1)]))
+    numeric = [a for a in parser._actions if getattr(a.type, "__name__", None) in ("int", "float")
+               and a.choices is None]
+    assert len(numeric) > 30 and not [a.dest for a in numeric if a.type in (int, float)]  # all checked
+    for action in numeric:
+        flag, nargs = action.option_strings[0], action.nargs or 1
+        must, bad = next((m, v) for m, v in OUT_OF_RANGE.items() if _refuses(action.type, v, m))
+        line = cli_error(capsys, train.parse_args, *TINY, flag, *[bad] * nargs)
+        assert f"train.py: error: argument {flag}: {bad} is out of range: it must be {must}" in line
+        if action.type.__name__ == "float":
+            assert _refuses(action.type, "nan", "out of range"), flag
     # the issue's examples, as a new user types them: each a one-line error naming the flag and its range
-    for flags, message in [(["--batch-size", "0"], "--batch-size 0 is out of range: it must be at least 1"),
-                           (["--lr", "-1"], "--lr -1 is out of range: it must be greater than 0"),
-                           (["--max-steps", "-5"], "--max-steps -5 is out of range: it must be at least 1"),
-                           (["--ema-decay", "2"], r"--ema-decay 2 is out of range: it must be in \[0, 1\]"),
-                           (["--encoder-depth", "5", "--align", "repa"], "--encoder-depth 5 .*SiT-T/2 has 4 blocks"),
+    for flags, message in [(["--batch-size", "0"], "--batch-size: 0 is out of range: it must be at least 1"),
+                           (["--lr", "-1"], "--lr: -1 is out of range: it must be greater than 0"),
+                           (["--max-steps", "-5"], "--max-steps: -5 is out of range: it must be at least 1"),
+                           (["--ema-decay", "2"], "--ema-decay: 2 is out of range: it must be in [0, 1]")]:
+        assert message in cli_error(capsys, train.parse_args, *TINY, *flags)
+    for flags, message in [(["--encoder-depth", "5", "--align", "repa"], "--encoder-depth 5 .*SiT-T/2 has 4 blocks"),
                            (["--sra-t-range", "0.6", "0.2", "--align", "sra2"], "--sra-t-range 0.6 0.2 is empty")]:
         with pytest.raises(SystemExit, match=message):
             train.main(train.parse_args([*TINY, "--out", str(tmp_path), *flags]))
     assert not os.listdir(tmp_path)  # refused before anything was built or written
+
+
+def _refuses(parse, text, must):
+    """Whether parse refuses text with the message naming the range `must`."""
+    try:
+        parse(text)
+    except argparse.ArgumentTypeError as e:
+        return must in str(e)
+    except ValueError:  # not even of the flag's type
+        return False
+    return False
 
 
 def test_preempt_signals_flag():
@@ -284,7 +301,7 @@ def test_preempt_signals_flag():
 def test_resume_falls_back_past_an_unreadable_newest_checkpoint(tmp_path):
     straight = run(tmp_path / "a", "--align", "none", "--max-steps", "6")
     damaged = run(tmp_path / "b", "--align", "none", "--max-steps", "4")  # checkpoints 2 and 4
-    newest_path = train.checkpoint_paths(damaged)[-1]
+    newest_path = runs.checkpoint_paths(damaged)[-1]
     data = open(newest_path, "rb").read()
     open(newest_path, "wb").write(data[: len(data) // 3])  # a file cut short by a crash
     run(tmp_path / "b", "--align", "none", "--max-steps", "6")
@@ -299,14 +316,14 @@ def inject_non_finite(monkeypatch, bad_batches):
     import losses
 
     current = {}
-    real_iter, real_loss = train.GlobalBatchSampler.__iter__, losses.velocity_loss
+    real_iter, real_loss = data.GlobalBatchSampler.__iter__, losses.velocity_loss
 
     def tracked(self):
         for index, rows in enumerate(real_iter(self), start=self.start_step):
             current["batch"] = index  # num_workers 0: the batch being trained on
             yield rows
 
-    monkeypatch.setattr(train.GlobalBatchSampler, "__iter__", tracked)
+    monkeypatch.setattr(data.GlobalBatchSampler, "__iter__", tracked)
     monkeypatch.setattr(losses, "velocity_loss", lambda v, target: real_loss(v, target) * (
         float("nan") if bad_batches(current["batch"]) else 1.0))
 
@@ -383,7 +400,7 @@ def test_logging_mirrors_every_metric_and_draws_the_loss_curves(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     monkeypatch.setattr(FakeWriter, "scalars", [])
     drawn = []
-    monkeypatch.setattr(train, "plot_metrics", lambda *paths: drawn.append(paths) or REAL_PLOT(*paths))
+    monkeypatch.setattr(runs, "plot_metrics", lambda *paths: drawn.append(paths) or REAL_PLOT(*paths))
     run_dir = run(tmp_path, "--align", "sara", "--disc-every", "2", "--max-steps", "4", "--wandb", "proj",
                   "--tensorboard", "1")
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -542,15 +559,116 @@ def test_sara_with_disc_sync_bn_two_ranks_equal_one_process(tmp_path):
             assert torch.allclose(v.float(), b[key][k].float(), atol=2 * lr, rtol=0), (key, k)
 
 
-def test_checkpoints_from_before_the_vocabulary_pass_still_resume(tmp_path):
-    """A checkpoint whose config has the old AlignConfig names, no path_type and no newer flags resumes as is."""
-    run_dir = run(tmp_path, "--align", "sara+sra2", "--sra-t-range", "0", "0.5", "--max-steps", "2")
-    path = train.checkpoint_paths(run_dir)[-1]
-    ckpt = torch.load(path, weights_only=True)
-    old = {v: k for k, v in train.OLD_ALIGN_NAMES.items()}
-    align = {old.get(k, k): v for k, v in ckpt["config"]["align_config"].items() if k != "sra_t_range"}
-    ckpt["config"]["align_config"] = dict(align, vae_t_lo=0.0, vae_t_hi=0.5)
-    del ckpt["config"]["model_config"]["path_type"], ckpt["config"]["disc_sync_bn"], ckpt["config"]["keep_every"]
-    torch.save(ckpt, path)
-    resumed = newest(run(tmp_path, "--align", "sara+sra2", "--sra-t-range", "0", "0.5", "--max-steps", "4"))
-    assert resumed["step"] == 4
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training equals sample.py + fid.py; --keep-every
+
+TRAIN = ["--preset", "smoke", "--batch-size", "4", "--resolution", "32", "--synthetic-images", "16",
+         "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2", "--max-steps", "2"]
+
+
+@pytest.mark.slow
+def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
+    """A killed evaluation repeats on resume, once; its five numbers equal sample.py + fid.py on the same seeds."""
+    weights = str(tmp_path / "inception.pth")  # random weights: no download, same network in both routes
+    torch.save(random_inception(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=noise)
+    flags = [*TRAIN, "--out", str(tmp_path / "runs"), "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "4",
+             "--eval-steps", "3", "--eval-cfg", "1.5", "--eval-weights", weights]
+    calls, real_fid = [], fid.fid_from_stats
+
+    def recording_fid(mu1, sigma1, mu2, sigma2, **options):
+        """fid_from_stats, its statistics recorded (online the reference factor comes cached, offline not)."""
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return real_fid(mu1, sigma1, mu2, sigma2, **options)
+
+    def killed(*args, **kwargs):
+        """The process dies in the middle of an evaluation."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid, "fid_from_stats", recording_fid)
+    with monkeypatch.context() as m:
+        m.setattr(sample, "generate_images", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(train.parse_args(flags))
+    assert not calls
+
+    # Offline: the same seeds, guidance, steps and batch size, through the command lines.
+    npz = str(tmp_path / "samples.npz")
+    monkeypatch.chdir(tmp_path)  # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
+    sample.main(sample.parse_args(["--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
+                                   "--out", npz]))
+    samples = np.load(npz)["arr_0"]
+    np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))  # shared images: precision and recall > 0
+
+    run_dir = train.main(train.parse_args(flags))  # resumes at step 2 and evaluates it (new ref: features redone)
+    train.main(train.parse_args(flags))  # done: nothing is evaluated twice
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2] and evals[0]["eval_samples"] == 4
+    offline = fid.main(fid.parse_args([ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
+                                       "--device", "cpu", "--cache", "0", "--out", str(tmp_path / "eval.json")]))
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert evals[0][key] == pytest.approx(offline[key], rel=1e-6, abs=1e-12), key
+    assert offline["inception_score"] > 1 and offline["precision"] > 0 and 0 < offline["recall"] < 1  # 1.0, 0.4
+    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is the same too.
+    assert len(calls) == 4
+    for online_args, offline_args in zip(calls[:2], calls[2:]):
+        assert np.abs(online_args[1]).max() > 1e-3  # real covariances
+        for a, b in zip(online_args, offline_args):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max())
+
+
+def test_keep_every_keeps_multiples_for_good(tmp_path):
+    """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in turn."""
+    run_dir = train.main(train.parse_args([*TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
+                                           "--keep-ckpts", "1", "--keep-every", "4"]))
+    assert [os.path.basename(p) for p in runs.checkpoint_paths(run_dir)] == ["0000004.pt", "0000008.pt"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-every", "-1"], "argument --keep-every: -1 is out of range: it must be at least 0"),
+    (["--eval-samples", "3"], "argument --eval-samples: 3 is out of range: it must be at least 4"),
+    (["--eval-steps", "0"], "argument --eval-steps: 0 is out of range: it must be at least 1"),
+    (["--eval-cfg", "nan"], "argument --eval-cfg: nan is out of range: it must be at least 1"),
+])
+def test_bad_eval_flag_values_are_one_line_errors(capsys, flags, message):
+    assert message in cli_error(capsys, train.parse_args, *TRAIN, *flags)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-every", "5"], "--eval-every needs --eval-ref REF.npz"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--eval-cfg", "2", "--class-dropout", "0"], "needs a null class"),
+    (["--eval-every", "5", "--eval-ref", "REF", "--vae", "none"], "give a --vae, not none"),
+])
+def test_bad_eval_flags_are_one_line_errors(tmp_path, flags, message):
+    """train.py's --eval-* flags are checked before anything is built."""
+    (tmp_path / "ref.npz").write_bytes(b"")
+    flags = [str(tmp_path / "ref.npz") if f == "REF" else f for f in flags]
+    with pytest.raises(SystemExit, match=message) as e:
+        train.main(train.parse_args([*TRAIN, "--out", str(tmp_path / "runs"), *flags]))
+    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_online_eval_on_two_processes_equals_one(tmp_path):
+    """torchrun with 2 gloo ranks (each samples and embeds half) scores as one process does (--ema-decay 1: the same EMA, the initial weights)."""
+    weights = str(tmp_path / "inception.pth")
+    torch.save(random_inception(fid.FIDInception(), seed=0).state_dict(), weights)
+    ref = str(tmp_path / "ref.npz")
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    flags = [*TRAIN, "--align", "none", "--ema-decay", "1", "--eval-every", "2", "--eval-ref", ref, "--eval-samples", "5",
+             "--eval-steps", "3", "--eval-weights", weights]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(ROOT, "train.py"), *flags, "--out", str(tmp_path / "two")], check=True, env=env,
+                   capture_output=True)
+    one = train.main(train.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    rows = {}
+    for name, run_dir in (("one", one), ("two", one.replace(str(tmp_path / "one"), str(tmp_path / "two")))):
+        rows[name] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"fid"' in line]
+    assert len(rows["one"]) == len(rows["two"]) == 1 and rows["one"][0]["fid"] > 1
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert rows["two"][0][key] == pytest.approx(rows["one"][0][key], rel=1e-6), key
