@@ -28,7 +28,8 @@ class UserError(ValueError):
 
 @contextlib.contextmanager
 def main_errors(script):
-    """Around a script's main: a UserError ends the process as `script: error: message`, exit status 1."""
+    """Around a script's main: a UserError ends the process as `script: error: message`, exit status
+    1."""
     try:
         yield
     except UserError as e:
@@ -43,7 +44,8 @@ def failing(what):
         yield
     except UserError:
         raise
-    except (OSError, RuntimeError, ValueError) as e:  # hub, URL and file errors: OSError / RuntimeError
+    # hub, URL and file errors: OSError / RuntimeError
+    except (OSError, RuntimeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{what}: {type(e).__name__}: {first}") from e
 
@@ -51,11 +53,13 @@ def failing(what):
 # ----------------------------------------------------------------------------------------------
 # Process groups: one process per GPU under torchrun, else one process
 
-_host_group = None  # gloo group for host-side agreement (stop flags, checkpoint choice): never waits on a GPU
+# gloo group for host-side agreement (stop flags, checkpoint choice): never waits on a GPU
+_host_group = None
 
 
 def init(device=None, timeout=None):
-    """(rank, world size, device): torchrun's environment (nccl on GPU, gloo on CPU) or a single process.
+    """(rank, world size, device): torchrun's environment (nccl on GPU, gloo on CPU) or a single
+    process.
 
     device None picks this rank's GPU, or the CPU; timeout (a timedelta) bounds every collective.
     """
@@ -71,13 +75,16 @@ def init(device=None, timeout=None):
     cuda = device.type == "cuda"
     timeout = timeout or datetime.timedelta(minutes=30)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
-                            device_id=device if cuda else None)  # bound to the rank's GPU for barriers
-    _host_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None  # None: the gloo world
+                            # bound to the rank's GPU for barriers
+                            device_id=device if cuda else None)
+    # None: the gloo world
+    _host_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def host_all_reduce(values, op, world):
-    """Reduce a list of ints over the ranks on the host (gloo; op a dist.ReduceOp); no GPU synchronisation."""
+    """Reduce a list of ints over the ranks on the host (gloo; op a dist.ReduceOp); no GPU
+    synchronisation."""
     if world == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.int64)
@@ -96,13 +103,15 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def agreed(self, world):
-        """Whether any rank was signalled; every rank gets the same answer (one host all-reduce of an int)."""
+        """Whether any rank was signalled; every rank gets the same answer (one host all-reduce of
+        an int)."""
         return bool(host_all_reduce([self.signal is not None], dist.ReduceOp.MAX, world)[0])
 
 
 @contextlib.contextmanager
 def stop_signals(names):
-    """A StopRequest fed by the signals named (e.g. ("TERM", "USR1")); the previous handlers come back on exit."""
+    """A StopRequest fed by the signals named (e.g. ("TERM", "USR1")); the previous handlers come
+    back on exit."""
     stop = StopRequest()
     previous = {name: signal.signal(getattr(signal, f"SIG{name}"), stop.handle) for name in names}
     try:
@@ -113,7 +122,8 @@ def stop_signals(names):
 
 
 def ignore_signals(names, worker_id=None):
-    """Data loader workers ignore the stop signals (a cluster may signal every process): the main process decides."""
+    """Data loader workers ignore the stop signals (a cluster may signal every process): the main
+    process decides."""
     for name in names:
         signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
 
@@ -135,7 +145,8 @@ def close(world):
 
 
 def fsync_folder(folder):
-    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened
+    (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -147,10 +158,12 @@ def fsync_folder(folder):
 
 
 def write_atomic(path, write):
-    """Create path through write(binary file object) under a temporary name beside it, then rename it in.
+    """Create path through write(binary file object) under a temporary name beside it, then rename
+    it in.
 
     The temporary name ends in .tmp, so folder scans for .png / .npy / .pt never pick it up, and an
-    interrupted write leaves at worst a stray .tmp file, never a truncated output. The data is fsynced
+    interrupted write leaves at worst a stray .tmp file, never a truncated output. The data is
+    fsynced
     before the rename and the folder after it, so after a power cut path holds either the old or the
     new file, never an empty or partial one.
     """
@@ -174,7 +187,8 @@ def write_atomic(path, write):
 
 
 def ranged(kind, must, ok):
-    """argparse type: text -> kind(text), refused unless finite and ok(value); `must` says the range."""
+    """argparse type: text -> kind(text), refused unless finite and ok(value); `must` says the
+    range."""
 
     def parse(text):
         value = kind(text)  # a ValueError here is argparse's "invalid int value"
@@ -214,7 +228,10 @@ def signal_names(text):
         return ()
     names = tuple(n.strip().upper().removeprefix("SIG") for n in text.split(","))
     for name in names:
-        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in ("KILL", "STOP"):
+        if not isinstance(getattr(signal, f"SIG{name}", None), signal.Signals) or name in (
+            "KILL",
+            "STOP",
+        ):
             raise argparse.ArgumentTypeError(
                 f"{name} is not a signal a process can catch; use e.g. TERM,USR1 or none")
     return names

@@ -1,21 +1,33 @@
-"""Training data in REPA's layout: make it from class folders (run this file), read it, or stand in for it.
+"""Training data in REPA's layout: make it from class folders (run this file), read it, or stand in
+for it.
 
-Reading: the REPA layout (images + SD-VAE posterior moments + labels) and a synthetic stand-in. Both datasets
-yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std], label int64). x0 is not
-sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step (encoders.sample_latent).
+Reading: the REPA layout (images + SD-VAE posterior moments + labels) and a synthetic stand-in.
+Both datasets
+yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std], label
+int64). x0 is not
+sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step
+(encoders.sample_latent).
 
 Making it (`python data.py --source ... --dest ...`, at the end of this file):
 
-    dest/images/00000/img00000000.png          ADM center crop ("center-crop-dhariwal") to --resolution
+    dest/images/00000/img00000000.png          ADM center crop ("center-crop-dhariwal") to
+    --resolution
     dest/images/dataset.json                   {"labels": [["00000/img00000000.png", 0], ...]}
-    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std], float32 (8, res/8, res/8)
-    dest/vae-sd/dataset.json                   {"labels": [["00000/img-mean-std-00000000.npy", 0], ...], ...}
+    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std], float32
+    (8, res/8, res/8)
+    dest/vae-sd/dataset.json                   {"labels": [["00000/img-mean-std-00000000.npy",
+    0], ...], ...}
 
-Class index = position of the top-level folder name in sorted order; image index = position of its relative path
-in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are followed. Run as
-`python data.py ...` or on all GPUs with `torchrun --nproc_per_node=N data.py ...`: each rank takes every
-N-th image. Resumable: re-running the same command skips every image whose latent file exists; each file is
-written under a temporary name and then renamed, so an interrupted run leaves no half-written file behind.
+Class index = position of the top-level folder name in sorted order; image index = position of
+its relative path
+in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are
+followed. Run as
+`python data.py ...` or on all GPUs with `torchrun --nproc_per_node=N data.py ...`: each rank
+takes every
+N-th image. Resumable: re-running the same command skips every image whose latent file exists;
+each file is
+written under a temporary name and then renamed, so an interrupted run leaves no half-written
+file behind.
 """
 
 import argparse
@@ -50,14 +62,20 @@ def supported_ext():
 
 
 def list_files(root):
-    """Sorted relative paths of the supported files below root, exactly as REPA's CustomDataset lists them."""
+    """Sorted relative paths of the supported files below root, exactly as REPA's CustomDataset
+    lists them."""
     exts = supported_ext()
-    names = (os.path.relpath(os.path.join(d, f), start=root) for d, _, files in os.walk(root) for f in files)
+    names = (
+        os.path.relpath(os.path.join(d, f), start=root)
+        for d, _, files in os.walk(root)
+        for f in files
+    )
     return sorted(n for n in names if os.path.splitext(n)[1].lower() in exts)
 
 
 def load_image(path):
-    """An image file (PNG etc., or .npy) -> uint8 array (C, H, W), as REPA's CustomDataset decodes it."""
+    """An image file (PNG etc., or .npy) -> uint8 array (C, H, W), as REPA's CustomDataset decodes
+    it."""
     if path.lower().endswith(".npy"):
         image = np.load(path)
         return image.reshape(-1, *image.shape[-2:])
@@ -66,7 +84,8 @@ def load_image(path):
 
 
 class LatentImageDataset(Dataset):
-    """data_dir/images/** paired by sorted order with data_dir/vae-sd/** moments, labels from vae-sd/dataset.json."""
+    """data_dir/images/** paired by sorted order with data_dir/vae-sd/** moments, labels from
+    vae-sd/dataset.json."""
 
     synthetic = False
 
@@ -78,49 +97,69 @@ class LatentImageDataset(Dataset):
         self.features_dir = os.path.join(data_dir, "vae-sd")
         for d in (self.images_dir, self.features_dir):
             if not os.path.isdir(d):
-                raise ValueError(f"{d} is missing (REPA layout: images/ and vae-sd/): {PREPARE_HINT}")
+                raise ValueError(
+                    f"{d} is missing (REPA layout: images/ and vae-sd/): {PREPARE_HINT}"
+                )
         self.image_fnames = list_files(self.images_dir)
         self.feature_fnames = list_files(self.features_dir)
         if not self.feature_fnames:
             raise ValueError(f"no images or latents under {data_dir}: {PREPARE_HINT}")
         if len(self.image_fnames) != len(self.feature_fnames):
-            raise ValueError(f"{len(self.image_fnames)} images in {self.images_dir} but {len(self.feature_fnames)} "
-                             f"latent files in {self.features_dir}: an interrupted preparation? re-run data.py")
+            raise ValueError(
+                f"{len(self.image_fnames)} images in {self.images_dir} but "
+                f"{len(self.feature_fnames)} "
+                f"latent files in {self.features_dir}: an interrupted preparation? re-run data.py"
+            )
         self.labels, self.num_classes, self.vae = self.read_labels()
         if self.vae == "tiny-random":
-            log.warning("data: %s was encoded with the TINY RANDOM VAE (data.py --vae tiny-random): "
-                        "for smoke runs and tests only", self.features_dir)
+            log.warning(
+                "data: %s was encoded with the TINY RANDOM VAE (data.py --vae tiny-random): "
+                "for smoke runs and tests only",
+                self.features_dir,
+            )
         image = load_image(os.path.join(self.images_dir, self.image_fnames[0]))
         self.resolution = image.shape[-2]
         moments = np.load(os.path.join(self.features_dir, self.feature_fnames[0]), mmap_mode="r")
         expected = (8, self.resolution // 8, image.shape[-1] // 8)
         if image.shape[0] != 3 or tuple(moments.shape) != expected:
-            raise ValueError(f"{self.feature_fnames[0]} holds moments of shape {tuple(moments.shape)} for a "
-                             f"{tuple(image.shape)} image; SD-VAE posterior [mean, std] is {expected} for RGB: "
-                             f"re-run data.py")
+            raise ValueError(
+                f"{self.feature_fnames[0]} holds moments of shape {tuple(moments.shape)} for a "
+                f"{tuple(image.shape)} image; SD-VAE posterior [mean, std] is {expected} for RGB: "
+                f"re-run data.py"
+            )
         self.latent_size = expected[1]
 
     def read_labels(self):
-        """(labels in feature order, number of classes, VAE name or None) from vae-sd/dataset.json."""
+        """(labels in feature order, number of classes, VAE name or None) from vae-sd/dataset.json.
+        """
         path = os.path.join(self.features_dir, "dataset.json")
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing (it holds the class labels): {PREPARE_HINT}")
         with open(path, "rb") as f:
             meta = json.load(f)
         if not meta.get("labels"):
-            raise ValueError(f"{path} has no labels (class-conditional training needs them): {PREPARE_HINT}")
+            raise ValueError(
+                f"{path} has no labels (class-conditional training needs them): {PREPARE_HINT}"
+            )
         by_name = dict(meta["labels"])
         missing = [n for n in self.feature_fnames if n.replace("\\", "/") not in by_name]
         if missing:
-            raise ValueError(f"{path} has no label for {len(missing)} latent files (e.g. {missing[0]}): "
-                             f"re-run data.py")
+            raise ValueError(
+                f"{path} has no label for {len(missing)} latent files (e.g. {missing[0]}): "
+                f"re-run data.py"
+            )
         labels = np.array([by_name[n.replace("\\", "/")] for n in self.feature_fnames])
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.min() < 0:
-            raise ValueError(f"{path}: labels must be one class index >= 0 per file, got {labels.dtype} "
-                             f"of shape {labels.shape}")
-        num_classes = int(meta.get("num_classes", labels.max() + 1))  # data.py stores it; REPA's json does not
+            raise ValueError(
+                f"{path}: labels must be one class index >= 0 per file, got {labels.dtype} "
+                f"of shape {labels.shape}"
+            )
+        # data.py stores it; REPA's json does not
+        num_classes = int(meta.get("num_classes", labels.max() + 1))
         if labels.max() >= num_classes:
-            raise ValueError(f"{path}: label {labels.max()} but num_classes {num_classes}: re-run data.py")
+            raise ValueError(
+                f"{path}: label {labels.max()} but num_classes {num_classes}: re-run data.py"
+            )
         return labels.astype(np.int64), num_classes, meta.get("vae")  # vae: written by data.py only
 
     def __len__(self):
@@ -130,12 +169,19 @@ class LatentImageDataset(Dataset):
         """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar) of pair idx."""
         image = load_image(os.path.join(self.images_dir, self.image_fnames[idx]))
         moments = np.load(os.path.join(self.features_dir, self.feature_fnames[idx]))
-        return torch.from_numpy(image), torch.from_numpy(moments).float(), torch.tensor(self.labels[idx])
+        return (
+            torch.from_numpy(image),
+            torch.from_numpy(moments).float(),
+            torch.tensor(self.labels[idx]),
+        )
 
 
-# Synthetic latents: 8x average-pooled colour in [-1, 1] mixed to luma and two colour-opponent channels, plus the
-# 8x8 local contrast of luma as a fourth channel (it sees the stripes the pooling averages away); centred and scaled
-# per channel with constants measured on this dataset so that x0 = mean * 0.18215 has about zero mean and unit
+# Synthetic latents: 8x average-pooled colour in [-1, 1] mixed to luma and two colour-opponent
+# channels, plus the
+# 8x8 local contrast of luma as a fourth channel (it sees the stripes the pooling averages away);
+# centred and scaled
+# per channel with constants measured on this dataset so that x0 = mean * 0.18215 has about zero
+# mean and unit
 # variance, as SD-VAE latents do. The posterior std is a small constant: x0 noise of 0.05.
 SYNTH_MIX = torch.tensor([[0.299, 0.587, 0.114], [0.5, -0.5, 0.0], [-0.25, -0.25, 0.5]])
 SYNTH_CENTER = torch.tensor([-0.45, -0.017, 0.01, 0.045])  # feature means over 32-256 px
@@ -144,64 +190,95 @@ SYNTH_STD = 0.05 / LATENT_SCALE
 
 
 def synthetic_moments(image):
-    """uint8 image (3, H, W) -> deterministic VAE-like posterior [mean, std] (8, H/8, W/8), see the note above."""
+    """uint8 image (3, H, W) -> deterministic VAE-like posterior [mean, std] (8, H/8, W/8), see the
+    note above."""
     x = image.float() / 127.5 - 1  # [-1, 1], the VAE's input range
     colour = torch.einsum("oc,chw->ohw", SYNTH_MIX, F.avg_pool2d(x, 8))  # (3, h, w)
     luma = torch.einsum("c,chw->hw", SYNTH_MIX[0], x)[None]  # (1, H, W)
-    contrast = (F.avg_pool2d(luma**2, 8) - F.avg_pool2d(luma, 8) ** 2).clamp_min(0).sqrt()  # (1, h, w)
+    # (1, h, w)
+    contrast = (F.avg_pool2d(luma**2, 8) - F.avg_pool2d(luma, 8) ** 2).clamp_min(0).sqrt()
     features = torch.cat([colour, contrast])  # (4, h, w)
     mean = (features - SYNTH_CENTER[:, None, None]) / SYNTH_SCALE[:, None, None] / LATENT_SCALE
     return torch.cat([mean, torch.full_like(mean, SYNTH_STD)])  # (8, h, w)
 
 
 def synthetic_image(label, num_classes, resolution, rng):
-    """Procedural uint8 picture (3, H, W): colours, shape, stripes set by the class; placement and noise by rng."""
+    """Procedural uint8 picture (3, H, W): colours, shape, stripes set by the class; placement and
+    noise by rng."""
     hue = (label * 0.618034) % 1  # golden-ratio hues keep neighbouring classes apart
     fg = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
     bg = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1, 0.6, 0.35))
-    y, x = np.meshgrid(np.linspace(-1, 1, resolution), np.linspace(-1, 1, resolution), indexing="ij")
+    y, x = np.meshgrid(
+        np.linspace(-1, 1, resolution), np.linspace(-1, 1, resolution), indexing="ij"
+    )
     cy, cx = rng.uniform(-0.3, 0.3, size=2)
     radius = rng.uniform(0.35, 0.6)
     dy, dx = y - cy, x - cx
     shape = label % 3  # disc, square or diamond
-    dist = np.hypot(dy, dx) if shape == 0 else np.maximum(abs(dy), abs(dx)) if shape == 1 else abs(dy) + abs(dx)
+    dist = (
+        np.hypot(dy, dx)
+        if shape == 0
+        else np.maximum(abs(dy), abs(dx))
+        if shape == 1
+        else abs(dy) + abs(dx)
+    )
     mask = np.clip((radius - dist) * resolution / 4, 0, 1)  # soft edge a few pixels wide
     angle = np.pi * label / num_classes + rng.normal(0, 0.1)
     freq = 2 + (label // 3) % 5  # stripe periods across the picture
-    stripes = 0.5 + 0.5 * np.sin(np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+    stripes = 0.5 + 0.5 * np.sin(
+        np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi)
+    )
     shade = rng.uniform(0.8, 1.2)
-    picture = bg[:, None, None] * (1 - mask) + fg[:, None, None] * mask * (0.6 + 0.4 * stripes) * shade  # (3, H, W)
+    picture = (
+        bg[:, None, None] * (1 - mask) + fg[:, None, None] * mask * (0.6 + 0.4 * stripes) * shade
+    )  # (3, H, W)
     picture += rng.normal(0, 0.02, size=picture.shape)
     return torch.from_numpy(np.clip(picture * 255 + 0.5, 0, 255).astype(np.uint8))
 
 
 class SyntheticDataset(Dataset):
-    """SYNTHETIC class-conditional data for smoke runs and tests: procedural images, VAE-like moments, no download."""
+    """SYNTHETIC class-conditional data for smoke runs and tests: procedural images, VAE-like
+    moments, no download."""
 
     synthetic = True
 
     def __init__(self, num_images=1024, num_classes=10, resolution=256, seed=0):
         """num_images items (label = index % num_classes) at resolution px, fixed by seed."""
         if resolution % 16 or resolution <= 0:
-            raise ValueError(f"synthetic resolution must be a positive multiple of 16 (8x VAE, 2x patches), "
-                             f"got {resolution}")
+            raise ValueError(
+                f"synthetic resolution must be a positive multiple of 16 (8x VAE, 2x patches), "
+                f"got {resolution}"
+            )
         if num_images < 1 or num_classes < 1:
             raise ValueError(f"synthetic data needs num_images >= 1 and num_classes >= 1, "
                              f"got {num_images} and {num_classes}")
-        self.num_images, self.num_classes, self.resolution, self.seed = num_images, num_classes, resolution, seed
+        self.num_images, self.num_classes, self.resolution, self.seed = (
+            num_images,
+            num_classes,
+            resolution,
+            seed,
+        )
         self.latent_size = resolution // 8
-        log.warning("data: SYNTHETIC procedural dataset (%d images, %d classes, %d px), not ImageNet: "
-                    "for smoke runs and tests only", num_images, num_classes, resolution)
+        log.warning(
+            "data: SYNTHETIC procedural dataset (%d images, %d classes, %d px), not ImageNet: "
+            "for smoke runs and tests only",
+            num_images,
+            num_classes,
+            resolution,
+        )
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, idx):
-        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar), a function of (seed, idx) only."""
+        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar), a function of
+        (seed, idx) only."""
         if not 0 <= idx < self.num_images:
             raise IndexError(f"index {idx} out of range for {self.num_images} synthetic images")
         label = idx % self.num_classes  # balanced classes
-        image = synthetic_image(label, self.num_classes, self.resolution, np.random.default_rng([self.seed, idx]))
+        image = synthetic_image(
+            label, self.num_classes, self.resolution, np.random.default_rng([self.seed, idx])
+        )
         return image, synthetic_moments(image), torch.tensor(label, dtype=torch.int64)
 
 
@@ -227,7 +304,8 @@ def build_dataset(config):
 
 
 class GlobalBatchSampler(Sampler):
-    """Endless batches: this rank's slice of global batch i of epoch e = randperm(seed, e)[i*G : (i+1)*G].
+    """Endless batches: this rank's slice of global batch i of epoch e = randperm(seed, e)[i*G :
+    (i+1)*G].
 
     The composition of every global batch depends only on the seed, so any number of ranks sees the
     same data as one process, and a resumed run restarts at the exact batch it stopped at.
@@ -237,7 +315,12 @@ class GlobalBatchSampler(Sampler):
         if size < global_batch:
             raise UserError(f"the dataset has {size} images, fewer than one global batch of "
                                     f"{global_batch}")
-        self.size, self.global_batch, self.seed, self.start_step = size, global_batch, seed, start_step
+        self.size, self.global_batch, self.seed, self.start_step = (
+            size,
+            global_batch,
+            seed,
+            start_step,
+        )
         self.local = global_batch // world
         self.offset = rank * self.local
         self.per_epoch = size // global_batch  # the last partial batch of an epoch is dropped
@@ -259,10 +342,16 @@ def global_batches(dataset, config, rank, world, start_batch, device):
     """The DataLoader of this rank's share of every global batch from start_batch on."""
     sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world, config["seed"],
                                  start_batch)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=config["num_workers"],
-                      pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
-                      generator=torch.Generator(),  # private: iterating never touches the global RNG
-                      worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config["num_workers"],
+        pin_memory=device.type == "cuda",
+        persistent_workers=config["num_workers"] > 0,
+        # private: iterating never touches the global RNG
+        generator=torch.Generator(),
+        worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,18 +362,54 @@ def global_batches(dataset, config, rank, world, start_batch, device):
 def build_parser():
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", required=True, help="ImageNet-style folder: one sub-folder of images per class")
-    p.add_argument("--dest", required=True, help="output data dir (gets images/ and vae-sd/); train.py --data-dir")
-    p.add_argument("--resolution", type=cluster.multiple_of(8), default=256, help="side of the square center-cropped images (px)")
-    p.add_argument("--vae", default="mse", help="SD-VAE that encodes the latents: ema / mse (REPA encodes with "
-                   "stabilityai/sd-vae-ft-mse), a hub id, a local folder, or tiny-random (tests only)")
-    p.add_argument("--batch-size", type=cluster.at_least(1), default=64, help="images per VAE forward pass on each rank")
-    p.add_argument("--workers", type=cluster.at_least(0), default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes per rank that decode and crop the source images (0: in-process)")
-    p.add_argument("--max-images", type=cluster.at_least(1), default=None, help="only the first N images in sorted order")
-    p.add_argument("--png-compress", type=int, default=0, choices=range(10),
-                   help="PNG zlib level: 0 as REPA/edm2 (uncompressed, fastest to read), up to 9 (smallest)")
-    p.add_argument("--device", default=None, help="torch device for the VAE; None: this rank's GPU, else cpu")
+    p.add_argument(
+        "--source", required=True, help="ImageNet-style folder: one sub-folder of images per class"
+    )
+    p.add_argument(
+        "--dest",
+        required=True,
+        help="output data dir (gets images/ and vae-sd/); train.py --data-dir",
+    )
+    p.add_argument(
+        "--resolution",
+        type=cluster.multiple_of(8),
+        default=256,
+        help="side of the square center-cropped images (px)",
+    )
+    p.add_argument(
+        "--vae",
+        default="mse",
+        help="SD-VAE that encodes the latents: ema / mse (REPA encodes with "
+        "stabilityai/sd-vae-ft-mse), a hub id, a local folder, or tiny-random (tests only)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cluster.at_least(1),
+        default=64,
+        help="images per VAE forward pass on each rank",
+    )
+    p.add_argument(
+        "--workers",
+        type=cluster.at_least(0),
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader processes per rank that decode and crop the source images (0: in-process)",
+    )
+    p.add_argument(
+        "--max-images",
+        type=cluster.at_least(1),
+        default=None,
+        help="only the first N images in sorted order",
+    )
+    p.add_argument(
+        "--png-compress",
+        type=int,
+        default=0,
+        choices=range(10),
+        help="PNG zlib level: 0 as REPA/edm2 (uncompressed, fastest to read), up to 9 (smallest)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device for the VAE; None: this rank's GPU, else cpu"
+    )
     return p
 
 
@@ -294,18 +419,22 @@ def parse_args(argv=None):
 
 
 def center_crop_dhariwal(image, size):
-    """ADM's center crop: halve with BOX while the short side >= 2 * size, bicubic to short side = size, crop."""
+    """ADM's center crop: halve with BOX while the short side >= 2 * size, bicubic to short side =
+    size, crop."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=PIL.Image.Resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=PIL.Image.Resampling.BICUBIC)
+    image = image.resize(
+        tuple(round(s * scale) for s in image.size), resample=PIL.Image.Resampling.BICUBIC
+    )
     array = np.array(image)  # (H, W, 3)
     top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
     return array[top:top + size, left:left + size]
 
 
 def walk(source):
-    """os.walk that follows symlinked folders (ImageNet subsets are often built from them), but not in a loop."""
+    """os.walk that follows symlinked folders (ImageNet subsets are often built from them), but not
+    in a loop."""
     for folder, dirs, files in os.walk(source, followlinks=True):
         above, up = set(), folder
         while True:  # real paths of this folder and its parents up to source
@@ -318,23 +447,33 @@ def walk(source):
 
 
 def list_source(source, max_images=None):
-    """Sorted relative image paths under the class folders of source, their labels and the sorted class names."""
+    """Sorted relative image paths under the class folders of source, their labels and the sorted
+    class names."""
     if not os.path.isdir(source):
-        raise UserError(f"--source {source} is not a directory: point it at the ImageNet train folder")
+        raise UserError(
+            f"--source {source} is not a directory: point it at the ImageNet train folder"
+        )
     exts = supported_ext() - {".npy"}
-    paths = sorted(os.path.relpath(os.path.join(d, f), source).replace("\\", "/")
-                   for d, files in walk(source) for f in files if os.path.splitext(f)[1].lower() in exts)
+    paths = sorted(
+        os.path.relpath(os.path.join(d, f), source).replace("\\", "/")
+        for d, files in walk(source)
+        for f in files
+        if os.path.splitext(f)[1].lower() in exts
+    )
     loose = [p for p in paths if "/" not in p]
     if loose:
         log.warning("ignoring %d images directly in %s (e.g. %s): only class folders are read",
                     len(loose), source, loose[0])
     paths = [p for p in paths if "/" in p]
     if not any(e.is_dir() for e in os.scandir(source)):
-        raise UserError(f"no class folders in {source}: expected one sub-folder of images per class")
+        raise UserError(
+            f"no class folders in {source}: expected one sub-folder of images per class"
+        )
     if not paths:
         raise UserError(f"no images in the class folders of {source} "
                         f"(looked for {', '.join(sorted(exts)[:6])}, ...)")
-    classes = sorted({p.split("/")[0] for p in paths})  # from all images: --max-images keeps the full label set
+    # from all images: --max-images keeps the full label set
+    classes = sorted({p.split("/")[0] for p in paths})
     index = {c: i for i, c in enumerate(classes)}
     paths = paths[:max_images]
     return paths, [index[p.split("/")[0]] for p in paths], classes
@@ -365,7 +504,8 @@ class CroppedImages(Dataset):
 
 
 def write_json(path, meta):
-    """Write meta as JSON atomically; an identical existing file is left untouched (a finished run stays as is)."""
+    """Write meta as JSON atomically; an identical existing file is left untouched (a finished run
+    stays as is)."""
     text = json.dumps(meta).encode()
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -383,7 +523,8 @@ def main(args):
 def prepare(args):
     """Crop, encode and write this rank's share of the images, then (rank 0) the label files."""
     paths, labels, classes = list_source(args.source, args.max_images)
-    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait that long
+    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait
+    # that long
     rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")
     mine = range(rank, len(paths), world)  # strided shard: every rank gets a spread of classes
@@ -403,22 +544,33 @@ def prepare(args):
                 png = os.path.join(images_dir, output_names(i)[0])
                 if not os.path.exists(png):  # a run stopped between the two files left the PNG only
                     picture = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
-                    write_atomic(png, lambda f: picture.save(f, format="png", compress_level=args.png_compress))
-            moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()  # (B, 8, R/8, R/8) float32
-            for i, m in zip(indices.tolist(), moments):  # after the PNGs: a latent file implies its image
+                    write_atomic(
+                        png,
+                        lambda f: picture.save(f, format="png", compress_level=args.png_compress),
+                    )
+            # (B, 8, R/8, R/8) float32
+            moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()
+            # after the PNGs: a latent file implies its image
+            for i, m in zip(indices.tolist(), moments):
                 write_atomic(os.path.join(latents_dir, output_names(i)[1]), lambda f: np.save(f, m))
             bar.update(len(indices))
         bar.close()
     cluster.barrier(world)  # every shard on disk before the labels name them
     if rank == 0:
         names = [output_names(i) for i in range(len(paths))]
-        meta = {"num_classes": len(classes), "classes": classes, "vae": args.vae}  # extra keys; REPA reads "labels"
+        # extra keys; REPA reads "labels"
+        meta = {"num_classes": len(classes), "classes": classes, "vae": args.vae}
         for d, k in ((images_dir, 0), (latents_dir, 1)):
-            write_json(os.path.join(d, "dataset.json"), {"labels": [[n[k], y] for n, y in zip(names, labels)], **meta})
+            write_json(
+                os.path.join(d, "dataset.json"),
+                {"labels": [[n[k], y] for n, y in zip(names, labels)], **meta},
+            )
         log.info("wrote %d images and latents to %s", len(paths), args.dest)
     cluster.close(world)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     main(parse_args())

@@ -9,13 +9,17 @@ number computed here can sit next to a published one:
     improved precision / recall with k = 3 and (by default) ADM's fp16 distances.
   * The ADM reference-batch npz: arr_0 (uint8 N,H,W,3) plus optional mu, sigma, mu_s, sigma_s.
 
-FID's tr sqrt(sigma1 sigma2) uses symmetric eigensolvers by default (--fid-route eigh, equal to ADM's
+FID's tr sqrt(sigma1 sigma2) uses symmetric eigensolvers by default (--fid-route eigh, equal to
+ADM's
 sqrtm to rounding and several times faster); --fid-route sqrtm is ADM's computation exactly.
 
 Usage:
-    python fid.py REF.npz SAMPLES.npz                          # SAMPLES may also be a folder (tree) of PNGs
-    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz     # the same numbers, the network sharded over ranks
-    python fid.py --write-ref OUT.npz IMAGES                    # build an ADM-format reference batch
+    python fid.py REF.npz SAMPLES.npz                          # SAMPLES may also be a folder
+    (tree) of PNGs
+    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz     # the same numbers, the network
+    sharded over ranks
+    python fid.py --write-ref OUT.npz IMAGES                    # build an ADM-format reference
+    batch
 """
 
 import argparse
@@ -63,7 +67,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def write_atomic(path, write):
-    """Create `path` by calling write(binary_file) on a temp file beside it, then os.replace it in."""
+    """Create `path` by calling write(binary_file) on a temp file beside it, then os.replace it in.
+    """
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -101,16 +106,20 @@ def strict_fp32():
 
 
 def _legacy_axis(in_size, out_size, device):
-    """Source indices (low, high) and float32 weights along one axis, as TF1's legacy scaler computes them."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size  # float32, like TF's CalculateResizeScale
-    pos = torch.arange(out_size, dtype=torch.float32) * scale  # source = dst * in/out, no half-pixel shift
+    """Source indices (low, high) and float32 weights along one axis, as TF1's legacy scaler
+    computes them."""
+    # float32, like TF's CalculateResizeScale
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    # source = dst * in/out, no half-pixel shift
+    pos = torch.arange(out_size, dtype=torch.float32) * scale
     low = pos.floor()
     high = pos.ceil().clamp(max=in_size - 1)
     return low.long().to(device), high.long().to(device), (pos - low).to(device)
 
 
 def tf1_resize_bilinear(x, size):
-    """Resize float (N,C,H,W) to (N,C,size,size) exactly like TF1 resize_bilinear(align_corners=False)."""
+    """Resize float (N,C,H,W) to (N,C,size,size) exactly like TF1
+    resize_bilinear(align_corners=False)."""
     y_lo, y_hi, y_w = _legacy_axis(x.shape[2], size, x.device)
     x_lo, x_hi, x_w = _legacy_axis(x.shape[3], size, x.device)
 
@@ -125,7 +134,8 @@ def tf1_resize_bilinear(x, size):
 
 
 def preprocess(images):
-    """uint8 (N,H,W,3) tensor -> float32 (N,3,299,299) network input, resized then scaled as in the graph."""
+    """uint8 (N,H,W,3) tensor -> float32 (N,3,299,299) network input, resized then scaled as in the
+    graph."""
     x = images.permute(0, 3, 1, 2).float()  # N,3,H,W in [0, 255]
     return (tf1_resize_bilinear(x, INPUT_SIZE) - 128) / 128
 
@@ -227,7 +237,12 @@ class MixedC(Mixed):
         """Branch outputs in the graph's concatenation order; [0] is TF's mixed_N/conv."""
         tower = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         dbl = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             dbl = layer(dbl)
         return [self.branch1x1(x), tower, dbl, self.branch_pool(_tf_avg_pool(x))]
 
@@ -271,7 +286,8 @@ class MixedE(Mixed):
         self.branch_pool = BasicConv(cin, 192, 1)
 
     def branches(self, x):
-        """Branch outputs in the graph's concatenation order (the split towers flattened in place)."""
+        """Branch outputs in the graph's concatenation order (the split towers flattened in place).
+        """
         t = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
@@ -286,7 +302,8 @@ class MixedE(Mixed):
 
 
 class FIDInception(nn.Module):
-    """Inception-v3 as in the TF 2015-12-05 graph; load_state_dict(strict=True) takes the pytorch-fid file."""
+    """Inception-v3 as in the TF 2015-12-05 graph; load_state_dict(strict=True) takes the
+    pytorch-fid file."""
 
     def __init__(self):
         """Stem, eleven mixed blocks and the 1008-way classifier, named as in the weights file."""
@@ -310,7 +327,8 @@ class FIDInception(nn.Module):
         self.fc = nn.Linear(POOL_DIM, LOGITS_DIM)
 
     def forward(self, x):
-        """Preprocessed (N,3,299,299) -> pool3 (N,2048), spatial (N,2023), unbiased logits (N,1008)."""
+        """Preprocessed (N,3,299,299) -> pool3 (N,2048), spatial (N,2023), unbiased logits (N,1008).
+        """
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # N,64,147,147
         x = F.max_pool2d(x, 3, stride=2)  # N,64,73,73
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # N,192,71,71
@@ -324,7 +342,8 @@ class FIDInception(nn.Module):
         x = self.Mixed_6e(torch.cat(parts, 1))  # N,768,17,17
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # N,2048,8,8
         pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # N,2048 (pool_3)
-        logits = pool @ self.fc.weight.T  # N,1008; ADM reads softmax/logits/MatMul, before the bias add
+        # N,1008; ADM reads softmax/logits/MatMul, before the bias add
+        logits = pool @ self.fc.weight.T
         return pool, spatial, logits
 
 
@@ -335,24 +354,28 @@ def hub_weights_path():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:  # the full digest as hash_prefix: stricter than the 8-hex suffix check_hash would use
             torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
-        except Exception as err:  # offline (URLError), moved (HTTPError 404), hash mismatch (RuntimeError), ...
+        # offline (URLError), moved (HTTPError 404), hash mismatch (RuntimeError), ...
+        except Exception as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(
-                f"cannot download the Inception weights {os.path.basename(WEIGHTS_URL)} from {WEIGHTS_URL} ({reason});"
+                f"cannot download the Inception weights {os.path.basename(WEIGHTS_URL)} from "
+                f"{WEIGHTS_URL} ({reason});"
                 f" fetch that file elsewhere and pass --weights PATH, or put it at {path}"
             ) from err
     return path
 
 
 def load_inception(weights=None, sha256=WEIGHTS_SHA256, device="cpu"):
-    """The network with weights from `weights` (default: torch.hub cache), sha256-checked; returns (model, digest)."""
+    """The network with weights from `weights` (default: torch.hub cache), sha256-checked; returns
+    (model, digest)."""
     path = weights or hub_weights_path()
     if not os.path.isfile(path):
         raise ValueError(f"weights file not found: {path}")
     digest = sha256_of(path)
     if sha256 and not digest.startswith(sha256.lower()):
         raise ValueError(
-            f"weights file {path} has sha256 {digest[:16]}..., expected {sha256[:16]}...: wrong or corrupt file"
+            f"weights file {path} has sha256 {digest[:16]}..., expected {sha256[:16]}...: wrong or "
+            "corrupt file"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -369,7 +392,8 @@ def load_inception(weights=None, sha256=WEIGHTS_SHA256, device="cpu"):
 
 
 class RunningGaussian:
-    """Mean and covariance (np.cov convention, N-1) of feature rows, accumulated batch by batch in float64."""
+    """Mean and covariance (np.cov convention, N-1) of feature rows, accumulated batch by batch in
+    float64."""
 
     def __init__(self):
         self.count, self.shift, self.total, self.scatter = 0, None, None, None
@@ -378,7 +402,8 @@ class RunningGaussian:
         """Add a (B,D) batch of features."""
         x = feats.double()
         if self.shift is None:
-            # centring on the first batch's mean keeps the raw second moment from cancelling catastrophically
+            # centring on the first batch's mean keeps the raw second moment from cancelling
+            # catastrophically
             self.shift = x.mean(0)  # D
             self.total = torch.zeros_like(self.shift)  # D
             self.scatter = x.new_zeros(x.shape[1], x.shape[1])  # D,D
@@ -398,7 +423,8 @@ class RunningGaussian:
 
 @dataclasses.dataclass
 class Features:
-    """What the evaluator needs from one image set: pool3 rows, logits, and Gaussian stats of pool3 and spatial."""
+    """What the evaluator needs from one image set: pool3 rows, logits, and Gaussian stats of pool3
+    and spatial."""
 
     pool: torch.Tensor  # N,2048 float32 (CPU)
     logits: Optional[torch.Tensor]  # N,1008 float32 (CPU); None when read from the reference cache
@@ -407,9 +433,11 @@ class Features:
 
 
 def in_batch_order(outputs, world, device):
-    """Yield every rank's (pool, spatial, logits) batches in single-process order; each rank passes its own outputs.
+    """Yield every rank's (pool, spatial, logits) batches in single-process order; each rank passes
+    its own outputs.
 
-    Rank r holds batches r, r + world, ...: round k all-gathers batch k * world + r from every rank r (rows padded
+    Rank r holds batches r, r + world, ...: round k all-gathers batch k * world + r from every
+    rank r (rows padded
     to the round's largest batch), so every rank sees all batches, whole and in order.
     """
     if world == 1:
@@ -417,14 +445,16 @@ def in_batch_order(outputs, world, device):
         return
     widths = (POOL_DIM, SPATIAL_DIM, LOGITS_DIM)
     for mine in itertools.chain(outputs, itertools.repeat(None)):
-        rows = torch.zeros(0, sum(widths), device=device) if mine is None else torch.cat(mine, 1)  # B,5079
+        # B,5079
+        rows = torch.zeros(0, sum(widths), device=device) if mine is None else torch.cat(mine, 1)
         counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
         dist.all_gather(counts, torch.tensor([len(rows)], device=device))
         longest = max(int(count) for count in counts)
         if longest == 0:  # every rank has run out of batches
             return
         gathered = [rows.new_empty(longest, rows.shape[1]) for _ in range(world)]
-        dist.all_gather(gathered, F.pad(rows, (0, 0, 0, longest - len(rows))))  # world x (longest,5079)
+        # world x (longest,5079)
+        dist.all_gather(gathered, F.pad(rows, (0, 0, 0, longest - len(rows))))
         for part, count in zip(gathered, counts):
             if count:
                 yield part[: int(count)].split(widths, 1)
@@ -432,9 +462,11 @@ def in_batch_order(outputs, world, device):
 
 @torch.inference_mode()
 def extract_features(model, batches, device="cpu", total=None, world=1):
-    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits, streams the statistics.
+    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits, streams the
+    statistics.
 
-    world > 1 (under torchrun): `batches` is this rank's share, ImageSet.batches(..., rank, world); every rank
+    world > 1 (under torchrun): `batches` is this rank's share,
+    ImageSet.batches(..., rank, world); every rank
     returns the Features of all images, identical to a single process's given the same batch size.
     """
     pool_stats, spatial_stats = RunningGaussian(), RunningGaussian()
@@ -450,7 +482,9 @@ def extract_features(model, batches, device="cpu", total=None, world=1):
             logits.append(logit.cpu())
     if not pools:
         raise ValueError("no images to evaluate")
-    return Features(torch.cat(pools), torch.cat(logits), pool_stats.finalize(), spatial_stats.finalize())
+    return Features(
+        torch.cat(pools), torch.cat(logits), pool_stats.finalize(), spatial_stats.finalize()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,19 +496,23 @@ FID_ROUTES = ("eigh", "sqrtm")
 
 
 def psd_eigenvalues(values):
-    """Eigenvalues of a symmetric PSD matrix with those within rounding of 0 set to 0; None if any is non-finite
+    """Eigenvalues of a symmetric PSD matrix with those within rounding of 0 set to 0; None if any
+    is non-finite
     or negative beyond rounding (numpy's matrix_rank tolerance: size * eps * largest magnitude)."""
     if not np.isfinite(values).all():
         return None
     tol = len(values) * np.finfo(np.float64).eps * np.abs(values).max()
-    # a zero eigenvalue comes out as +-1e-15 or so; its square root, 3e-8, times hundreds would bias FID
+    # a zero eigenvalue comes out as +-1e-15 or so; its square root, 3e-8, times hundreds would bias
+    # FID
     return None if values.min() < -tol else np.where(values > tol, values, 0)
 
 
 def covariance_factor(sigma):
-    """F (D,D) with F @ F.T = sigma: Cholesky when sigma is positive definite, else U sqrt(lambda) from eigh.
+    """F (D,D) with F @ F.T = sigma: Cholesky when sigma is positive definite, else U sqrt(lambda)
+    from eigh.
 
-    None when sigma has eigenvalues that are non-finite or negative beyond rounding. Compute it once for a
+    None when sigma has eigenvalues that are non-finite or negative beyond rounding. Compute it
+    once for a
     reference and pass it to every fid_from_stats(..., factor2=F) against that reference.
     """
     try:
@@ -486,15 +524,18 @@ def covariance_factor(sigma):
 
 
 def trace_sqrt_product(sigma1, factor2):
-    """tr sqrt(sigma1 sigma2) from sigma2 = F F^T: F^T sigma1 F is symmetric PSD with the eigenvalues of sigma1 sigma2,
-    so a symmetric eigensolver (values only) replaces sqrtm; None when those eigenvalues are not PSD to rounding."""
+    """tr sqrt(sigma1 sigma2) from sigma2 = F F^T: F^T sigma1 F is symmetric PSD with the
+    eigenvalues of sigma1 sigma2,
+    so a symmetric eigensolver (values only) replaces sqrtm; None when those eigenvalues are not
+    PSD to rounding."""
     product = factor2.T @ sigma1 @ factor2  # D,D
     values = psd_eigenvalues(scipy.linalg.eigh(product, eigvals_only=True, driver="evd"))
     return None if values is None else np.sqrt(values).sum()
 
 
 def trace_sqrtm(sigma1, sigma2, eps):
-    """ADM's tr sqrtm(sigma1 sigma2): scipy's sqrtm, the eps*I retry of a singular product, the imaginary-part check."""
+    """ADM's tr sqrtm(sigma1 sigma2): scipy's sqrtm, the eps*I retry of a singular product, the
+    imaginary-part check."""
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"singular covariance product; adding {eps} to the diagonals as ADM does")
@@ -503,25 +544,37 @@ def trace_sqrtm(sigma1, sigma2, eps):
     if np.iscomplexobj(covmean):
         # rounding gives a tiny imaginary part; a large one means the statistics are broken
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}")
+            raise ValueError(
+                f"sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}"
+            )
         covmean = covmean.real
     return np.trace(covmean)
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=None):
-    """Frechet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) of two Gaussians.
+    """Frechet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) of two
+    Gaussians.
 
-    route "eigh" (default): tr sqrt(F^T sigma1 F) with sigma2 = F F^T (factor2, covariance_factor(sigma2) when
-    None), symmetric solvers only; it falls back to "sqrtm" with a warning when eigenvalues are non-finite or
+    route "eigh" (default): tr sqrt(F^T sigma1 F) with sigma2 = F F^T (factor2,
+    covariance_factor(sigma2) when
+    None), symmetric solvers only; it falls back to "sqrtm" with a warning when eigenvalues are
+    non-finite or
     negative beyond rounding. route "sqrtm": ADM's evaluator exactly (scipy sqrtm of sigma1 sigma2).
     """
     if route not in FID_ROUTES:
         raise ValueError(f"unknown FID route {route!r}; use one of {', '.join(FID_ROUTES)}")
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(
-            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+            f"{sigma2.shape}"
         )
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("statistics contain NaN or inf")
@@ -531,7 +584,10 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=Non
         factor2 = covariance_factor(sigma2) if factor2 is None else factor2
         tr_covmean = None if factor2 is None else trace_sqrt_product(sigma1, factor2)
         if tr_covmean is None:
-            warnings.warn("FID route eigh: eigenvalues non-finite or negative beyond rounding; using ADM's sqrtm")
+            warnings.warn(
+                "FID route eigh: eigenvalues non-finite or negative beyond rounding; using ADM's "
+                "sqrtm"
+            )
     if tr_covmean is None:
         tr_covmean = trace_sqrtm(sigma1, sigma2, eps)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
@@ -541,7 +597,10 @@ def inception_score(probs, split_size=5000):
     """ADM's Inception Score: mean over sequential splits of exp(mean_x KL(p(y|x) || p(y)))."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) == 0 or split_size < 1:
-        raise ValueError(f"inception_score needs (N>0, classes) probabilities and split_size >= 1, got {probs.shape}")
+        raise ValueError(
+            "inception_score needs (N>0, classes) probabilities and split_size >= 1, got "
+            f"{probs.shape}"
+        )
     scores = []
     for start in range(0, len(probs), split_size):
         p = probs[start : start + split_size]  # S,C
@@ -553,14 +612,18 @@ def inception_score(probs, split_size=5000):
 
 
 def pairwise_sq_dists(a, b, fp16=True):
-    """Squared distances (n,m) between rows of a (n,D) and b (m,D), float32; fp16 arithmetic as ADM when asked."""
+    """Squared distances (n,m) between rows of a (n,D) and b (m,D), float32; fp16 arithmetic as ADM
+    when asked."""
     if fp16:
         a16, b16 = a.half(), b.half()
-        norm_a = (a16 * a16).sum(1)  # n, squares rounded to fp16, summed with fp32 accumulation like TF
+        # n, squares rounded to fp16, summed with fp32 accumulation like TF
+        norm_a = (a16 * a16).sum(1)
         norm_b = (b16 * b16).sum(1)  # m
-        # products of fp16 values are exact in fp32: an fp32-accumulated GEMM rounded to fp16, as on GPU
+        # products of fp16 values are exact in fp32: an fp32-accumulated GEMM rounded to fp16, as on
+        # GPU
         dot = (a16.float() @ b16.float().T).half()  # n,m
-        dist = (norm_a[:, None] - 2 * dot + norm_b[None, :]).clamp_min(0)  # n,m in fp16, ADM's operand order
+        # n,m in fp16, ADM's operand order
+        dist = (norm_a[:, None] - 2 * dot + norm_b[None, :]).clamp_min(0)
         if torch.isfinite(dist).all():
             return dist.float()
     # fp32, and ADM's fallback when fp16 overflows anywhere in the block
@@ -570,22 +633,27 @@ def pairwise_sq_dists(a, b, fp16=True):
 
 
 def manifold_radii(feats, k=3, block=10000, fp16=True):
-    """Per row, the squared distance to its k-th nearest neighbour (the (k+1)-th smallest, counting itself)."""
+    """Per row, the squared distance to its k-th nearest neighbour (the (k+1)-th smallest, counting
+    itself)."""
     if len(feats) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images per set, got {len(feats)}")
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} images per set, got {len(feats)}"
+        )
     radii = []
     for rows in feats.split(block):
         nearest = None  # running k+1 smallest distances of these rows, never a full N x N matrix
         for cols in feats.split(block):
             dist = pairwise_sq_dists(rows, cols, fp16)  # r,c
             pool = dist if nearest is None else torch.cat([nearest, dist], 1)
-            nearest = pool.topk(min(k + 1, pool.shape[1]), dim=1, largest=False).values  # r,<=k+1 ascending
+            # r,<=k+1 ascending
+            nearest = pool.topk(min(k + 1, pool.shape[1]), dim=1, largest=False).values
         radii.append(nearest[:, k])
     return torch.cat(radii)  # N
 
 
 def precision_recall(ref, samples, k=3, block=10000, fp16=True):
-    """Improved precision (samples inside some reference k-NN ball) and recall (the reverse), as ADM."""
+    """Improved precision (samples inside some reference k-NN ball) and recall (the reverse), as
+    ADM."""
     with strict_fp32():
         ref_radii = manifold_radii(ref, k, block, fp16)  # (Nr,)
         sample_radii = manifold_radii(samples, k, block, fp16)  # (Ns,)
@@ -625,7 +693,9 @@ def open_arr0(path):
                 raise ValueError(f"{path}: unsupported .npy version in arr_0")
             shape, fortran, dtype = read_header(stream)
             if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-                raise ValueError(f"{path}: arr_0 must be C-ordered uint8 (N,H,W,3), got {dtype} {tuple(shape)}")
+                raise ValueError(
+                    f"{path}: arr_0 must be C-ordered uint8 (N,H,W,3), got {dtype} {tuple(shape)}"
+                )
             yield stream, tuple(shape)
 
 
@@ -636,7 +706,8 @@ def _load_image(path):
 
 
 class ImageSet:
-    """Images from an ADM npz (arr_0 streamed from the zip, never loaded whole) or a folder tree of image files."""
+    """Images from an ADM npz (arr_0 streamed from the zip, never loaded whole) or a folder tree of
+    image files."""
 
     def __init__(self, path):
         """Open and validate `path` (npz header or folder listing) without reading the images."""
@@ -646,7 +717,8 @@ class ImageSet:
             with open_arr0(path) as (_, shape):
                 self.count = shape[0]
         elif os.path.isdir(path):
-            # recursive: data.py's images/ keeps one sub-folder per class (images/00000/img00000000.png)
+            # recursive: data.py's images/ keeps one sub-folder per class
+            # (images/00000/img00000000.png)
             self.files = sorted(
                 os.path.join(root, f)
                 for root, _, files in os.walk(path, followlinks=True)
@@ -661,7 +733,8 @@ class ImageSet:
         return self.count
 
     def batches(self, batch_size, workers=4, rank=0, world=1):
-        """Yield uint8 (B,H,W,3) numpy batches in order: all, or rank's share (batches rank, rank + world, ...)."""
+        """Yield uint8 (B,H,W,3) numpy batches in order: all, or rank's share (batches rank, rank +
+        world, ...)."""
         mine = range(rank, self.n_batches(batch_size), world)
         if self.is_npz:
             with open_arr0(self.path) as (stream, shape):
@@ -669,30 +742,38 @@ class ImageSet:
                 for index in mine:
                     start = index * batch_size
                     n = min(batch_size, self.count - start)
-                    stream.seek((start - position) * per_image, os.SEEK_CUR)  # past other ranks' batches
+                    # past other ranks' batches
+                    stream.seek((start - position) * per_image, os.SEEK_CUR)
                     data = stream.read(n * per_image)
                     if len(data) != n * per_image:
                         raise ValueError(f"{self.path}: arr_0 is truncated")
                     position = start + n
-                    yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()  # copy: torch wants writable
+                    # copy: torch wants writable
+                    yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:]).copy()
             return
         first = None
         with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
             for index in mine:
-                images = list(pool.map(_load_image, self.files[index * batch_size : (index + 1) * batch_size]))
+                images = list(
+                    pool.map(_load_image, self.files[index * batch_size : (index + 1) * batch_size])
+                )
                 first = first or images[0].shape
                 odd = next((im.shape for im in images if im.shape != first), None)
                 if odd:
-                    raise ValueError(f"{self.path}: images differ in size ({first} vs {odd}); resize them first")
+                    raise ValueError(
+                        f"{self.path}: images differ in size ({first} vs {odd}); resize them first"
+                    )
                 yield np.stack(images)
 
     def n_batches(self, batch_size, rank=0, world=1):
-        """How many batches batches(batch_size, rank=rank, world=world) yields (for progress bars)."""
+        """How many batches batches(batch_size, rank=rank, world=world) yields (for progress bars).
+        """
         return len(range(rank, -(-self.count // batch_size), world))
 
 
 def read_npz_stats(path):
-    """Precomputed [(mu, sigma), (mu_s, sigma_s)] of an ADM npz, each None when absent; shape- and NaN-checked."""
+    """Precomputed [(mu, sigma), (mu_s, sigma_s)] of an ADM npz, each None when absent; shape- and
+    NaN-checked."""
     stats = []
     with np.load(path) as npz:
         for mu_key, sigma_key, dim in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
@@ -703,11 +784,17 @@ def read_npz_stats(path):
             if not all(present):
                 raise ValueError(f"{path} has only one of {mu_key} and {sigma_key}")
             mu, sigma = npz[mu_key], npz[sigma_key]
-            if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
-                raise ValueError(f"{path}: {mu_key}/{sigma_key} must be floating point, got {mu.dtype}/{sigma.dtype}")
+            if not (
+                np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)
+            ):
+                raise ValueError(
+                    f"{path}: {mu_key}/{sigma_key} must be floating point, got "
+                    f"{mu.dtype}/{sigma.dtype}"
+                )
             if mu.shape != (dim,) or sigma.shape != (dim, dim):
                 raise ValueError(
-                    f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({dim},) / ({dim}, {dim})"
+                    f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({dim},) / "
+                    f"({dim}, {dim})"
                 )
             if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
                 raise ValueError(f"{path}: {mu_key}/{sigma_key} contain NaN or inf")
@@ -721,24 +808,28 @@ def cache_path(ref_path, weights_sha256):
 
 
 def with_npz_stats(feats, path):
-    """feats with the statistics an ADM npz at path precomputes (mu, sigma; mu_s, sigma_s), where it has them."""
+    """feats with the statistics an ADM npz at path precomputes (mu, sigma; mu_s, sigma_s), where it
+    has them."""
     pool_stats, spatial_stats = read_npz_stats(path)
     return dataclasses.replace(feats, pool_stats=pool_stats or feats.pool_stats,
                                spatial_stats=spatial_stats or feats.spatial_stats)
 
 
 def features_of(model, image_set, batch_size=64, workers=4, device="cpu", rank=0, world=1):
-    """Features of every image of the set; under torchrun each rank runs the network on its share."""
+    """Features of every image of the set; under torchrun each rank runs the network on its share.
+    """
     batches = image_set.batches(batch_size, workers, rank, world)
     total = image_set.n_batches(batch_size, rank, world)
     return extract_features(model, batches, device, total, world)
 
 
-def reference_features(model, ref, weights_sha256, batch_size=64, workers=4, device="cpu", cache=True,
-                       rank=0, world=1):
+def reference_features(
+    model, ref, weights_sha256, batch_size=64, workers=4, device="cpu", cache=True, rank=0, world=1
+):
     """The reference's Features, with ADM's precomputed statistics where REF holds them.
 
-    The pool3 rows (for precision/recall) and the statistics of the images are cached beside REF once
+    The pool3 rows (for precision/recall) and the statistics of the images are cached beside REF
+    once
     per Inception weights, and recomputed when REF's size or mtime changes.
     """
     path = cache_path(ref.path, weights_sha256)
@@ -753,11 +844,18 @@ def reference_features(model, ref, weights_sha256, batch_size=64, workers=4, dev
     if feats is None:
         feats = features_of(model, ref, batch_size, workers, device, rank, world)
         if cache and rank == 0:
-            arrays = dict(key=key, pool=feats.pool.numpy(), mu=feats.pool_stats[0], sigma=feats.pool_stats[1],
-                          mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
+            arrays = dict(
+                key=key,
+                pool=feats.pool.numpy(),
+                mu=feats.pool_stats[0],
+                sigma=feats.pool_stats[1],
+                mu_s=feats.spatial_stats[0],
+                sigma_s=feats.spatial_stats[1],
+            )
             try:
                 write_atomic(path, lambda f: np.savez(f, **arrays))
-            except OSError as err:  # a read-only reference folder only costs a recomputation next time
+            # a read-only reference folder only costs a recomputation next time
+            except OSError as err:
                 print(f"fid.py: warning: cannot write cache {path}: {err}", file=sys.stderr)
     return with_npz_stats(feats, ref.path)
 
@@ -766,15 +864,21 @@ def score(ref, samples, device="cpu", is_split=5000, pr_block=10000, pr_fp16=Tru
           ref_factors=(None, None)):
     """Inception Score, FID, sFID, precision and recall of samples against ref (both Features).
 
-    ref_factors: covariance_factor of ref's pool and spatial covariances, to reuse across evaluations.
+    ref_factors: covariance_factor of ref's pool and spatial covariances, to reuse across
+    evaluations.
     """
-    precision, recall = precision_recall(ref.pool.to(device), samples.pool.to(device), 3, pr_block, pr_fp16)
+    precision, recall = precision_recall(
+        ref.pool.to(device), samples.pool.to(device), 3, pr_block, pr_fp16
+    )
     probs = torch.softmax(samples.logits.double(), 1).numpy()  # (N, 1008)
     return {
         "inception_score": inception_score(probs, is_split),
-        "fid": fid_from_stats(*samples.pool_stats, *ref.pool_stats, route=fid_route, factor2=ref_factors[0]),
-        "sfid": fid_from_stats(*samples.spatial_stats, *ref.spatial_stats, route=fid_route,
-                               factor2=ref_factors[1]),
+        "fid": fid_from_stats(
+            *samples.pool_stats, *ref.pool_stats, route=fid_route, factor2=ref_factors[0]
+        ),
+        "sfid": fid_from_stats(
+            *samples.spatial_stats, *ref.spatial_stats, route=fid_route, factor2=ref_factors[1]
+        ),
         "precision": precision,
         "recall": recall,
     }
@@ -784,7 +888,9 @@ class Evaluator:
     """The evaluation against one reference, kept for many sample sets (train.py --eval-every): the
     network, the reference's features and its covariance factors are computed once."""
 
-    def __init__(self, ref_path, weights=None, sha256=WEIGHTS_SHA256, device="cpu", rank=0, world=1):
+    def __init__(
+        self, ref_path, weights=None, sha256=WEIGHTS_SHA256, device="cpu", rank=0, world=1
+    ):
         self.device, self.rank = device, rank
         self.model, self.digest = load_inception(weights, sha256, device)
         if self.digest != WEIGHTS_SHA256 and rank == 0:
@@ -801,7 +907,9 @@ class Evaluator:
         if self.rank > 0:
             return None
         if self.factors is None:
-            self.factors = tuple(covariance_factor(s[1]) for s in (self.ref.pool_stats, self.ref.spatial_stats))
+            self.factors = tuple(
+                covariance_factor(s[1]) for s in (self.ref.pool_stats, self.ref.spatial_stats)
+            )
         return score(self.ref, feats, self.device, ref_factors=self.factors)
 
 
@@ -827,7 +935,8 @@ def parse_args(argv=None):
     """Command-line arguments (argv=None reads sys.argv)."""
     p = argparse.ArgumentParser(
         prog="fid.py",
-        description="ADM-compatible FID / sFID / IS / precision-recall (python fid.py REF.npz SAMPLES).",
+        description="ADM-compatible FID / sFID / IS / precision-recall (python fid.py REF.npz "
+                    "SAMPLES).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -840,20 +949,43 @@ def parse_args(argv=None):
     p.add_argument(
         "--write-ref",
         metavar="OUT.npz",
-        help="instead of evaluating, write an ADM reference batch from PATH: arr_0 and mu/sigma/mu_s/sigma_s",
+        help="instead of evaluating, write an ADM reference batch from PATH: arr_0 and "
+             "mu/sigma/mu_s/sigma_s",
     )
-    p.add_argument("--ref-images", type=at_least(1), default=10000, help="images kept as arr_0 by --write-ref (ADM: 10000)")
-    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the random arr_0 subset chosen by --write-ref")
+    p.add_argument(
+        "--ref-images",
+        type=at_least(1),
+        default=10000,
+        help="images kept as arr_0 by --write-ref (ADM: 10000)",
+    )
+    p.add_argument(
+        "--seed",
+        type=at_least(0),
+        default=0,
+        help="seed of the random arr_0 subset chosen by --write-ref",
+    )
     p.add_argument("--out", help="JSON results path; unset: SAMPLES with .eval.json")
-    p.add_argument("--weights", help="Inception weights file; unset: the torch.hub cache, downloaded if missing")
+    p.add_argument(
+        "--weights",
+        help="Inception weights file; unset: the torch.hub cache, downloaded if missing",
+    )
     p.add_argument(
         "--weights-sha256",
         default=WEIGHTS_SHA256,
         help="expected sha256 (or prefix) of the weights file; '' skips the check",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per Inception forward (ADM: 64)")
-    p.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1), help="threads decoding PNGs")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    p.add_argument(
+        "--batch-size", type=at_least(1), default=64, help="images per Inception forward (ADM: 64)"
+    )
+    p.add_argument(
+        "--workers",
+        type=at_least(1),
+        default=min(8, os.cpu_count() or 1),
+        help="threads decoding PNGs",
+    )
     p.add_argument(
         "--min-images",
         type=at_least(4),
@@ -864,11 +996,19 @@ def parse_args(argv=None):
         "--fid-route",
         choices=FID_ROUTES,
         default="eigh",
-        help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on bad eigenvalues)"
+        help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on "
+             "bad eigenvalues)"
         " or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the product; far slower)",
     )
-    p.add_argument("--is-split", type=at_least(1), default=5000, help="Inception Score split size (ADM: 5000)")
-    p.add_argument("--pr-block", type=at_least(1), default=10000, help="rows/columns per distance block (ADM: 10000)")
+    p.add_argument(
+        "--is-split", type=at_least(1), default=5000, help="Inception Score split size (ADM: 5000)"
+    )
+    p.add_argument(
+        "--pr-block",
+        type=at_least(1),
+        default=10000,
+        help="rows/columns per distance block (ADM: 10000)",
+    )
     p.add_argument(
         "--pr-fp16",
         type=int,
@@ -894,16 +1034,25 @@ def _open_sets(args, count):
     sets = [ImageSet(path) for path in args.paths]
     for image_set in sets:
         if len(image_set) < args.min_images:
-            raise ValueError(f"{image_set.path} has {len(image_set)} images, fewer than --min-images {args.min_images}")
+            raise ValueError(
+                f"{image_set.path} has {len(image_set)} images, fewer than --min-images "
+                f"{args.min_images}"
+            )
         if image_set.is_npz:
-            read_npz_stats(image_set.path)  # bad precomputed statistics fail before the network loads
+            # bad precomputed statistics fail before the network loads
+            read_npz_stats(image_set.path)
     return sets
 
 
 def write_reference(args, rank=0, world=1):
-    """Build an ADM reference batch: stats over every image of the source, arr_0 a seeded random subset."""
+    """Build an ADM reference batch: stats over every image of the source, arr_0 a seeded random
+    subset."""
     (source,) = _open_sets(args, 1)
-    keep = np.sort(np.random.default_rng(args.seed).choice(len(source), min(args.ref_images, len(source)), False))
+    keep = np.sort(
+        np.random.default_rng(args.seed).choice(
+            len(source), min(args.ref_images, len(source)), False
+        )
+    )
     model, _ = load_inception(args.weights, args.weights_sha256, args.device)
     kept = []  # per batch of this rank's share, its images chosen for arr_0
 
@@ -915,36 +1064,56 @@ def write_reference(args, rank=0, world=1):
             yield batch
 
     batches = keeping(source.batches(args.batch_size, args.workers, rank, world))
-    feats = extract_features(model, batches, args.device, source.n_batches(args.batch_size, rank, world), world)
+    feats = extract_features(
+        model, batches, args.device, source.n_batches(args.batch_size, rank, world), world
+    )
     if world > 1:
         shares = [None] * world if rank == 0 else None
         dist.gather_object(kept, shares, dst=0)
         if rank > 0:
             return None
-        # rank r's k-th batch is batch k * world + r: interleaving the shares restores the source's order
-        kept = [part for parts in itertools.zip_longest(*shares) for part in parts if part is not None]
+        # rank r's k-th batch is batch k * world + r: interleaving the shares restores the source's
+        # order
+        kept = [
+            part for parts in itertools.zip_longest(*shares) for part in parts if part is not None
+        ]
     arrays = dict(arr_0=np.concatenate(kept), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
     arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
     write_atomic(args.write_ref, lambda f: np.savez(f, **arrays))
-    print(f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over {len(source)} images")
+    print(
+        f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over {len(source)} "
+        "images"
+    )
     return {"path": args.write_ref, "arr_0": len(keep), "stats_images": len(source)}
 
 
 def evaluate(args, rank=0, world=1):
-    """Evaluate SAMPLES against REF: print the five numbers, write them as JSON, and return them (rank 0)."""
+    """Evaluate SAMPLES against REF: print the five numbers, write them as JSON, and return them
+    (rank 0)."""
     ref, samples = _open_sets(args, 2)
     if not ref.is_npz:
-        raise ValueError(f"REF must be an ADM npz (build one with --write-ref), got folder {ref.path}")
+        raise ValueError(
+            f"REF must be an ADM npz (build one with --write-ref), got folder {ref.path}"
+        )
     model, digest = load_inception(args.weights, args.weights_sha256, args.device)
-    io = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, rank=rank, world=world)
+    io = dict(
+        batch_size=args.batch_size, workers=args.workers, device=args.device, rank=rank, world=world
+    )
     ref_feats = reference_features(model, ref, digest, cache=args.cache, **io)
     sample_feats = features_of(model, samples, **io)
     if samples.is_npz:  # ADM also takes precomputed statistics from the sample file
         sample_feats = with_npz_stats(sample_feats, samples.path)
     if rank > 0:  # the metrics are cheap next to the network: rank 0 computes them alone
         return None
-    results = score(ref_feats, sample_feats, args.device, args.is_split, args.pr_block, args.pr_fp16,
-                    args.fid_route)
+    results = score(
+        ref_feats,
+        sample_feats,
+        args.device,
+        args.is_split,
+        args.pr_block,
+        args.pr_fp16,
+        args.fid_route,
+    )
     results.update(ref=ref.path, samples=samples.path, num_ref=len(ref), num_samples=len(samples),
                    weights_sha256=digest, fid_route=args.fid_route, pr_fp16=bool(args.pr_fp16),
                    is_split=args.is_split)
@@ -958,7 +1127,8 @@ def evaluate(args, rank=0, world=1):
 
 
 def init_distributed(device):
-    """(rank, world size, device): torchrun's environment (nccl and one GPU per rank, or gloo on CPU), else (0, 1)."""
+    """(rank, world size, device): torchrun's environment (nccl and one GPU per rank, or gloo on
+    CPU), else (0, 1)."""
     device = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, device
@@ -967,12 +1137,14 @@ def init_distributed(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))  # a rank may wait
+    # a rank may wait
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def main(args):
-    """Run the command (under torchrun, sharded over ranks); bad input ends in a one-line error and exit status 1."""
+    """Run the command (under torchrun, sharded over ranks); bad input ends in a one-line error and
+    exit status 1."""
     world = 1
     try:
         rank, world, args.device = init_distributed(args.device)

@@ -3,7 +3,8 @@
 Conventions (REPA's loss.py): t=0 is data and t=1 is noise, x_t = alpha_t x0 + sigma_t eps, and the
 model predicts the velocity d/dt x_t (eps - x0 on the linear path). The official SiT code runs time
 the other way (t=1 data); REPA, SARA and SRA^2 all use this direction.
-Equation numbers: "SARA (n)" is eq. (n) of SARA (arXiv 2503.08253), "SRA2 (n)" of SRA^2 (arXiv 2601.17830).
+Equation numbers: "SARA (n)" is eq. (n) of SARA (arXiv 2503.08253), "SRA2 (n)" of SRA^2
+(arXiv 2601.17830).
 """
 
 import contextlib
@@ -48,14 +49,19 @@ def velocity_loss(v_pred, v_target):
 
 
 def patch_loss(z_encs, h_dens):
-    """L_patch, SARA (6) = REPA: minus the mean token-wise cosine similarity over encoders, batch, tokens."""
+    """L_patch, SARA (6) = REPA: minus the mean token-wise cosine similarity over encoders, batch,
+    tokens."""
     # REPA averages per-sample token means over the batch and encoders: equal to this flat mean.
-    cos = [F.cosine_similarity(z.detach().float(), h.float(), dim=-1).mean() for z, h in zip(z_encs, h_dens, strict=True)]
+    cos = [
+        F.cosine_similarity(z.detach().float(), h.float(), dim=-1).mean()
+        for z, h in zip(z_encs, h_dens, strict=True)
+    ]
     return -torch.stack(cos).mean()
 
 
 def autocorrelation(h):
-    """A(h), SARA (7): cosine similarity between every pair of one image's tokens, (B, N, D) -> (B, N, N)."""
+    """A(h), SARA (7): cosine similarity between every pair of one image's tokens, (B, N, D) ->
+    (B, N, N)."""
     h = F.normalize(h.float(), dim=-1)  # (B, N, D)
     return h @ h.transpose(1, 2)  # (B, N, N)
 
@@ -66,7 +72,8 @@ def struc_loss(z_enc, h_den, reduction="mean"):
     reduction='mean' also divides by the N*N entries (our reading, see the README: the literal sum
     is N^2 = 65,536 times larger at 256 tokens and would swamp the other terms at beta = 0.5).
     """
-    sq = (autocorrelation(z_enc.detach()) - autocorrelation(h_den)).square()  # (B, N, N); encoder side fixed
+    # (B, N, N); encoder side fixed
+    sq = (autocorrelation(z_enc.detach()) - autocorrelation(h_den)).square()
     if reduction == "mean":
         return sq.mean()
     if reduction == "sum":
@@ -75,7 +82,8 @@ def struc_loss(z_enc, h_den, reduction="mean"):
 
 
 def tokens_to_map(h):
-    """Tokens (B, N, D) in row-major order -> feature map (B, D, sqrt N, sqrt N) for the discriminator."""
+    """Tokens (B, N, D) in row-major order -> feature map (B, D, sqrt N, sqrt N) for the
+    discriminator."""
     b, n, d = h.shape
     s = math.isqrt(n)
     if s * s != n:
@@ -106,7 +114,8 @@ def frozen(module):
 
 
 def discriminator_step_loss(disc, z_enc, h_den):
-    """L_D (SARA (9)) on one batch plus D's accuracy; the denoiser side is detached (D's step only)."""
+    """L_D (SARA (9)) on one batch plus D's accuracy; the denoiser side is detached (D's step only).
+    """
     real = disc(tokens_to_map(z_enc.detach()))  # (B,) logits; encoder tokens are the positives
     fake = disc(tokens_to_map(h_den.detach()))  # (B,)
     acc = torch.cat([real > 0, fake < 0]).float().mean()
@@ -118,13 +127,15 @@ def discriminator_step_loss(disc, z_enc, h_den):
 
 
 def sra_loss(x0_hat, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0, 1.0)):
-    """L_align, SRA2 (7): head prediction vs the clean scaled latent x0 (detached), zero outside t_range.
+    """L_align, SRA2 (7): head prediction vs the clean scaled latent x0 (detached), zero outside
+    t_range.
 
     smooth_l1 (beta 0.05, the paper's), l1, l2 (mean reductions, as the authors' SRA code) or
     cosine (1 - cos over the channels at each latent position).
     """
     # SRA2 (7) as printed is discontinuous at |df| = beta (its linear branch is |df|/beta - 1/2);
-    # we use torch's smooth_l1 (0.5 df^2 / beta, else |df| - beta / 2), whose quadratic branch it shares.
+    # we use torch's smooth_l1 (0.5 df^2 / beta, else |df| - beta / 2), whose quadratic branch it
+    # shares.
     x0_hat, x0 = x0_hat.float(), x0.detach().float()
     if objective == "smooth_l1":
         per = F.smooth_l1_loss(x0_hat, x0, beta=beta, reduction="none")  # (B, C, H, W)
@@ -135,10 +146,13 @@ def sra_loss(x0_hat, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0,
     elif objective == "cosine":
         per = 1 - F.cosine_similarity(x0_hat, x0, dim=1)  # (B, H, W)
     else:
-        raise ValueError(f"unknown SRA^2 objective {objective!r}; choose smooth_l1, l1, l2 or cosine")
+        raise ValueError(
+            f"unknown SRA^2 objective {objective!r}; choose smooth_l1, l1, l2 or cosine"
+        )
     per_sample = per.flatten(1).mean(dim=1)  # (B,)
     if t is not None and tuple(t_range) != (0.0, 1.0):
-        per_sample = per_sample * ((t >= t_range[0]) & (t <= t_range[1])).float()  # SRA2 Table 1 timestep ablation
+        # SRA2 Table 1 timestep ablation
+        per_sample = per_sample * ((t >= t_range[0]) & (t <= t_range[1])).float()
     return per_sample.mean()
 
 
@@ -179,20 +193,24 @@ PRESETS = {
 
 
 def align_config(preset, **overrides):
-    """AlignConfig of a named preset with per-term overrides (None means keep the preset's value)."""
+    """AlignConfig of a named preset with per-term overrides (None means keep the preset's value).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown alignment preset {preset!r}; choose one of {', '.join(PRESETS)}")
     names = {f.name for f in fields(AlignConfig)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown alignment options {sorted(unknown)}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None
+    }
     return replace(AlignConfig(**PRESETS[preset]), **overrides)
 
 
 @dataclass
 class Noise:
-    """Every random draw of one training step, made outside the model so it can be sliced per rank."""
+    """Every random draw of one training step, made outside the model so it can be sliced per rank.
+    """
 
     t: torch.Tensor  # (B,) times
     eps: torch.Tensor  # (B, C, H, W) Gaussian noise of the interpolant
@@ -221,32 +239,50 @@ class StepLosses:
 
 
 def training_losses(model, x0, y, z_encs, align, noise, disc=None):
-    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma L_adv + lam_sra L_align.
+    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma
+    L_adv + lam_sra L_align.
 
     x0 (B, C, H, W) scaled clean latents; z_encs per encoder (B, N, D) frozen tokens of the clean
     image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here).
     """
     t, eps = noise.t, noise.eps
-    x0 = x0.detach()  # data, not a parameter: no term (through x_t or a target) trains whatever produced it
-    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, align.path_type))  # (B, 1, 1, 1)
+    # data, not a parameter: no term (through x_t or a target) trains whatever produced it
+    x0 = x0.detach()
+    # (B, 1, 1, 1)
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1) for c in interpolant(t, align.path_type))
     x_t = alpha * x0 + sigma * eps  # (B, C, H, W)
     out = model(x_t, t, y, drop=noise.drop)
     terms = {"velocity": velocity_loss(out.v, d_alpha * x0 + d_sigma * eps)}
     if align.needs_encoder and len(out.h_dens) != len(z_encs):
-        raise ValueError(f"model has {len(out.h_dens)} projectors but {len(z_encs)} encoders were given")
+        raise ValueError(
+            f"model has {len(out.h_dens)} projectors but {len(z_encs)} encoders were given"
+        )
     if align.patch_weight:
         terms["patch"] = patch_loss(z_encs, out.h_dens)
     if align.struc_weight:
-        terms["struc"] = torch.stack([struc_loss(z, h, align.struc_reduction) for z, h in zip(z_encs, out.h_dens, strict=True)]).mean()
+        terms["struc"] = torch.stack(
+            [
+                struc_loss(z, h, align.struc_reduction)
+                for z, h in zip(z_encs, out.h_dens, strict=True)
+            ]
+        ).mean()
     if align.adv_weight:
-        with frozen(disc):  # one discriminator, on the first encoder's tokens (our choice, see the README)
+        # one discriminator, on the first encoder's tokens (our choice, see the README)
+        with frozen(disc):
             terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.h_dens[0])))
     if align.sra_weight:
         if out.x0_hat is None:
             raise ValueError("the SRA^2 term needs a model built with sra_depth > 0")
-        terms["sra"] = sra_loss(out.x0_hat, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range)
-    weights = {"velocity": 1.0, "patch": align.patch_weight, "struc": align.struc_weight, "adv": align.adv_weight,
-               "sra": align.sra_weight}
+        terms["sra"] = sra_loss(
+            out.x0_hat, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range
+        )
+    weights = {
+        "velocity": 1.0,
+        "patch": align.patch_weight,
+        "struc": align.struc_weight,
+        "adv": align.adv_weight,
+        "sra": align.sra_weight,
+    }
     total = sum(weights[k] * v for k, v in terms.items())
     return StepLosses(total, terms, out.h_dens)
 

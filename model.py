@@ -34,8 +34,11 @@ def sincos_1d(dim, pos):
 
 def sincos_2d(dim, grid_size):
     """Frozen 2D sin-cos position embedding: first half encodes the column (x), second the row."""
-    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
-    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)  # (G*G, dim)
+    cols, rows = np.meshgrid(
+        np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)
+    )
+    # (G*G, dim)
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
 
 
 def mlp(widths, act=nn.SiLU):
@@ -77,13 +80,17 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     @staticmethod
     def frequencies(t, dim, max_period=10000):
         """GLIDE sinusoidal features of (possibly fractional) t: (B,) -> (B, dim)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]  # (B, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -101,7 +108,8 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     def forward(self, y, drop=None):
-        """(B,) int labels -> (B, hidden); drop (B,) bool forces the null class (REPA's force_drop_ids).
+        """(B,) int labels -> (B, hidden); drop (B,) bool forces the null class
+        (REPA's force_drop_ids).
 
         Without drop, training mode drops each label with dropout_prob from the global RNG, as REPA.
         """
@@ -128,7 +136,9 @@ class Attention(nn.Module):
     def forward(self, x):
         """(B, N, H) -> (B, N, H)."""
         b, n, h = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, d)
+        q, k, v = (
+            self.qkv(x).reshape(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
+        )  # 3 x (B, heads, N, d)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
         return self.proj(x.transpose(1, 2).reshape(b, n, h))
 
@@ -160,7 +170,9 @@ class SiTBlock(nn.Module):
 
     def forward(self, x, c):
         """x (B, N, H), c (B, H) -> (B, N, H)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=-1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -185,7 +197,8 @@ class FinalLayer(nn.Module):
 
 
 class SiTOutput(NamedTuple):
-    """What one forward returns; indexable like REPA's (v, zs_tilde) tuple: out[0] is the velocity."""
+    """What one forward returns; indexable like REPA's (v, zs_tilde) tuple: out[0] is the velocity.
+    """
 
     v: torch.Tensor  # (B, C, H, W) predicted velocity eps - x0
     h_dens: list  # per encoder: (B, N, D_enc) projector output h_den, SARA (5) (empty if none)
@@ -193,7 +206,8 @@ class SiTOutput(NamedTuple):
 
 
 class SiT(nn.Module):
-    """Diffusion transformer over latent patches; REPA's constructor keywords and state_dict keys."""
+    """Diffusion transformer over latent patches; REPA's constructor keywords and state_dict keys.
+    """
 
     def __init__(
         self,
@@ -217,23 +231,41 @@ class SiT(nn.Module):
         **repa_kwargs,
     ):
         super().__init__()
-        # REPA passes use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes the network we
+        # REPA passes use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes the network
+        # we
         # build (REPA's final layer width is always hidden_size for S..XL presets).
         unknown = set(repa_kwargs) - {"use_cfg", "decoder_hidden_size", "qk_norm", "fused_attn"}
         if unknown:
             raise TypeError(f"SiT got unknown arguments {sorted(unknown)}")
         if repa_kwargs.get("qk_norm"):
-            raise ValueError("qk_norm=True is not supported (REPA's published checkpoints use qk_norm=False)")
+            raise ValueError(
+                "qk_norm=True is not supported (REPA's published checkpoints use qk_norm=False)"
+            )
         z_dims = [d for d in z_dims if d > 0]  # REPA writes z_dims=[0] for "no encoder"
-        for name, tap in (("encoder_depth", encoder_depth if z_dims else 0), ("sra_depth", sra_depth)):
+        for name, tap in (
+            ("encoder_depth", encoder_depth if z_dims else 0),
+            ("sra_depth", sra_depth),
+        ):
             if not 0 <= tap <= depth:
                 raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
         self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, encoder_depth=encoder_depth, z_dims=list(z_dims), projector_dim=projector_dim,
-            sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim,
-            path_type=path_type,  # the interpolant it was trained on: the sampler's score depends on it
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+            encoder_depth=encoder_depth,
+            z_dims=list(z_dims),
+            projector_dim=projector_dim,
+            sra_depth=sra_depth,
+            sra_mlp_layers=sra_mlp_layers,
+            sra_hidden_dim=sra_hidden_dim,
+            # the interpolant it was trained on: the sampler's score depends on it
+            path_type=path_type,
         )  # plain dict: enough to rebuild this exact network and sample it
         self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, num_classes
         self.encoder_depth, self.sra_depth = encoder_depth, sra_depth
@@ -243,14 +275,23 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # frozen
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        # REPA projector, one per encoder: H -> 2048 -> 2048 -> D_enc with SiLU (keys projectors.K.{0,2,4}).
-        self.projectors = nn.ModuleList(mlp([hidden_size, projector_dim, projector_dim, z]) for z in z_dims)
+        # frozen
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
+        )
+        # REPA projector, one per encoder: H -> 2048 -> 2048 -> D_enc with SiLU (keys
+        # projectors.K.{0,2,4}).
+        self.projectors = nn.ModuleList(
+            mlp([hidden_size, projector_dim, projector_dim, z]) for z in z_dims
+        )
         if sra_depth:
-            # SRA^2 head P(.): per-token MLP H -> width x (layers-1) -> p*p*C, unpatchified to the latent.
+            # SRA^2 head P(.): per-token MLP H -> width x (layers-1) -> p*p*C, unpatchified to the
+            # latent.
             width = sra_hidden_dim or 2 * hidden_size
-            self.sra_head = mlp([hidden_size] + [width] * (sra_mlp_layers - 1) + [patch_size**2 * in_channels])
+            self.sra_head = mlp(
+                [hidden_size] + [width] * (sra_mlp_layers - 1) + [patch_size**2 * in_channels]
+            )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -261,7 +302,9 @@ class SiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         grid = math.isqrt(self.x_embedder.num_patches)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid)).float().unsqueeze(0))
+        self.pos_embed.data.copy_(
+            torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid)).float().unsqueeze(0)
+        )
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -276,7 +319,8 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def null_condition(self, y):
-        """The null class for each label in y (B,): the unconditional half of classifier-free guidance."""
+        """The null class for each label in y (B,): the unconditional half of classifier-free
+        guidance."""
         return torch.full_like(y, self.num_classes)
 
     def forward(self, x, t, y, align=True, drop=None):
@@ -296,17 +340,20 @@ class SiT(nn.Module):
             if align and i == self.encoder_depth:  # tap: raw residual stream, before any norm
                 h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
             if align and i == self.sra_depth:
-                x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)  # (B, C, H, W)
+                # (B, C, H, W)
+                x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
         return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat)
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes: every preset is built from this one table (S..XL: SiT / DiT Table 1; alignment taps from the
+# Sizes: every preset is built from this one table (S..XL: SiT / DiT Table 1; alignment taps from
+# the
 # papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and XL).
 
 SIZES = {
-    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  encoder_depth=2, sra_depth=1),  # tiny: smoke runs, tests
+    # tiny: smoke runs, tests
+    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  encoder_depth=2, sra_depth=1),
     "S":  dict(depth=12, hidden_size=384,  num_heads=6,  encoder_depth=4, sra_depth=2),
     "B":  dict(depth=12, hidden_size=768,  num_heads=12, encoder_depth=4, sra_depth=2),
     "L":  dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8, sra_depth=8),

@@ -1,9 +1,12 @@
-"""The run folder: what train.py keeps on disk, how a run resumes, and how any checkpoint is read back.
+"""The run folder: what train.py keeps on disk, how a run resumes, and how any checkpoint is read
+back.
 
     runs/<run name>/
-        config.json               the resolved configuration (a plain dict, also in every checkpoint)
+        config.json               the resolved configuration (a plain dict, also in every
+        checkpoint)
         log.txt                   rank 0's log
-        metrics.jsonl             one row per --log-every steps; evaluations and rollbacks have rows too
+        metrics.jsonl             one row per --log-every steps; evaluations and rollbacks have
+        rows too
         losses.png                every metrics.jsonl key against the step, redrawn at each log step
         samples/0010000.png       the EMA's sample grid (sample.py's grid at that step)
         checkpoints/0050000.pt    {model, ema, opt, scaler[, disc, disc_opt, disc_scaler],
@@ -38,10 +41,34 @@ CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scale
 # Flags that may change when a run resumes; any other difference is another experiment. Paths of
 # weight files may move; the run's name is where its folder lives, not what it trains.
 RESUMABLE_CHANGES = {
-    "max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "keep_every", "num_workers",
-    "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks", "preempt_signals", "out",
-    "run_name", "data_dir", "world_size", "vae", "sample_steps", "eval_every", "eval_ref",
-    "eval_samples", "eval_cfg", "eval_steps", "eval_weights", "enc_weights", "disc_weights", "wandb",
+    "max_steps",
+    "ckpt_every",
+    "sample_every",
+    "log_every",
+    "keep_ckpts",
+    "keep_every",
+    "num_workers",
+    "compile",
+    "tf32",
+    "grad_checkpointing",
+    "max_bad_steps",
+    "max_rollbacks",
+    "preempt_signals",
+    "out",
+    "run_name",
+    "data_dir",
+    "world_size",
+    "vae",
+    "sample_steps",
+    "eval_every",
+    "eval_ref",
+    "eval_samples",
+    "eval_cfg",
+    "eval_steps",
+    "eval_weights",
+    "enc_weights",
+    "disc_weights",
+    "wandb",
     "tensorboard",
 }
 METRICS, LOSS_CURVES = "metrics.jsonl", "losses.png"
@@ -93,14 +120,17 @@ class Position:
 
     step: int = 0  # optimizer steps taken
     batch: int = 0  # the next global batch: steps plus the batches rollbacks skipped
-    rollbacks: list = field(default_factory=list)  # skipped ranges: dict(step, first_batch, last_batch)
+    # skipped ranges: dict(step, first_batch, last_batch)
+    rollbacks: list = field(default_factory=list)
     bad_in_a_row: int = 0  # non-finite steps since the last finite one
 
 
 def checkpoint_paths(run_dir):
     """Finished checkpoints of a run, oldest first."""
     folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    names = (
+        sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    )
     return [os.path.join(folder, f) for f in names]
 
 
@@ -163,13 +193,16 @@ def load_run_checkpoint(paths, config, world, given=()):
             ckpt, found = torch.load(paths[i], map_location="cpu", weights_only=True), i
             break
         except Exception as e:  # truncated files and foreign pickles fail in many ways
-            why = f"{paths[i]} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:120]})"
+            reason = f"{type(e).__name__}: {first_line(e)[:120]}"
+            why = f"{paths[i]} is not a readable checkpoint ({reason})"
             log.warning("%s; falling back to the previous checkpoint", why)
             error = error or why
     agreed = cluster.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
     if agreed < 0:
-        raise UserError(f"{error or 'another rank read no checkpoint'} and no older one is readable; "
-                        "delete the run folder's checkpoints/ to start over")
+        raise UserError(
+            f"{error or 'another rank read no checkpoint'} and no older one is readable; "
+            "delete the run folder's checkpoints/ to start over"
+        )
     path = paths[agreed]
     if agreed != found:  # another rank could not read a newer file: all resume from the same one
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -211,7 +244,8 @@ def resume(run_dir, run, config, device, world, given=()):
 
 
 def roll_back(run_dir, run, config, pos, metrics, device, rank, world):
-    """After pos.bad_in_a_row non-finite steps, reload the newest --ckpt-every checkpoint before them.
+    """After pos.bad_in_a_row non-finite steps, reload the newest --ckpt-every checkpoint before
+    them.
 
     The data and noise streams are not rewound: training goes on with global batch pos.batch, so
     the batches drawn since that checkpoint, the offending ones among them, are skipped. The skipped
@@ -221,14 +255,18 @@ def roll_back(run_dir, run, config, pos, metrics, device, rank, world):
     first_bad = pos.step - pos.bad_in_a_row  # the step count before the burst's first step
     stopping = f"{pos.bad_in_a_row} non-finite steps in a row at step {pos.step}"
     if len(pos.rollbacks) >= config["max_rollbacks"]:
-        raise UserError(f"{stopping} after {len(pos.rollbacks)} rollbacks (--max-rollbacks); the newest "
-                        "checkpoint is still good: lower --lr or use --precision bf16/fp32")
+        raise UserError(
+            f"{stopping} after {len(pos.rollbacks)} rollbacks (--max-rollbacks); the newest "
+            "checkpoint is still good: lower --lr or use --precision bf16/fp32"
+        )
     # periodic checkpoints only: a preemption or end-of-run one must not move where a rollback lands
     older = [p for p in checkpoint_paths(run_dir)
              if checkpoint_step(p) <= first_bad and checkpoint_step(p) % config["ckpt_every"] == 0]
     if not older:
-        raise UserError(f"{stopping} and no --ckpt-every checkpoint from before step {first_bad + 1} "
-                        "to roll back to: lower --lr or use --precision bf16/fp32")
+        raise UserError(
+            f"{stopping} and no --ckpt-every checkpoint from before step {first_bad + 1} "
+            "to roll back to: lower --lr or use --precision bf16/fp32"
+        )
     path, ckpt = load_run_checkpoint(older, config, world)
     load_state(run, ckpt)
     skipped = dict(step=ckpt["step"], first_batch=ckpt["batch"], last_batch=pos.batch - 1)
@@ -254,7 +292,11 @@ def roll_back(run_dir, run, config, pos, metrics, device, rank, world):
 
 def require_loggers(config):
     """A UserError when --wandb or --tensorboard 1 is asked for and its package is missing."""
-    wanted = [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")] if config["tensorboard"] else []
+    wanted = (
+        [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")]
+        if config["tensorboard"]
+        else []
+    )
     wanted += [(f"--wandb {config['wandb']}", "wandb", "wandb")] if config.get("wandb") else []
     for flag, module, package in wanted:
         try:
@@ -276,7 +318,9 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events it is about to write again
-            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=step + 1)
+            self.tensorboard = SummaryWriter(
+                os.path.join(run_dir, "tensorboard"), purge_step=step + 1
+            )
         if config.get("wandb"):
             import wandb
 
@@ -330,11 +374,14 @@ def metrics_row(stats, step, config, t_last, world):
 
 
 def plot_metrics(metrics_path, png_path):
-    """One panel per numeric metrics.jsonl key (every loss term, grad norm, ...) against the step."""
+    """One panel per numeric metrics.jsonl key (every loss term, grad norm, ...) against the step.
+    """
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
 
     rows = read_metrics(os.path.dirname(metrics_path))
-    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    keys = sorted(
+        {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    )
     if not keys:
         return
     cols, lines = min(4, len(keys)), math.ceil(len(keys) / 4)
@@ -342,7 +389,9 @@ def plot_metrics(metrics_path, png_path):
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.92, wspace=0.3, hspace=0.45)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(lines, cols, i + 1)
-        steps, values = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+        steps, values = zip(
+            *[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        )
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -353,7 +402,8 @@ def plot_metrics(metrics_path, png_path):
 # Reading any checkpoint into a model: train.py's, official REPA checkpoints, bare state dicts
 
 REPA_ENCODER_DEPTH = 8  # REPA's --encoder-depth default, for checkpoints that carry no args
-REPA_NAME = "repa-sit-xl-2"  # --ckpt name of REPA's published SiT-XL/2 EMA weights (a bare state dict)
+# --ckpt name of REPA's published SiT-XL/2 EMA weights (a bare state dict)
+REPA_NAME = "repa-sit-xl-2"
 # REPA's utils.download_model: the file its generate.py samples when given no --ckpt
 REPA_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
             "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0")
@@ -392,8 +442,10 @@ def resolve_ckpt(ckpt):
     if os.path.isdir(ckpt):
         path = newest_checkpoint(ckpt)
         if path is None:
-            raise UserError(f"--ckpt {ckpt}: no checkpoint (*.pt) in the folder or its checkpoints/; "
-                            "give a run folder or a file")
+            raise UserError(
+                f"--ckpt {ckpt}: no checkpoint (*.pt) in the folder or its checkpoints/; "
+                "give a run folder or a file"
+            )
         return path, f"the newest checkpoint of run folder {ckpt}"
     return ckpt, "given by --ckpt"
 
@@ -417,7 +469,9 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled types weights_only refuses
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})") from e
+        raise UserError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})"
+        ) from e
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt
@@ -425,11 +479,16 @@ def read_checkpoint(path):
 
 def is_state_dict(obj):
     """True for a non-empty dict of tensors (a bare state dict, e.g. REPA's released last.pt)."""
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def infer_config(state, args=None):
-    """SiT constructor dict of a REPA state dict; REPA's args (argparse.Namespace) where they exist."""
+    """SiT constructor dict of a REPA state dict; REPA's args (argparse.Namespace) where they exist.
+    """
     try:
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         _, num_patches, hidden = state["pos_embed"].shape
@@ -448,12 +507,20 @@ def infer_config(state, args=None):
         num_heads = preset[0]["num_heads"] if preset else max(1, hidden // 64)
     num_classes = getattr(args, "num_classes", rows - 1)  # REPA always trains with a null class
     return dict(
-        input_size=math.isqrt(num_patches) * patch, patch_size=patch, in_channels=in_channels,
-        hidden_size=hidden, depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden,
-        num_classes=num_classes, class_dropout_prob=0.1 if rows > num_classes else 0.0, z_dims=z_dims,
+        input_size=math.isqrt(num_patches) * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_hidden / hidden,
+        num_classes=num_classes,
+        class_dropout_prob=0.1 if rows > num_classes else 0.0,
+        z_dims=z_dims,
         projector_dim=projector_dim,
         encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
-        qk_norm=getattr(args, "qk_norm", False), path_type=getattr(args, "path_type", "linear"),
+        qk_norm=getattr(args, "qk_norm", False),
+        path_type=getattr(args, "path_type", "linear"),
     )
 
 
@@ -465,7 +532,9 @@ def fit_error(model, state):
     problems += [f"{k!r} has shape {tuple(state[k].shape)}, the model wants {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if problems:
-        return problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        return problems[0] + (
+            f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        )
     return None
 
 
@@ -475,9 +544,13 @@ def build_model(ckpt, path, weights="ema"):
         state, config = ckpt, None
     else:
         if not is_state_dict(ckpt.get(weights)):
-            raise UserError(f"{path}: no {weights!r} state dict in the checkpoint (keys: {sorted(ckpt)})")
+            raise UserError(
+                f"{path}: no {weights!r} state dict in the checkpoint (keys: {sorted(ckpt)})"
+            )
         state = ckpt[weights]
-        config = ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
+        config = (
+            ckpt["config"].get("model_config") if isinstance(ckpt.get("config"), dict) else None
+        )
         if "config" in ckpt and not isinstance(config, dict):  # train.py's must say what it is
             raise UserError(f"{path}: the checkpoint's config has no 'model_config' dict")
     if config is None:
@@ -498,5 +571,6 @@ def build_model(ckpt, path, weights="ema"):
 
 
 def load_model(path, weights="ema"):
-    """SiT (CPU, eval mode) from a train.py checkpoint, an official REPA checkpoint or a state dict."""
+    """SiT (CPU, eval mode) from a train.py checkpoint, an official REPA checkpoint or a state dict.
+    """
     return build_model(read_checkpoint(path), path, weights)

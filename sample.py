@@ -1,8 +1,10 @@
-"""Sample a trained SiT: Euler-Maruyama SDE (default) or Euler / Heun ODE, with classifier-free guidance.
+"""Sample a trained SiT: Euler-Maruyama SDE (default) or Euler / Heun ODE, with classifier-free
+guidance.
 
     python sample.py --cfg 1.35                                               # grid, newest run
     python sample.py --ckpt runs/x --cfg 1.35                                 # ... of run folder x
-    torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000  # samples.npz for fid.py
+    torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000  # samples.npz for
+    fid.py
 
 The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data) on the path the checkpoint was
 trained on (linear or cosine). Every sample's initial noise, label and SDE noise come from its own
@@ -34,7 +36,8 @@ from encoders import decode, load_vae, to_uint8
 LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map linearly to uint8
 
 # ----------------------------------------------------------------------------------------------
-# Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W); float64 state as REPA
+# Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W); float64 state as
+# REPA
 
 
 def score_from_velocity(v, x, t, path_type="linear"):
@@ -43,7 +46,9 @@ def score_from_velocity(v, x, t, path_type="linear"):
     x_t = alpha x0 + sigma eps and v = alpha' x0 + sigma' eps give eps = (x - (alpha / alpha') v) /
     (sigma - (alpha / alpha') sigma'); the score is -eps / sigma. Linear path: -((1 - t) v + x) / t.
     """
-    alpha, sigma, d_alpha, d_sigma = losses.interpolant(torch.tensor(t, dtype=torch.float64), path_type)
+    alpha, sigma, d_alpha, d_sigma = losses.interpolant(
+        torch.tensor(t, dtype=torch.float64), path_type
+    )
     ratio = alpha / d_alpha
     return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)  # (B, C, H, W)
 
@@ -70,18 +75,21 @@ def euler_ode(velocity, x, num_steps=50, heun=False):
         d = velocity(x, t)
         x_next = x + (t_next - t) * d
         if heun and i < num_steps - 1:  # no correction on the last step into t=0 (as REPA and EDM)
-            d_next = velocity(x_next, t_next, t)  # REPA decides guidance once per step, at its start
+            # REPA decides guidance once per step, at its start
+            d_next = velocity(x_next, t_next, t)
             x_next = x + (t_next - t) * (0.5 * d + 0.5 * d_next)
         x = x_next
     return x
 
 
 def guided_velocity(model, y, cfg=1.0, guidance_low=0.0, guidance_high=1.0):
-    """Velocity function of a model for conditions y, with CFG on all channels inside the interval."""
+    """Velocity function of a model for conditions y, with CFG on all channels inside the interval.
+    """
     null = model.null_condition(y)  # REPA's y_null
 
     def velocity(x, t, t_step=None):
-        """x (B, C, H, W) float64 at time t -> v float64; t_step (default t) decides whether to guide."""
+        """x (B, C, H, W) float64 at time t -> v float64; t_step (default t) decides whether to
+        guide."""
         t_step = t if t_step is None else t_step
         guide = cfg > 1 and guidance_low <= t_step <= guidance_high
         xs, ys = (torch.cat([x, x]), torch.cat([y, null])) if guide else (x, y)  # one forward of 2B
@@ -113,7 +121,8 @@ def sample_latents(model, indices, *, seed=0, mode="sde", num_steps=250, cfg=1.0
     """
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
     c, size = model.config["in_channels"], model.config["input_size"]
-    # Drawn on the CPU in REPA's order (noise, label, then SDE noise): images do not depend on the device.
+    # Drawn on the CPU in REPA's order (noise, label, then SDE noise): images do not depend on the
+    # device.
     x = torch.cat([torch.randn(1, c, size, size, generator=g) for g in gens])  # (B, C, H, W)
     y = torch.cat([torch.randint(0, model.num_classes, (1,), generator=g) for g in gens])  # (B,)
     if class_labels:
@@ -137,7 +146,11 @@ def generate_images(model, vae, indices, *, quantize="floor", **sampling):
     with no VAE the latents as (B, h, w, 4)."""
     latents = sample_latents(model, indices, **sampling).float()  # (B, C, h, w)
     rounding = quantize == "round"  # default floor: REPA's generate.py, which made the papers' FIDs
-    images = decode(vae, latents, rounding) if vae is not None else to_uint8(latents / LATENT_RANGE, rounding)
+    images = (
+        decode(vae, latents, rounding)
+        if vae is not None
+        else to_uint8(latents / LATENT_RANGE, rounding)
+    )
     return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
 
 
@@ -148,7 +161,9 @@ def tile(images, cols=None):
     rows = math.ceil(n / cols)
     cells = np.zeros((rows * cols, h, w, c), np.uint8)
     cells[:n] = images
-    return cells.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    return (
+        cells.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    )
 
 
 def write_grid(path, model, vae, num_images=16, batch_size=64, progress=False, **sampling):
@@ -165,15 +180,18 @@ def write_grid(path, model, vae, num_images=16, batch_size=64, progress=False, *
 
 
 def check_settings(folder, settings, rank):
-    """Refuse to resume a folder written with other settings; rank 0 records them for the next run."""
+    """Refuse to resume a folder written with other settings; rank 0 records them for the next run.
+    """
     path = os.path.join(folder, "settings.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         if changed:
-            raise UserError(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
-                            "use another --out or delete it")
+            raise UserError(
+                f"{folder} holds samples made with other settings ({', '.join(changed)}); "
+                "use another --out or delete it"
+            )
     elif os.listdir(folder):  # never mix our PNGs into (or count) someone else's files
         raise UserError(f"{folder} already holds files not written by sample.py; use another --out")
     elif rank == 0:
@@ -186,10 +204,13 @@ def written_indices(folder):
 
 
 def write_npz(folder, num_samples, out):
-    """Stack folder's PNGs 0..N-1 into out's arr_0 (N, H, W, C) uint8 via a disk memmap, then zip it."""
+    """Stack folder's PNGs 0..N-1 into out's arr_0 (N, H, W, C) uint8 via a disk memmap, then zip
+    it."""
     first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")))  # (H, W, C)
     npy = os.path.join(folder, "arr_0.npy")
-    arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape))
+    arr = np.lib.format.open_memmap(
+        npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape)
+    )
     for i in tqdm(range(num_samples), "npz"):
         arr[i] = np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")))
     arr.flush()
@@ -206,7 +227,8 @@ def write_npz(folder, num_samples, out):
 
 
 def write_samples(out, num_samples, settings, model, vae, batch_size, rank, world, sampling):
-    """This rank's share of the missing samples as PNGs in out's folder; then rank 0 writes the npz."""
+    """This rank's share of the missing samples as PNGs in out's folder; then rank 0 writes the npz.
+    """
     folder = os.path.splitext(out)[0]
     os.makedirs(folder, exist_ok=True)
     if rank == 0:  # rank 0 vets the folder and records the settings before the others compare
@@ -239,7 +261,9 @@ def parse_labels(text):
     try:
         labels = [int(s) for s in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if any(c < 0 for c in labels):
         raise argparse.ArgumentTypeError(f"{text}: labels must be >= 0")
     return labels
@@ -250,19 +274,33 @@ def parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", default=None,
-      help="checkpoint file (train.py's, REPA's, or a bare SiT state dict), a run folder (its newest "
-           f"checkpoint), or {runs.REPA_NAME} (REPA's published weights, downloaded once); default: "
-           f"the newest checkpoint of the most recently written run under {runs.RUNS}/, else "
-           f"{runs.REPA_NAME}")
+    a(
+        "--ckpt",
+        default=None,
+        help="checkpoint file (train.py's, REPA's, or a bare SiT state dict), a run folder (its "
+             "newest "
+        f"checkpoint), or {runs.REPA_NAME} (REPA's published weights, downloaded once); default: "
+        f"the newest checkpoint of the most recently written run under {runs.RUNS}/, else "
+        f"{runs.REPA_NAME}",
+    )
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--mode", choices=["sde", "ode", "heun"], default="sde",
       help="Euler-Maruyama SDE (the papers' sampler), Euler ODE, or Heun ODE (2N-1 evaluations)")
     a("--num-steps", type=at_least(1), default=250, help="sampler steps (the papers: SDE with 250)")
     a("--cfg", type=cluster.at_least(1.0, float), default=1.0,
       help="classifier-free guidance scale on all 4 channels (1 = off)")
-    a("--guidance-low", type=fraction(), default=0.0, help="guide only while t >= this (t=1 is noise)")
-    a("--guidance-high", type=fraction(), default=1.0, help="guide only while t <= this (REPA*: 0.7)")
+    a(
+        "--guidance-low",
+        type=fraction(),
+        default=0.0,
+        help="guide only while t >= this (t=1 is noise)",
+    )
+    a(
+        "--guidance-high",
+        type=fraction(),
+        default=1.0,
+        help="guide only while t <= this (REPA*: 0.7)",
+    )
     a("--class-labels", type=parse_labels, default=None,
       help="comma-separated labels used in turn (e.g. 207,360,387); default: random labels")
     a("--seed", type=at_least(0), default=0,
@@ -275,10 +313,19 @@ def parser():
     a("--vae", default=None,
       help="ema | mse (sd-vae-ft-*), a hub id or folder, tiny-random (smoke), or none (save "
            "latents); default: the --vae of the train.py run, else ema")
-    a("--quantize", choices=["floor", "round"], default="floor",
-      help="[-1, 1] -> uint8: floor truncates 255 (x + 1) / 2 as REPA's generate.py, which made the "
-           "papers' FIDs (default); round as DiT")
-    a("--out", default=None, help="output .png (grid) or .npz; default under samples/, named by settings")
+    a(
+        "--quantize",
+        choices=["floor", "round"],
+        default="floor",
+        help="[-1, 1] -> uint8: floor truncates 255 (x + 1) / 2 as REPA's generate.py, which made "
+             "the "
+        "papers' FIDs (default); round as DiT",
+    )
+    a(
+        "--out",
+        default=None,
+        help="output .png (grid) or .npz; default under samples/, named by settings",
+    )
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")
     a("--tf32", type=int, choices=[0, 1], default=1, help="TF32 matmuls on GPU")
     a("--compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
@@ -294,8 +341,10 @@ def parse_args(argv=None):
                 "the interval is empty")
     suffix = ".npz" if args.num_samples else ".png"
     if args.out is not None and not args.out.endswith(suffix):
-        p.error(f"--out {args.out}: must end in {suffix} {'with' if args.num_samples else 'without'} "
-                "--num-samples")
+        p.error(
+            f"--out {args.out}: must end in {suffix} {'with' if args.num_samples else 'without'} "
+            "--num-samples"
+        )
     return args
 
 
@@ -303,7 +352,8 @@ SAMPLING = ("seed", "mode", "num_steps", "cfg", "guidance_low", "guidance_high",
 
 
 def default_out(args):
-    """samples/<run>-<step or file>-<settings>.png or .npz: different settings never share a file."""
+    """samples/<run>-<step or file>-<settings>.png or .npz: different settings never share a file.
+    """
     stem = os.path.splitext(os.path.basename(args.ckpt))[0]
     parent, folder = os.path.split(os.path.dirname(os.path.abspath(args.ckpt)))
     stem = f"{os.path.basename(parent)}-{stem}" if folder == "checkpoints" else stem  # run-step
@@ -321,7 +371,9 @@ def main(args):
 def run_sampling(args):
     """main, raising UserError for bad input."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.num_samples is None:
-        raise UserError("the grid is made by one process: run without torchrun, or give --num-samples")
+        raise UserError(
+            "the grid is made by one process: run without torchrun, or give --num-samples"
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     args.ckpt, why = runs.resolve_ckpt(args.ckpt)
     rank, world, device = cluster.init(args.device)
@@ -356,8 +408,9 @@ def run_sampling(args):
     else:
         settings = {k: getattr(args, k) for k in (*SAMPLING, "weights", "vae", "quantize")}
         settings["ckpt"] = os.path.abspath(args.ckpt)
-        write_samples(args.out, args.num_samples, settings, model, vae, args.batch_size, rank, world,
-                      sampling)
+        write_samples(
+            args.out, args.num_samples, settings, model, vae, args.batch_size, rank, world, sampling
+        )
     cluster.close(world)
 
 

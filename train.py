@@ -396,7 +396,9 @@ def train(args, stop):
     typed = {k for k, v in vars(args).items() if v != vars(parse_args([]))[k]}
     pos = runs.resume(run_dir, run, config, device, world, typed)
     evaluated = {row["step"] for row in runs.read_metrics(run_dir) if "fid" in row} | {0}
-    due = config["eval_every"] and pos.step % config["eval_every"] == 0 and pos.step not in evaluated
+    due = (
+        config["eval_every"] and pos.step % config["eval_every"] == 0 and pos.step not in evaluated
+    )
     if pos.step >= config["max_steps"] and not due:  # an evaluation killed at the end still runs
         log.info("the run in %s is already complete at step %d: give a higher --max-steps to train "
                  "longer, or another --run-name to start another run", run_dir, pos.step)

@@ -11,14 +11,16 @@ def random_inception(model, seed=0):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
-                # He scaling keeps ~90 ReLU layers from exploding or vanishing, so parity tests see real signal
+                # He scaling keeps ~90 ReLU layers from exploding or vanishing, so parity tests see
+                # real signal
                 module.weight.normal_(0, (2 / module.weight[0].numel()) ** 0.5, generator=gen)
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.8, 1.2, generator=gen)
                 module.bias.normal_(0, 0.1, generator=gen)
                 module.running_mean.normal_(0, 0.1, generator=gen)
                 module.running_var.uniform_(0.5, 1.5, generator=gen)
-        model.fc.weight.normal_(0, 0.05, generator=gen)  # logits of a few units: softmax not saturated
+        # logits of a few units: softmax not saturated
+        model.fc.weight.normal_(0, 0.05, generator=gen)
         model.fc.bias.normal_(0, 1, generator=gen)
     return model
 

@@ -14,14 +14,18 @@ from torch.utils.data import DataLoader
 from data import LatentImageDataset, SyntheticDataset, synthetic_moments
 from encoders import LATENT_SCALE
 
-# Sorted as strings, "img10" comes before "img9": REPA pairs by that string order, not by the number.
+# Sorted as strings, "img10" comes before "img9": REPA pairs by that string order, not by the
+# number.
 IMAGE_NAMES = ["a/img9.png", "a/img10.png", "b/img2.png", "b/img11.png"]
 LATENT_NAMES = ["a/m9.npy", "a/m10.npy", "b/m2.npy", "b/m11.npy"]
 
 
 def write_repa_dir(root, resolution=16, labels=None, num_classes=None):
-    """A REPA-layout dir where image k is filled with value 10 * k and latent k with value k (k = number in name)."""
-    labels = labels if labels is not None else {n: int(n.split("m")[-1][:-4]) % 3 for n in LATENT_NAMES}
+    """A REPA-layout dir where image k is filled with value 10 * k and latent k with value k
+    (k = number in name)."""
+    labels = (
+        labels if labels is not None else {n: int(n.split("m")[-1][:-4]) % 3 for n in LATENT_NAMES}
+    )
     for image_name, latent_name in zip(IMAGE_NAMES, LATENT_NAMES):
         k = int(image_name.split("img")[1][:-4])
         for d in ("images", "vae-sd"):
@@ -33,7 +37,8 @@ def write_repa_dir(root, resolution=16, labels=None, num_classes=None):
     for d in ("images", "vae-sd"):  # files REPA's reader skips: not images, not .npy
         with open(os.path.join(root, d, "notes.txt"), "w") as f:
             f.write("not data")
-    meta = {"labels": [[n, y] for n, y in reversed(list(labels.items()))]}  # order in the json must not matter
+    # order in the json must not matter
+    meta = {"labels": [[n, y] for n, y in reversed(list(labels.items()))]}
     if num_classes is not None:
         meta["num_classes"] = num_classes
     with open(os.path.join(root, "vae-sd", "dataset.json"), "w") as f:
@@ -42,7 +47,8 @@ def write_repa_dir(root, resolution=16, labels=None, num_classes=None):
 
 
 def test_repa_pairing_and_item_format(tmp_path):
-    """Images and latents pair by sorted relative path (as REPA does); labels come from the latent names."""
+    """Images and latents pair by sorted relative path (as REPA does); labels come from the latent
+    names."""
     ds = LatentImageDataset(str(write_repa_dir(tmp_path)))
     assert len(ds) == 4 and ds.resolution == 16 and ds.latent_size == 2 and ds.synthetic is False
     assert ds.vae is None  # REPA's dataset.json does not say
@@ -51,13 +57,20 @@ def test_repa_pairing_and_item_format(tmp_path):
     expected_k = [10, 9, 11, 2]
     for i, k in enumerate(expected_k):
         image, moments, label = ds[i]
-        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and torch.all(image == 10 * k)
-        assert moments.dtype == torch.float32 and moments.shape == (8, 2, 2) and torch.all(moments == k)
+        assert (
+            image.dtype == torch.uint8 and image.shape == (3, 16, 16) and torch.all(image == 10 * k)
+        )
+        assert (
+            moments.dtype == torch.float32
+            and moments.shape == (8, 2, 2)
+            and torch.all(moments == k)
+        )
         assert label.dtype == torch.int64 and label.shape == () and label.item() == k % 3
 
 
 def test_num_classes_from_json(tmp_path):
-    """A num_classes key in dataset.json wins over max label + 1 (a subset may miss the top classes)."""
+    """A num_classes key in dataset.json wins over max label + 1 (a subset may miss the top
+    classes)."""
     assert LatentImageDataset(str(write_repa_dir(tmp_path, num_classes=1000))).num_classes == 1000
 
 
@@ -89,25 +102,49 @@ def write_json(root, meta):
 
 BAD_INPUTS = {
     "missing data dir": (lambda root: remove_tree(root), "does not exist.*data.py"),
-    "missing images/": (lambda root: remove_tree(os.path.join(root, "images")), "images is missing.*data.py"),
-    "missing vae-sd/": (lambda root: remove_tree(os.path.join(root, "vae-sd")), "vae-sd is missing.*data.py"),
-    "count mismatch": (lambda root: remove(os.path.join(root, "vae-sd", LATENT_NAMES[0])),
-                       "4 images .* but 3 latent files.*data.py"),
-    "no files": (lambda root: [remove(os.path.join(root, d, n)) for d, names in
-                               (("images", IMAGE_NAMES), ("vae-sd", LATENT_NAMES)) for n in names],
-                 "no images or latents.*data.py"),
-    "missing dataset.json": (lambda root: remove(os.path.join(root, "vae-sd", "dataset.json")),
-                             "dataset.json is missing.*data.py"),
+    "missing images/": (
+        lambda root: remove_tree(os.path.join(root, "images")),
+        "images is missing.*data.py",
+    ),
+    "missing vae-sd/": (
+        lambda root: remove_tree(os.path.join(root, "vae-sd")),
+        "vae-sd is missing.*data.py",
+    ),
+    "count mismatch": (
+        lambda root: remove(os.path.join(root, "vae-sd", LATENT_NAMES[0])),
+        "4 images .* but 3 latent files.*data.py",
+    ),
+    "no files": (
+        lambda root: [
+            remove(os.path.join(root, d, n))
+            for d, names in (("images", IMAGE_NAMES), ("vae-sd", LATENT_NAMES))
+            for n in names
+        ],
+        "no images or latents.*data.py",
+    ),
+    "missing dataset.json": (
+        lambda root: remove(os.path.join(root, "vae-sd", "dataset.json")),
+        "dataset.json is missing.*data.py",
+    ),
     "labels null": (lambda root: write_json(root, {"labels": None}), "has no labels.*data.py"),
-    "label missing": (lambda root: write_json(root, {"labels": [[n, 0] for n in LATENT_NAMES[1:]]}),
-                      "no label for 1 latent files .*a/m9.npy"),
-    "label beyond num_classes": (lambda root: write_json(root, {"labels": [[n, 5] for n in LATENT_NAMES],
-                                                                "num_classes": 3}), "label 5 but num_classes 3"),
-    "float labels": (lambda root: write_json(root, {"labels": [[n, 0.5] for n in LATENT_NAMES]}),
-                     "one class index"),
-    "wrong moments shape": (lambda root: np.save(os.path.join(root, "vae-sd", "a/m10.npy"),
-                                                 np.zeros((4, 2, 2), np.float32)),
-                            r"shape \(4, 2, 2\).*\(8, 2, 2\).*data.py"),
+    "label missing": (
+        lambda root: write_json(root, {"labels": [[n, 0] for n in LATENT_NAMES[1:]]}),
+        "no label for 1 latent files .*a/m9.npy",
+    ),
+    "label beyond num_classes": (
+        lambda root: write_json(root, {"labels": [[n, 5] for n in LATENT_NAMES], "num_classes": 3}),
+        "label 5 but num_classes 3",
+    ),
+    "float labels": (
+        lambda root: write_json(root, {"labels": [[n, 0.5] for n in LATENT_NAMES]}),
+        "one class index",
+    ),
+    "wrong moments shape": (
+        lambda root: np.save(
+            os.path.join(root, "vae-sd", "a/m10.npy"), np.zeros((4, 2, 2), np.float32)
+        ),
+        r"shape \(4, 2, 2\).*\(8, 2, 2\).*data.py",
+    ),
 }
 
 
@@ -143,7 +180,8 @@ def test_synthetic_is_deterministic_and_labelled(caplog):
 
 
 def test_synthetic_moments_follow_image_and_class():
-    """Moments follow the image, x0 is roughly standardised, the class is readable from the latent (held out)."""
+    """Moments follow the image, x0 is roughly standardised, the class is readable from the latent
+    (held out)."""
     ds = SyntheticDataset(num_images=300, num_classes=10, resolution=64, seed=0)
     items = [ds[i] for i in range(300)]
     image, moments, _ = items[5]

@@ -1,4 +1,5 @@
-"""encoders.py: spec parsing, the tiny random encoder, every REPA family's architecture, preprocessing and weight
+"""encoders.py: spec parsing, the tiny random encoder, every REPA family's architecture,
+preprocessing and weight
 loading, and parity with REPA's own code (random weights: no network)."""
 
 import logging
@@ -15,9 +16,12 @@ import encoders
 from encoders import FAMILIES, build_encoder, canonical_name, load_encoders, timm_name
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
-import make_encoder_reference as reference  # noqa: E402  (official_state / save_torchscript re-derive the files)
+# noqa: E402  (official_state / save_torchscript re-derive the files)
+import make_encoder_reference as reference
 
-REFERENCE = torch.load(os.path.join(os.path.dirname(__file__), "data", "encoder_reference.pt"), weights_only=True)
+REFERENCE = torch.load(
+    os.path.join(os.path.dirname(__file__), "data", "encoder_reference.pt"), weights_only=True
+)
 REPA_NAMES = [f"{f}-vit-{s}" for f, fam in FAMILIES.items() for s in fam.timm_names]
 
 
@@ -34,7 +38,8 @@ def random_images(n=2, resolution=256, seed=0):
 
 
 def test_tiny_random_shapes_determinism_and_label(caplog):
-    """(B, (R/16)^2, 32) tokens, the same weights on every load, global RNG untouched, loudly not pretrained."""
+    """(B, (R/16)^2, 32) tokens, the same weights on every load, global RNG untouched, loudly not
+    pretrained."""
     rng_before = torch.get_rng_state()
     with caplog.at_level(logging.WARNING):
         a, b = load_encoders("tiny-random,tiny-random", "cpu", 64)
@@ -53,7 +58,8 @@ def test_tiny_random_shapes_determinism_and_label(caplog):
 
 
 def test_dinov2_s_tokens_shape_and_pos_embed(vit_s):
-    """256 px -> (B, 256, 384) patch tokens; the pos-embed is a 16x16 grid plus the class position."""
+    """256 px -> (B, 256, 384) patch tokens; the pos-embed is a 16x16 grid plus the class position.
+    """
     assert vit_s.name == "dinov2-vit-s" and vit_s.embed_dim == 384 and vit_s.pretrained is False
     assert vit_s.model.pos_embed.shape == (1, 1 + 16 * 16, 384)
     assert vit_s(random_images()).shape == (2, 256, 384)
@@ -62,40 +68,53 @@ def test_dinov2_s_tokens_shape_and_pos_embed(vit_s):
 
 
 def test_dinov2_preprocessing_by_hand(vit_s, monkeypatch):
-    """What the ViT sees is x/255, ImageNet mean/std, bicubic to 224: checked on constant and random images."""
+    """What the ViT sees is x/255, ImageNet mean/std, bicubic to 224: checked on constant and random
+    images."""
     seen = []
     forward = vit_s.model.forward_intermediates
-    monkeypatch.setattr(vit_s.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw))
+    monkeypatch.setattr(
+        vit_s.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw)
+    )
     white = torch.full((1, 3, 256, 256), 255, dtype=torch.uint8)
     vit_s(white)
-    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a constant image constant
+    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a constant image
+    # constant
     expected = torch.tensor([2.2489083, 2.4285714, 2.64]).view(1, 3, 1, 1).expand(1, 3, 224, 224)
     assert seen[0].shape == (1, 3, 224, 224)
     torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=0)
     images = random_images(2)
     vit_s(images)
-    x = (images.double() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).double()) / torch.tensor(
-        [0.229, 0.224, 0.225]).view(1, 3, 1, 1).double()
+    x = (
+        images.double() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).double()
+    ) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).double()
     x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
     torch.testing.assert_close(seen[1].double(), x, atol=5e-4, rtol=0)  # float32 bicubic rounding
 
 
 @pytest.mark.slow
 def test_tokens_are_final_norm_patch_tokens(vit_s):
-    """The output equals timm's last-block normed patch tokens (no cls, no registers), with and without registers."""
-    for enc, prefix in ((vit_s, 1), (load_encoders("dinov2-vit-s-reg", "cpu", 256, pretrained=False)[0], 5)):
+    """The output equals timm's last-block normed patch tokens (no cls, no registers), with and
+    without registers."""
+    for enc, prefix in (
+        (vit_s, 1),
+        (load_encoders("dinov2-vit-s-reg", "cpu", 256, pretrained=False)[0], 5),
+    ):
         assert enc.model.num_prefix_tokens == prefix
         images = random_images(1)
         x = F.interpolate(encoders.normalize(images.float() / 255), 224, mode="bicubic")
-        last = enc.model.forward_intermediates(x, indices=[11], norm=True, output_fmt="NLC", intermediates_only=True)
+        last = enc.model.forward_intermediates(
+            x, indices=[11], norm=True, output_fmt="NLC", intermediates_only=True
+        )
         torch.testing.assert_close(enc(images), last[0], atol=1e-5, rtol=0)
 
 
 def official_dinov2_checkpoint(vit_s, path, registers=False):
-    """A random ViT-S/14 state dict in the official DINOv2 layout (518 px pos-embed, mask_token, register_tokens)."""
+    """A random ViT-S/14 state dict in the official DINOv2 layout (518 px pos-embed, mask_token,
+    register_tokens)."""
     g = torch.Generator().manual_seed(0)
     state = dict(vit_s.model.state_dict())
-    state["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384, generator=g)  # 518 px / 14 = 37 patches a side
+    # 518 px / 14 = 37 patches a side
+    state["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384, generator=g)
     state["mask_token"] = torch.zeros(1, 384)
     if registers:
         state["register_tokens"] = torch.randn(1, 4, 384, generator=g)
@@ -111,18 +130,25 @@ def test_local_weights_resampled_as_repa(vit_s, tmp_path):
     enc = load_encoders("dinov2-vit-s", "cpu", 256, weights=path)[0]
     assert enc.pretrained is True
     # REPA: resample_abs_pos_embed(pos_embed, [16, 16]) on the torch.hub model (class position kept)
-    torch.testing.assert_close(enc.model.pos_embed, resample_abs_pos_embed(state["pos_embed"], [16, 16]))
-    torch.testing.assert_close(enc.model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"])
+    torch.testing.assert_close(
+        enc.model.pos_embed, resample_abs_pos_embed(state["pos_embed"], [16, 16])
+    )
+    torch.testing.assert_close(
+        enc.model.blocks[3].attn.qkv.weight, state["blocks.3.attn.qkv.weight"]
+    )
     # registers: the official layout (class position in pos_embed, register_tokens) becomes timm's
     path = str(tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     state = official_dinov2_checkpoint(vit_s, path, registers=True)
     enc = load_encoders("dinov2reg-vit-s", "cpu", 256, weights=path)[0]
     torch.testing.assert_close(enc.model.reg_token, state["register_tokens"])
     torch.testing.assert_close(enc.model.cls_token, state["cls_token"] + state["pos_embed"][:, 0])
-    torch.testing.assert_close(enc.model.pos_embed,
-                               resample_abs_pos_embed(state["pos_embed"][:, 1:], [16, 16], num_prefix_tokens=0))
+    torch.testing.assert_close(
+        enc.model.pos_embed,
+        resample_abs_pos_embed(state["pos_embed"][:, 1:], [16, 16], num_prefix_tokens=0),
+    )
     assert enc(random_images(1)).shape == (1, 256, 384)
-    with pytest.raises(RuntimeError, match="do not fit"):  # registers checkpoint into the plain architecture
+    # registers checkpoint into the plain architecture
+    with pytest.raises(RuntimeError, match="do not fit"):
         load_encoders("dinov2-vit-s", "cpu", 256, weights=path)
 
 
@@ -141,25 +167,36 @@ def test_download_failure_is_a_clear_error(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match=r"dinov2-vit-b \(vit_base_patch14_dinov2.lvd142m\).*weights=") as err:
+    with pytest.raises(
+        RuntimeError, match=r"dinov2-vit-b \(vit_base_patch14_dinov2.lvd142m\).*weights="
+    ) as err:
         load_encoders("dinov2-vit-b", "cpu", 256)
     assert isinstance(err.value.__cause__, OSError)
 
 
 def test_names_map_to_timm_models():
-    """Every REPA name (and our -reg alias) maps to a pretrained timm model of timm 1.0.31, MoCo v3 to an architecture."""
+    """Every REPA name (and our -reg alias) maps to a pretrained timm model of timm 1.0.31, MoCo v3
+    to an architecture."""
     available = set(timm.list_models(pretrained=True))
     for size, timm_size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")):
-        assert timm_name(canonical_name(f"dinov2-vit-{size}")) == f"vit_{timm_size}_patch14_dinov2.lvd142m"
+        assert (
+            timm_name(canonical_name(f"dinov2-vit-{size}"))
+            == f"vit_{timm_size}_patch14_dinov2.lvd142m"
+        )
         assert canonical_name(f"dinov2-vit-{size}-reg") == canonical_name(f"dinov2reg-vit-{size}")
         assert timm_name(f"dinov2reg-vit-{size}") == f"vit_{timm_size}_patch14_reg4_dinov2.lvd142m"
     assert sorted(REPA_NAMES) == sorted(
-        [f"dinov2{r}-vit-{s}" for r in ("", "reg") for s in "sblg"] + ["dinov1-vit-b", "mae-vit-l", "clip-vit-l",
-                                                                      "jepa-vit-h"] + [f"mocov3-vit-{s}" for s in "sbl"])
+        [f"dinov2{r}-vit-{s}" for r in ("", "reg") for s in "sblg"]
+        + ["dinov1-vit-b", "mae-vit-l", "clip-vit-l", "jepa-vit-h"]
+        + [f"mocov3-vit-{s}" for s in "sbl"]
+    )
     for name in REPA_NAMES:
         tagged = timm_name(name)
-        assert (tagged in available) if not name.startswith("mocov3") else tagged in timm.list_models()
-    assert timm_name("clip-vit-l") == "vit_large_patch14_clip_quickgelu_224.openai"  # CLIP was trained with QuickGELU
+        assert (
+            (tagged in available) if not name.startswith("mocov3") else tagged in timm.list_models()
+        )
+    # CLIP was trained with QuickGELU
+    assert timm_name("clip-vit-l") == "vit_large_patch14_clip_quickgelu_224.openai"
 
 
 def test_spec_with_several_encoders():
@@ -170,8 +207,8 @@ def test_spec_with_several_encoders():
     assert all(not e.training and not any(p.requires_grad for p in e.parameters()) for e in encs)
 
 
-@pytest.mark.parametrize("spec", ["dinov3-vit-b", "dinov2-vit-x", "mae-vit-b", "dinov1-vit-s", "mocov3-vit-h",
-                                  "dinov2-vit-b,clip-vit-B", "jepa-vit-l", " , "])
+@pytest.mark.parametrize("spec", ["dinov3-vit-b", "dinov2-vit-x", "mae-vit-b", "dinov1-vit-s",
+                                  "mocov3-vit-h", "dinov2-vit-b,clip-vit-B", "jepa-vit-l", " , "])
 def test_unknown_or_empty_spec(spec):
     """Unknown encoders name the known ones; an empty spec says what to write."""
     with pytest.raises(ValueError, match="unknown encoder|empty encoder spec") as err:
@@ -180,7 +217,8 @@ def test_unknown_or_empty_spec(spec):
 
 
 def test_resolution_checks():
-    """DINOv2 needs 256 or 512 px, the other families 256 px (REPA's limits); the tiny encoder a multiple of 16."""
+    """DINOv2 needs 256 or 512 px, the other families 256 px (REPA's limits); the tiny encoder a
+    multiple of 16."""
     with pytest.raises(ValueError, match="needs a multiple of 256 px"):
         load_encoders("dinov2-vit-s", "cpu", 300, pretrained=False)
     with pytest.raises(ValueError, match="DINOv2 only"):
@@ -191,8 +229,10 @@ def test_resolution_checks():
 
 @pytest.mark.parametrize("name", sorted(REFERENCE["families"]))
 def test_tokens_equal_repa_code(name, tmp_path):
-    """REPA's load_encoders + preprocess_raw_image + token slicing (reduced width/depth of each family, random weights
-    in the official checkpoint layout, tests/data/make_encoder_reference.py) == our tokens, fp32 max abs diff <= 1e-4."""
+    """REPA's load_encoders + preprocess_raw_image + token slicing (reduced width/depth of each
+    family, random weights
+    in the official checkpoint layout, tests/data/make_encoder_reference.py) == our tokens, fp32
+    max abs diff <= 1e-4."""
     ref = REFERENCE["families"][name]
     images = reference.images()
     assert int(images.long().sum()) == REFERENCE["image_sum"]  # the same batch REPA's code saw
@@ -210,9 +250,12 @@ def test_tokens_equal_repa_code(name, tmp_path):
 
 @pytest.mark.parametrize("name", REPA_NAMES)
 def test_full_size_architectures(name):
-    """Every REPA name builds its full-size ViT (on the meta device: no memory, no forward) with a 16x16 grid at 256 px."""
+    """Every REPA name builds its full-size ViT (on the meta device: no memory, no forward) with a
+    16x16 grid at 256 px."""
     family, _, size = name.rpartition("-vit-")
-    width, depth, heads = dict(s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), g=(1536, 40, 24), h=(1280, 32, 16))[size]
+    width, depth, heads = dict(
+        s=(384, 12, 6), b=(768, 12, 12), l=(1024, 24, 16), g=(1536, 40, 24), h=(1280, 32, 16)
+    )[size]
     heads = 12 if name == "mocov3-vit-s" else heads  # MoCo v3's ViT-S has 12 heads of 32
     with torch.device("meta"):
         enc = build_encoder(name, 256, pretrained=False)
@@ -221,32 +264,45 @@ def test_full_size_architectures(name):
     grid = enc.input_size // m.patch_embed.patch_size[0]
     assert grid == 16 and m.patch_embed.patch_size[0] == FAMILIES[family].patch
     assert m.num_prefix_tokens == dict(dinov2reg=5, jepa=0).get(family, 1)
-    assert m.pos_embed.shape[1] == 256 + (1 if family in ("dinov2", "dinov1", "mocov3", "mae", "clip") else 0)
-    act = "QuickGELU" if family == "clip" else "SiLU" if size == "g" else "GELU"  # DINOv2-g has a SwiGLU FFN
+    assert m.pos_embed.shape[1] == 256 + (
+        1 if family in ("dinov2", "dinov1", "mocov3", "mae", "clip") else 0
+    )
+    # DINOv2-g has a SwiGLU FFN
+    act = "QuickGELU" if family == "clip" else "SiLU" if size == "g" else "GELU"
     assert type(m.blocks[0].mlp.act).__name__ == act
 
 
 # family -> (input size, mean, std) the ViT sees at 256 px (REPA train.py preprocess_raw_image)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-SEEN = dict(dinov1=(256, *IMAGENET), mocov3=(256, *IMAGENET), mae=(256, *IMAGENET), jepa=(224, *IMAGENET),
-            clip=(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+SEEN = dict(
+    dinov1=(256, *IMAGENET),
+    mocov3=(256, *IMAGENET),
+    mae=(256, *IMAGENET),
+    jepa=(224, *IMAGENET),
+    clip=(224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+)
 
 
 @pytest.mark.parametrize("family", sorted(SEEN))
 def test_preprocessing_by_family(family, monkeypatch):
-    """What each ViT sees: x/255, the family's mean/std, bicubic to 224 for CLIP and I-JEPA only (CLIP resizes first)."""
+    """What each ViT sees: x/255, the family's mean/std, bicubic to 224 for CLIP and I-JEPA only
+    (CLIP resizes first)."""
     name = next(n for n in REPA_NAMES if n.startswith(family + "-"))
     enc = build_encoder(name, 256, pretrained=False, depth=1, embed_dim=64, num_heads=1)
     seen = []
     forward = enc.model.forward_intermediates
-    monkeypatch.setattr(enc.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw))
+    monkeypatch.setattr(
+        enc.model, "forward_intermediates", lambda x, **kw: seen.append(x) or forward(x, **kw)
+    )
     size, mean, std = SEEN[family]
     images = random_images(1)
     enc(images)
     x = images.double() / 255
     if family == "clip":
         x = F.interpolate(x, size=(size, size), mode="bicubic")
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1).double()) / torch.tensor(std).view(1, 3, 1, 1).double()
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1).double()) / torch.tensor(std).view(
+        1, 3, 1, 1
+    ).double()
     if family == "jepa":
         x = F.interpolate(x, size=(size, size), mode="bicubic")
     assert seen[0].shape == (1, 3, size, size)
@@ -256,35 +312,49 @@ def test_preprocessing_by_family(family, monkeypatch):
 
 
 def test_mocov3_needs_its_official_file():
-    """timm publishes no MoCo v3 weights: asking for them names the checkpoint and --enc-weights in one line."""
-    with pytest.raises(RuntimeError, match=r"timm publishes no weights for mocov3-vit-l: download .*--enc-weights"):
+    """timm publishes no MoCo v3 weights: asking for them names the checkpoint and --enc-weights in
+    one line."""
+    with pytest.raises(
+        RuntimeError, match=r"timm publishes no weights for mocov3-vit-l: download .*--enc-weights"
+    ):
         load_encoders("mocov3-vit-l", "cpu", 256)
 
 
 @pytest.mark.parametrize("name", ["mae-vit-l", "clip-vit-l", "jepa-vit-h", "dinov1-vit-b"])
 def test_download_failure_names_the_official_file(name, monkeypatch):
-    """A failed timm download names the model, the official checkpoint to fetch by hand and --enc-weights."""
+    """A failed timm download names the model, the official checkpoint to fetch by hand and
+    --enc-weights."""
     def offline(model_name, pretrained=False, **kwargs):
         """Stand-in for timm.create_model without network."""
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match=rf"{name} \({timm_name(name)}\).*\(facebookresearch|openai.*--enc-weights"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{name} \({timm_name(name)}\).*\(facebookresearch|openai.*--enc-weights",
+    ):
         load_encoders(name, "cpu", 256)
 
 
 def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
-    """A checkpoint of another size (the reduced MAE reference into the full MoCo v3 ViT-S) says it does not fit."""
+    """A checkpoint of another size (the reduced MAE reference into the full MoCo v3 ViT-S) says it
+    does not fit."""
     ref = REFERENCE["families"]["mae-vit-l"]
     path = str(tmp_path / "mae.pth")
     torch.save(reference.official_state(ref["layout"]), path)
-    with pytest.raises(RuntimeError, match=r"do not fit mocov3 .*embed_dim 384\): wrong model size or variant"):
+    with pytest.raises(
+        RuntimeError, match=r"do not fit mocov3 .*embed_dim 384\): wrong model size or variant"
+    ):
         build_encoder("mocov3-vit-s", 256, weights=path)
 
 
 def test_several_families_give_the_projector_widths():
-    """A comma-separated spec of several families: one encoder each, in order; their widths are SiT's z_dims."""
+    """A comma-separated spec of several families: one encoder each, in order; their widths are
+    SiT's z_dims."""
     with torch.device("meta"):
-        encs = load_encoders("clip-vit-L, mae-vit-l,jepa-vit-h,mocov3-vit-s", "meta", 256, pretrained=False)
+        encs = load_encoders(
+            "clip-vit-L, mae-vit-l,jepa-vit-h,mocov3-vit-s", "meta", 256, pretrained=False
+        )
     assert [e.name for e in encs] == ["clip-vit-l", "mae-vit-l", "jepa-vit-h", "mocov3-vit-s"]
-    assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]  # train.py: z_dims=[e.embed_dim for e in encoders]
+    # train.py: z_dims=[e.embed_dim for e in encoders]
+    assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]

@@ -1,4 +1,5 @@
-"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI and bad input.
+"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI and bad
+input.
 
 Everything runs on CPU with seeded random Inception weights; nothing touches the network.
 """
@@ -18,7 +19,6 @@ from PIL import Image
 
 import fid
 from helpers import cli_error, random_inception
-
 
 # ------------------------------------------------------------------------------------------
 # Fixtures
@@ -89,13 +89,16 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
     monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
     var = np.array([1.0, 4.0])
     with pytest.warns(UserWarning, match="singular"):
-        got = fid.fid_from_stats(np.zeros(2), np.diag(var), np.zeros(2), np.diag(var), route="sqrtm")
+        got = fid.fid_from_stats(
+            np.zeros(2), np.diag(var), np.zeros(2), np.diag(var), route="sqrtm"
+        )
     np.testing.assert_allclose(calls[1], np.diag((var + 1e-6) ** 2))  # (s1 + eps I)(s2 + eps I)
     assert got == pytest.approx(2 * var.sum() - 2 * (var + 1e-6).sum(), abs=1e-12)
 
 
 def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
-    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) = diag(i, 1)
+    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) =
+    # diag(i, 1)
     with pytest.raises(ValueError, match="imaginary"), pytest.warns(UserWarning, match="sqrtm"):
         fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
@@ -105,19 +108,32 @@ def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
 
 
 def pool3_like(n, dim, seed, shift=0.3):
-    """(n,dim) nonnegative float64 features with shared low-rank structure, as Inception's pool3 rows."""
+    """(n,dim) nonnegative float64 features with shared low-rank structure, as Inception's pool3
+    rows."""
     rng = np.random.default_rng(seed)
-    basis = np.random.default_rng(99).standard_normal((dim // 8, dim)) / 8  # the same structure for every set
-    return np.maximum(rng.standard_normal((n, dim // 8)) @ basis + shift + 0.3 * rng.standard_normal((n, dim)), 0)
+    # the same structure for every set
+    basis = np.random.default_rng(99).standard_normal((dim // 8, dim)) / 8
+    return np.maximum(
+        rng.standard_normal((n, dim // 8)) @ basis + shift + 0.3 * rng.standard_normal((n, dim)), 0
+    )
 
 
 def exact_fid(x1, x2):
-    """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c X2c^T / sqrt((n1-1)(n2-1)):
-    singular values carry no square-root-of-rounding error, so this is the reference both routes are held to."""
+    """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c
+    X2c^T / sqrt((n1-1)(n2-1)):
+    singular values carry no square-root-of-rounding error, so this is the reference both routes
+    are held to."""
     c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
-    tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt((len(x1) - 1) * (len(x2) - 1))
+    tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt(
+        (len(x1) - 1) * (len(x2) - 1)
+    )
     diff = x1.mean(0) - x2.mean(0)
-    return diff @ diff + np.trace(np.cov(x1, rowvar=False)) + np.trace(np.cov(x2, rowvar=False)) - 2 * tr_sqrt
+    return (
+        diff @ diff
+        + np.trace(np.cov(x1, rowvar=False))
+        + np.trace(np.cov(x2, rowvar=False))
+        - 2 * tr_sqrt
+    )
 
 
 @pytest.mark.parametrize("n_samples, n_ref", [(600, 1000), (100, 1000), (600, 150), (100, 150)])
@@ -142,13 +158,15 @@ def test_covariance_factor_cholesky_and_singular_eigh():
     np.testing.assert_allclose(factor @ factor.T, full, rtol=0, atol=1e-13 * np.abs(full).max())
     singular = np.cov(pool3_like(20, 64, seed=4), rowvar=False)  # rank 19
     factor = fid.covariance_factor(singular)
-    np.testing.assert_allclose(factor @ factor.T, singular, rtol=0, atol=1e-12 * np.abs(singular).max())
+    np.testing.assert_allclose(
+        factor @ factor.T, singular, rtol=0, atol=1e-12 * np.abs(singular).max()
+    )
     assert fid.covariance_factor(np.diag([1.0, -1.0, 2.0])) is None  # indefinite: no factor
     # a cached factor gives the same FID as one computed inside
     mu, sigma = np.zeros(64), np.cov(pool3_like(300, 64, seed=5), rowvar=False)
-    assert fid.fid_from_stats(mu, sigma, mu + 1, full, factor2=fid.covariance_factor(full)) == fid.fid_from_stats(
-        mu, sigma, mu + 1, full
-    )
+    assert fid.fid_from_stats(
+        mu, sigma, mu + 1, full, factor2=fid.covariance_factor(full)
+    ) == fid.fid_from_stats(mu, sigma, mu + 1, full)
 
 
 @pytest.mark.parametrize("bad", [np.nan, -1e-3])
@@ -159,7 +177,8 @@ def test_eigh_route_falls_back_to_sqrtm_on_bad_eigenvalues(monkeypatch, bad):
     real_eigh = scipy.linalg.eigh
 
     def broken_eigh(a, *args, **kwargs):
-        """The real eigenvalues with the smallest replaced by `bad` (NaN, or negative far beyond rounding)."""
+        """The real eigenvalues with the smallest replaced by `bad` (NaN, or negative far beyond
+        rounding)."""
         values = real_eigh(a, *args, **kwargs)
         values[0] = bad
         return values
@@ -167,7 +186,8 @@ def test_eigh_route_falls_back_to_sqrtm_on_bad_eigenvalues(monkeypatch, bad):
     monkeypatch.setattr(scipy.linalg, "eigh", broken_eigh)
     with pytest.warns(UserWarning, match="using ADM's sqrtm"):
         assert fid.fid_from_stats(*stats[0], *stats[1]) == adm
-    monkeypatch.setattr(scipy.linalg, "eigh", real_eigh)  # without the injection: no warning, the same value
+    # without the injection: no warning, the same value
+    monkeypatch.setattr(scipy.linalg, "eigh", real_eigh)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fid.fid_from_stats(*stats[0], *stats[1]) == pytest.approx(adm, rel=1e-10)
@@ -176,7 +196,8 @@ def test_eigh_route_falls_back_to_sqrtm_on_bad_eigenvalues(monkeypatch, bad):
 
 
 def test_running_gaussian_matches_numpy_mean_and_cov():
-    x = np.random.default_rng(7).standard_normal((37, 5)) * 3 + 100  # a large offset tests the centring
+    # a large offset tests the centring
+    x = np.random.default_rng(7).standard_normal((37, 5)) * 3 + 100
     stats = fid.RunningGaussian()
     for part in np.array_split(x, 4):
         stats.update(torch.from_numpy(part).float())
@@ -202,7 +223,9 @@ def test_inception_score_uniform_is_one_and_one_hot_is_class_count():
 def test_inception_score_uses_sequential_splits():
     first = np.eye(6)[np.arange(8) % 4]  # 8 rows over 4 classes -> IS 4
     second = np.eye(6)[4 + np.arange(4) % 2]  # 4 rows over 2 classes -> IS 2
-    assert fid.inception_score(np.concatenate([first, second]), split_size=8) == pytest.approx(3.0, rel=1e-12)
+    assert fid.inception_score(np.concatenate([first, second]), split_size=8) == pytest.approx(
+        3.0, rel=1e-12
+    )
     with pytest.raises(ValueError):
         fid.inception_score(np.zeros((0, 3)))
 
@@ -227,9 +250,11 @@ def test_precision_recall_of_set_with_itself_is_one_and_far_set_is_zero(fp16):
 @pytest.mark.parametrize("fp16", [True, False])
 def test_precision_recall_hand_checked(fp16):
     # k=3 radius = 4th smallest squared distance counting self.
-    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.  samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25, 36, 49.
+    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.  samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25,
+    # 36, 49.
     # precision: -5 and -6 lie in no reference ball (25 > 9 from 0; 625 > 361 from 20) -> 4/6.
-    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is within 2.25 of 2 -> 4/5.
+    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is within 2.25 of 2
+    # -> 4/5.
     ref, samples = column([0, 1, 2, 3, 20]), column([0.5, 1, 1.5, 2, -5, -6])
     precision, recall = fid.precision_recall(ref, samples, fp16=fp16, block=2)
     assert (precision, recall) == (pytest.approx(4 / 6), pytest.approx(4 / 5))
@@ -248,7 +273,10 @@ def test_precision_recall_blocked_equals_brute_force():
     precision = (d_rs <= r_rad[:, None]).any(0).mean()
     recall = (d_rs <= s_rad[None, :]).any(1).mean()
     assert 0 < precision < 1 and 0 < recall < 1  # a case that exercises both outcomes
-    assert fid.precision_recall(ref, samples, fp16=False, block=7) == (pytest.approx(precision), pytest.approx(recall))
+    assert fid.precision_recall(ref, samples, fp16=False, block=7) == (
+        pytest.approx(precision),
+        pytest.approx(recall),
+    )
 
 
 def test_fp16_distances_round_like_adm_and_fall_back_to_fp32_on_overflow():
@@ -258,7 +286,9 @@ def test_fp16_distances_round_like_adm_and_fall_back_to_fp32_on_overflow():
     assert torch.equal(d16, d16.half().float())  # values are fp16 numbers
     assert not torch.equal(d16, d32) and torch.allclose(d16, d32, rtol=2e-2)
     big = a * 100  # squared norms ~7e6 overflow fp16 (max 65504): the whole block is redone in fp32
-    assert torch.equal(fid.pairwise_sq_dists(big, b, fp16=True), fid.pairwise_sq_dists(big, b, fp16=False))
+    assert torch.equal(
+        fid.pairwise_sq_dists(big, b, fp16=True), fid.pairwise_sq_dists(big, b, fp16=False)
+    )
 
 
 def test_manifold_radii_needs_more_than_k_points():
@@ -278,7 +308,9 @@ def test_tf1_legacy_resize_matches_hand_computed_values():
     torch.testing.assert_close(fid.tf1_resize_bilinear(x, 3)[0, 0], expected)
     # 4 -> 2 picks sources 0 and 2 (no averaging); same size is the identity
     row = torch.tensor([[[[0.0, 1.0, 2.0, 3.0]] * 4]])
-    torch.testing.assert_close(fid.tf1_resize_bilinear(row, 2)[0, 0], torch.tensor([[0.0, 2.0], [0.0, 2.0]]))
+    torch.testing.assert_close(
+        fid.tf1_resize_bilinear(row, 2)[0, 0], torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    )
     assert torch.equal(fid.tf1_resize_bilinear(row, 4), row)
 
 
@@ -292,8 +324,11 @@ def test_preprocess_scales_like_the_graph():
 @pytest.mark.slow
 def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load checks every name)
-    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: model.state_dict())
+    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load checks every
+    # name)
+    monkeypatch.setattr(
+        pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: model.state_dict()
+    )
     other = pytorch_fid_inception.fid_inception_v3().eval()
     seen = {}
     other.avgpool.register_forward_hook(lambda m, i, out: seen.update(pool=out.flatten(1)))
@@ -302,10 +337,12 @@ def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
     x = fid.preprocess(torch.from_numpy(images(2, seed=0, size=48)))
     with torch.no_grad():
         pool, spatial, logits = model(x)
-        logits_other = other(x) - other.fc.bias  # pytorch-fid's head adds the bias; ADM's logits do not
+        # pytorch-fid's head adds the bias; ADM's logits do not
+        logits_other = other(x) - other.fc.bias
     spatial_other = seen["spatial"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # N,H,W,C as TF
     assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
-    assert pool.std() > 0.3 and spatial.std() > 0.3 and logits.std() > 1  # random weights still carry signal
+    # random weights still carry signal
+    assert pool.std() > 0.3 and spatial.std() > 0.3 and logits.std() > 1
     torch.testing.assert_close(pool, seen["pool"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(spatial, spatial_other, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, logits_other, rtol=1e-4, atol=1e-4)
@@ -316,7 +353,9 @@ def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def test_load_inception_checks_sha256_and_uses_the_hub_cache(weights_file, model, tmp_path, monkeypatch):
+def test_load_inception_checks_sha256_and_uses_the_hub_cache(
+    weights_file, model, tmp_path, monkeypatch
+):
     path, digest = weights_file
     loaded, got = fid.load_inception(path, digest[:8])
     assert got == digest and torch.equal(loaded.fc.weight, model.fc.weight)
@@ -338,8 +377,10 @@ def test_load_inception_checks_sha256_and_uses_the_hub_cache(weights_file, model
 @pytest.mark.parametrize(
     "failure, reason",
     [
-        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not known"),
-        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not Found"),
+        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not "
+                                                                          "known"),
+        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not "
+                                                                              "Found"),
     ],
 )
 def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, reason):
@@ -351,16 +392,23 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
     with pytest.raises(SystemExit) as exit_info:
-        fid.main(fid.parse_args([str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]))
+        fid.main(
+            fid.parse_args(
+                [str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]
+            )
+        )
     text = str(exit_info.value.code)
-    assert text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
+    assert (
+        text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
+    )
     assert fid.WEIGHTS_URL in text and reason in text and "--weights PATH" in text
 
 
 def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
     arr = images(7, seed=3, size=8)
     np.savez(tmp_path / "set.npz", arr_0=arr)
-    folder = tmp_path / "pngs"  # data.py's layout: one sub-folder per class, and a labels file beside them
+    # data.py's layout: one sub-folder per class, and a labels file beside them
+    folder = tmp_path / "pngs"
     for i, im in enumerate(arr):
         (folder / f"{i // 3:05d}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(folder / f"{i // 3:05d}" / f"img{i:08d}.png")
@@ -412,7 +460,8 @@ def cli(*argv, weights=None):
 
 
 def recording_fid(monkeypatch):
-    """Replace fid_from_stats (a 2048-d sqrtm costs tens of seconds here; it is tested above) by a recorder."""
+    """Replace fid_from_stats (a 2048-d sqrtm costs tens of seconds here; it is tested above) by a
+    recorder."""
     calls = []
 
     def record(mu1, sigma1, mu2, sigma2, **options):
@@ -425,9 +474,12 @@ def recording_fid(monkeypatch):
 
 
 def assert_same_stats(call, same=True):
-    """Check that a recorded FID call compared equal (or clearly different) sample and reference stats."""
+    """Check that a recorded FID call compared equal (or clearly different) sample and reference
+    stats."""
     mu1, sigma1, mu2, sigma2 = call
-    close = np.allclose(mu1, mu2, rtol=1e-6, atol=1e-6) and np.allclose(sigma1, sigma2, rtol=1e-6, atol=1e-6)
+    close = np.allclose(mu1, mu2, rtol=1e-6, atol=1e-6) and np.allclose(
+        sigma1, sigma2, rtol=1e-6, atol=1e-6
+    )
     assert close == same
 
 
@@ -444,7 +496,10 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
     results = cli(tmp_path / "ref.npz", folder, weights=weights_file)
     # the same images as samples: FID and sFID compare equal statistics (sample first, as ADM), and
     # every point is inside the other set's manifold
-    assert [c[0].shape for c in calls] == [(2048,), (2023,)] and (results["fid"], results["sfid"]) == (1.0, 2.0)
+    assert [c[0].shape for c in calls] == [(2048,), (2023,)] and (
+        results["fid"],
+        results["sfid"],
+    ) == (1.0, 2.0)
     assert_same_stats(calls[0])
     assert_same_stats(calls[1])
     assert (results["precision"], results["recall"]) == (1.0, 1.0)
@@ -457,9 +512,16 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
     with np.load(cache) as c:
         assert c["pool"].shape == (6, 2048)
         np.testing.assert_array_equal(c["mu"], calls[0][2])
-    # different samples: the reference comes from the cache (not rewritten) and the statistics differ
+    # different samples: the reference comes from the cache (not rewritten) and the statistics
+    # differ
     np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
-    other = cli(tmp_path / "ref.npz", tmp_path / "other.npz", "--out", tmp_path / "o.json", weights=weights_file)
+    other = cli(
+        tmp_path / "ref.npz",
+        tmp_path / "other.npz",
+        "--out",
+        tmp_path / "o.json",
+        weights=weights_file,
+    )
     assert os.stat(cache).st_mtime_ns == stamp and np.array_equal(calls[2][2], calls[0][2])
     assert_same_stats(calls[2], same=False)
     assert_same_stats(calls[3], same=False)
@@ -481,16 +543,24 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
     # evaluating against it uses the stored statistics, which cover all 6 source images
     results = cli(out, tmp_path / "source.npz", weights=weights_file)
     for call, (mu, sigma) in zip(calls, (stored[:2], stored[2:])):
-        assert call[2] is not None and np.array_equal(call[2], mu) and np.array_equal(call[3], sigma)
+        assert (
+            call[2] is not None and np.array_equal(call[2], mu) and np.array_equal(call[3], sigma)
+        )
         assert_same_stats(call)  # the samples are the same 6 images
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
 
 
 def run_fid(nproc, *argv):
-    """fid.py in fresh processes, one thread each: plain python for nproc 0, else torchrun with nproc gloo ranks."""
+    """fid.py in fresh processes, one thread each: plain python for nproc 0, else torchrun with
+    nproc gloo ranks."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the same kernels in every process
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else []
+    )
+    # the same kernels in every process
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, *launcher, os.path.join(repo, "fid.py"), *map(str, argv)],
         capture_output=True,
@@ -512,7 +582,9 @@ def test_two_gloo_ranks_give_exactly_the_single_process_results(tmp_path, weight
     flags += ["--weights", weights_file[0], "--weights-sha256", weights_file[1], "--device", "cpu"]
     for nproc in (0, 2):
         run_fid(nproc, tmp_path / "ref.npz", tree, "--out", tmp_path / f"eval{nproc}.json", *flags)
-        run_fid(nproc, tree, "--write-ref", tmp_path / f"ref{nproc}.npz", "--ref-images", "5", *flags)
+        run_fid(
+            nproc, tree, "--write-ref", tmp_path / f"ref{nproc}.npz", "--ref-images", "5", *flags
+        )
     single, sharded = (json.loads((tmp_path / f"eval{n}.json").read_text()) for n in (0, 2))
     assert single["num_samples"] == 7 and single["recall"] > 0
     assert sharded == single  # every number bit for bit
@@ -536,8 +608,12 @@ def bad_input_cases(tmp_path):
 
     cases.append(([tmp_path / "nope.npz", good], "no such file"))
     cases.append(([npz("nokey.npz", images=images(5, 0)), good], "has no arr_0"))
-    cases.append(([npz("float.npz", arr_0=images(5, 0).astype(np.float32)), good], "must be C-ordered uint8"))
-    cases.append(([npz("rgba.npz", arr_0=np.zeros((5, 8, 8, 4), np.uint8)), good], "must be C-ordered uint8"))
+    cases.append(
+        ([npz("float.npz", arr_0=images(5, 0).astype(np.float32)), good], "must be C-ordered uint8")
+    )
+    cases.append(
+        ([npz("rgba.npz", arr_0=np.zeros((5, 8, 8, 4), np.uint8)), good], "must be C-ordered uint8")
+    )
     cases.append(([npz("few.npz", arr_0=images(3, 0)), good], "fewer than --min-images"))
     nan_stats = npz("nan.npz", arr_0=images(5, 0), mu=np.full(2048, np.nan), sigma=np.eye(2048))
     cases.append(([nan_stats, good], "NaN"))
@@ -559,7 +635,10 @@ def test_bad_input_gives_one_line_error(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             fid.main(fid.parse_args([*map(str, argv), "--min-images", "4", "--device", "cpu"]))
         text = str(exit_info.value.code)
-        assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (argv, text)
+        assert text.startswith("fid.py: error:") and message in text and "\n" not in text, (
+            argv,
+            text,
+        )
 
 
 MINIMUMS = {"--ref-images": 1, "--seed": 0, "--batch-size": 1, "--workers": 1, "--min-images": 4,
@@ -574,16 +653,25 @@ def test_every_numeric_flag_is_range_checked(tmp_path, capsys):
         line = cli_error(capsys, fid.parse_args, *paths, flag, str(low - 1))
         assert line == f"fid.py: error: argument {flag}: must be >= {low}, got {low - 1}"
     for flag in ("--pr-fp16", "--cache"):
-        assert f"argument {flag}: invalid choice: 2" in cli_error(capsys, fid.parse_args, *paths, flag, "2")
+        assert f"argument {flag}: invalid choice: 2" in cli_error(
+            capsys, fid.parse_args, *paths, flag, "2"
+        )
 
 
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+        [
+            sys.executable,
+            os.path.join(repo, "fid.py"),
+            str(tmp_path / "a.npz"),
+            str(tmp_path / "b.npz"),
+        ],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"fid.py: error: no such file or folder: {tmp_path / 'a.npz'}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"fid.py: error: no such file or folder: {tmp_path / 'a.npz'}"
+    ]
 

@@ -1,4 +1,5 @@
-"""losses.py and discriminator.py: closed forms, invariants, gradient routing, presets, overfitting."""
+"""losses.py and discriminator.py: closed forms, invariants, gradient routing, presets, overfitting.
+"""
 
 import math
 
@@ -28,7 +29,8 @@ def test_time_sampling():
     u = L.sample_time(20000, "uniform", generator=g)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     ln = L.sample_time(20000, "lognormal", "linear", generator=g)
-    assert abs(ln.median() - 0.5) < 0.02  # sigma = exp(N(0,1)) has median 1, t = sigma / (1 + sigma)
+    # sigma = exp(N(0,1)) has median 1, t = sigma / (1 + sigma)
+    assert abs(ln.median() - 0.5) < 0.02
     lc = L.sample_time(20000, "lognormal", "cosine", generator=g)
     assert abs(lc.median() - 0.5) < 0.02  # atan(1) * 2 / pi
     with pytest.raises(ValueError, match="weighting"):
@@ -36,7 +38,9 @@ def test_time_sampling():
 
 
 def test_velocity_loss_by_hand():
-    assert L.velocity_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(2.5)
+    assert L.velocity_loss(
+        torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    ).item() == pytest.approx(2.5)
 
 
 def test_patch_loss_hand_and_invariants():
@@ -56,8 +60,11 @@ def test_struc_loss_hand_and_invariants():
     assert L.struc_loss(z, z * scale).item() == pytest.approx(0.0, abs=1e-7)
     h = torch.randn(3, 6, 5)
     assert L.struc_loss(z, h * scale).item() == pytest.approx(L.struc_loss(z, h).item(), rel=1e-5)
-    assert L.struc_loss(z, h, "sum").item() == pytest.approx(36 * L.struc_loss(z, h).item(), rel=1e-5)
-    # Hand case: two tokens; A(z) = [[1, 0], [0, 1]], A(h) = [[1, 1], [1, 1]] -> two off-diagonal errors of 1.
+    assert L.struc_loss(z, h, "sum").item() == pytest.approx(
+        36 * L.struc_loss(z, h).item(), rel=1e-5
+    )
+    # Hand case: two tokens; A(z) = [[1, 0], [0, 1]], A(h) = [[1, 1], [1, 1]] -> two off-diagonal
+    # errors of 1.
     z2, h2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 1.0], [2.0, 2.0]]])
     assert L.struc_loss(z2, h2, "sum").item() == pytest.approx(2.0, abs=1e-6)
     assert L.struc_loss(z2, h2, "mean").item() == pytest.approx(0.5, abs=1e-6)
@@ -66,11 +73,16 @@ def test_struc_loss_hand_and_invariants():
 def test_adversarial_losses_equal_bce_closed_form():
     real, fake = torch.randn(7), torch.randn(7)
     ones, zeros = torch.ones(7), torch.zeros(7)
-    expected_d = F.binary_cross_entropy_with_logits(real, ones) + F.binary_cross_entropy_with_logits(fake, zeros)
+    expected_d = F.binary_cross_entropy_with_logits(
+        real, ones
+    ) + F.binary_cross_entropy_with_logits(fake, zeros)
     assert torch.allclose(L.discriminator_loss(real, fake), expected_d)
-    by_hand = -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean()  # SARA (9)
+    # SARA (9)
+    by_hand = -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean()
     assert torch.allclose(L.discriminator_loss(real, fake), by_hand, atol=1e-5)
-    assert torch.allclose(L.generator_adv_loss(fake), -torch.log(torch.sigmoid(fake)).mean(), atol=1e-6)
+    assert torch.allclose(
+        L.generator_adv_loss(fake), -torch.log(torch.sigmoid(fake)).mean(), atol=1e-6
+    )
     assert L.generator_adv_loss(torch.zeros(3)).item() == pytest.approx(math.log(2))
 
 
@@ -99,10 +111,16 @@ def test_vae_align_timestep_range_zeroes_outside():
 
 def test_presets_and_overrides():
     sara = L.align_config("sara")
-    assert (sara.patch_weight, sara.struc_weight, sara.adv_weight, sara.sra_weight) == (0.5, 0.5, 0.05, 0.0)
+    assert (sara.patch_weight, sara.struc_weight, sara.adv_weight, sara.sra_weight) == (
+        0.5,
+        0.5,
+        0.05,
+        0.0,
+    )
     assert L.align_config("sra2").sra_weight == 1.0 and not L.align_config("sra2").needs_encoder
     assert L.align_config("repa+sra2").patch_weight == 0.5
-    ablation = L.align_config("sara", adv_weight=0.0, struc_weight=None)  # SARA Table 2: patch + struc
+    # SARA Table 2: patch + struc
+    ablation = L.align_config("sara", adv_weight=0.0, struc_weight=None)
     assert (ablation.patch_weight, ablation.struc_weight, ablation.adv_weight) == (0.5, 0.5, 0.0)
     with pytest.raises(ValueError, match="unknown alignment preset"):
         L.align_config("dino")
@@ -116,7 +134,8 @@ def test_discriminator_shapes_and_schedule():
     assert not disc.pretrained and disc.conv1.kernel_size == (1, 1)
     assert disc(torch.randn(3, 32, 16, 16)).shape == (3,)
     assert [s for s in range(12) if is_disc_step(s)] == [0, 5, 10]
-    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # token n at row n // 2, column n % 2
+    # token n at row n // 2, column n % 2
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     assert torch.equal(L.tokens_to_map(h)[1, :, 1, 0], h[1, 2])
     with pytest.raises(ValueError, match="square"):
         L.tokens_to_map(torch.randn(1, 6, 3))
@@ -136,18 +155,26 @@ def test_noise_draws_and_slicing():
     x0 = torch.randn(6, 4, 2, 2)
     alpha, sigma, _, _ = L.interpolant(n.t.view(-1, 1, 1, 1))
     calls = []
-    model = lambda x, t, y, drop: calls.append((x, t, drop)) or SiTOutput(torch.zeros_like(x), [], None)
-    out = L.training_losses(model, x0, torch.zeros(6, dtype=torch.long), [], L.align_config("none"), n)
+    def model(x, t, y, drop):
+        calls.append((x, t, drop))
+        return SiTOutput(torch.zeros_like(x), [], None)
+
+    out = L.training_losses(
+        model, x0, torch.zeros(6, dtype=torch.long), [], L.align_config("none"), n
+    )
     assert torch.allclose(calls[0][0], alpha * x0 + sigma * n.eps) and calls[0][2] is n.drop
-    assert out.terms["velocity"].item() == pytest.approx((n.eps - x0).square().mean().item())  # v = eps - x0
+    # v = eps - x0
+    assert out.terms["velocity"].item() == pytest.approx((n.eps - x0).square().mean().item())
 
 
 def tiny_setup(preset, seed=0):
-    """A tiny SiT with projector and SRA^2 head, a frozen 'encoder', a discriminator and one batch."""
+    """A tiny SiT with projector and SRA^2 head, a frozen 'encoder', a discriminator and one batch.
+    """
     torch.manual_seed(seed)
     model = SiT(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10, encoder_depth=2,
                 z_dims=[32], projector_dim=64, sra_depth=1)
-    encoder = torch.nn.Linear(12, 32).requires_grad_(True)  # stands in for DINOv2: must get no gradient
+    # stands in for DINOv2: must get no gradient
+    encoder = torch.nn.Linear(12, 32).requires_grad_(True)
     disc, disc_opt = build_discriminator(32)
     x0, y = torch.randn(8, 4, 8, 8), torch.randint(0, 10, (8,))
     with torch.no_grad():
@@ -166,7 +193,9 @@ def test_gradient_routing():
     assert model.sra_head[0].weight.grad.abs().sum() > 0
     # The adversarial gradient alone reaches the projector through D.
     model.zero_grad()
-    adv_only = L.training_losses(model, x0, y, z, L.align_config("none", adv_weight=0.05), noise(x0), disc)
+    adv_only = L.training_losses(
+        model, x0, y, z, L.align_config("none", adv_weight=0.05), noise(x0), disc
+    )
     (adv_only.total - adv_only.terms["velocity"]).backward()
     assert model.projectors[0][-1].weight.grad.abs().sum() > 0
     # D's own step: only D's parameters change.
@@ -197,7 +226,9 @@ def test_every_preset_overfits_one_batch(preset):
         out.total.backward()
         opt.step()
     first, last = history[0], history[-1]
-    assert set(first) == {"velocity"} | {k for k in ("patch", "struc", "adv", "sra") if getattr(align, f"{k}_weight")}
+    assert set(first) == {"velocity"} | {
+        k for k in ("patch", "struc", "adv", "sra") if getattr(align, f"{k}_weight")
+    }
     assert last["velocity"] < 0.5 * first["velocity"]
     for term in set(first) - {"velocity"}:
         assert last[term] < first[term], term  # D is held fixed here, so L_adv must fall too
@@ -217,7 +248,8 @@ def test_discriminator_learns_to_separate():
 
 
 def test_discriminator_trunk_from_a_local_file(tmp_path):
-    """--disc-weights: torchvision's ResNet-18 file fills bn1, layer1 and layer2 exactly; the run counts it pretrained."""
+    """--disc-weights: torchvision's ResNet-18 file fills bn1, layer1 and layer2 exactly; the run
+    counts it pretrained."""
     import torchvision
 
     torch.manual_seed(3)

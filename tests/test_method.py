@@ -22,9 +22,11 @@ CPU = torch.device("cpu")
 
 
 def tiny_sit(seed=0):
-    """A SiT-T-sized model with a projector and an SRA^2 head, every weight (zero-init ones too) moved off init.
+    """A SiT-T-sized model with a projector and an SRA^2 head, every weight (zero-init ones too)
+    moved off init.
 
-    The zero-initialised output layer would make the velocity exactly 0 and hide sign or routing bugs.
+    The zero-initialised output layer would make the velocity exactly 0 and hide sign or routing
+    bugs.
     """
     torch.manual_seed(seed)
     model = SiT(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10, encoder_depth=2,
@@ -37,7 +39,8 @@ def tiny_sit(seed=0):
 
 
 def tiny_run(*flags, batch_size=8, resolution=32):
-    """train.py's Run, resolved config and AlignConfig for the smoke preset plus flags, and one fixed batch."""
+    """train.py's Run, resolved config and AlignConfig for the smoke preset plus flags, and one
+    fixed batch."""
     argv = ["--preset", "smoke", "--batch-size", str(batch_size), "--resolution", str(resolution),
             "--projector-dim", "64", *flags]
     config = train.resolve_config(train.parse_args(argv))
@@ -45,9 +48,12 @@ def tiny_run(*flags, batch_size=8, resolution=32):
     run = train.build_run(config, 10, CPU, 1)
     g = torch.Generator().manual_seed(1)
     h = resolution // 8
-    images = torch.randint(0, 256, (batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8)
+    images = torch.randint(
+        0, 256, (batch_size, 3, resolution, resolution), generator=g, dtype=torch.uint8
+    )
     moments = torch.cat([torch.randn(batch_size, 4, h, h, generator=g),
-                         0.1 * torch.rand(batch_size, 4, h, h, generator=g)], dim=1)  # (B, 8, h, w) mean, std
+                         # (B, 8, h, w) mean, std
+                         0.1 * torch.rand(batch_size, 4, h, h, generator=g)], dim=1)
     labels = torch.arange(batch_size) % 10
     return run, config, L.AlignConfig(**config["align_config"]), (images, moments, labels)
 
@@ -71,7 +77,8 @@ def test_velocity_target_is_the_time_derivative_of_the_path(path):
             return (1 - t) * x0 + t * noise.eps
         return torch.cos(t * math.pi / 2) * x0 + torch.sin(t * math.pi / 2) * noise.eps
 
-    _, v_true = torch.func.jvp(x_at, (noise.t,), (torch.ones_like(noise.t),))  # d/dt x_t by forward-mode AD
+    # d/dt x_t by forward-mode AD
+    _, v_true = torch.func.jvp(x_at, (noise.t,), (torch.ones_like(noise.t),))
     if path == "linear":
         torch.testing.assert_close(v_true, noise.eps - x0)
 
@@ -85,7 +92,8 @@ def test_velocity_target_is_the_time_derivative_of_the_path(path):
     exact = L.training_losses(oracle(1), x0, y, [], align, noise).terms["velocity"].item()
     negated = L.training_losses(oracle(-1), x0, y, [], align, noise).terms["velocity"].item()
     assert exact < 1e-10  # float rounding only
-    assert negated == pytest.approx(4 * v_true.square().mean().item(), rel=1e-5)  # ||v - (-v)||^2 = 4 ||v||^2
+    # ||v - (-v)||^2 = 4 ||v||^2
+    assert negated == pytest.approx(4 * v_true.square().mean().item(), rel=1e-5)
     assert negated > 1.0
 
 
@@ -96,13 +104,17 @@ def test_velocity_target_is_the_time_derivative_of_the_path(path):
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
 def test_label_dropout_rate_matches_class_dropout(rate):
     n = 200_000
-    drop = L.draw_noise(n, (1, 1, 1), L.align_config("none"), rate, generator=torch.Generator().manual_seed(0)).drop
-    # Binomial(n, rate): 5 standard deviations (0.0034 at rate 0.1); the seed is fixed, so this cannot flake.
+    drop = L.draw_noise(
+        n, (1, 1, 1), L.align_config("none"), rate, generator=torch.Generator().manual_seed(0)
+    ).drop
+    # Binomial(n, rate): 5 standard deviations (0.0034 at rate 0.1); the seed is fixed, so this
+    # cannot flake.
     assert abs(drop.float().mean().item() - rate) <= 5 * math.sqrt(rate * (1 - rate) / n)
 
 
 def test_dropped_rows_are_conditioned_on_the_null_class():
-    model = tiny_sit().train()  # training mode: the label embedder would draw its own dropout if not told
+    # training mode: the label embedder would draw its own dropout if not told
+    model = tiny_sit().train()
     g = torch.Generator().manual_seed(2)
     x0, y = torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     align = L.align_config("none")
@@ -112,20 +124,26 @@ def test_dropped_rows_are_conditioned_on_the_null_class():
     model.y_embedder.register_forward_hook(lambda module, args, out: seen.append(out))
     L.training_losses(model, x0, y, [], align, noise)
     table = model.y_embedder.embedding_table.weight  # (11, H): row 10 is the null class
-    assert not torch.allclose(table[10], table[:10]), "null row equals a class row: the test would be blind"
+    assert not torch.allclose(table[10], table[:10]), (
+        "null row equals a class row: the test would be blind"
+    )
     torch.testing.assert_close(seen[0], table[torch.where(noise.drop, 10, y)], rtol=0, atol=0)
 
 
 def test_train_step_drops_labels_at_the_class_dropout_flag():
     rows = 4096  # one token per image (16 px, SiT-T/2): a large batch costs little
-    run, config, align, batch = tiny_run("--align", "none", "--class-dropout", "0.25", batch_size=rows,
-                                         resolution=16)
-    null = run.model.y_embedder.embedding_table.weight[10].detach().clone()  # before the step changes it
+    run, config, align, batch = tiny_run(
+        "--align", "none", "--class-dropout", "0.25", batch_size=rows, resolution=16
+    )
+    # before the step changes it
+    null = run.model.y_embedder.embedding_table.weight[10].detach().clone()
     seen = []
     run.model.y_embedder.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
     train.train_step(run, config, align, batch, 0, slice(0, rows))
-    dropped = (seen[0] == null).all(dim=1).float().mean().item()  # a class row equals the null row with p ~ 0
-    assert abs(dropped - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / rows)  # 0.034, far from 0.1 (the default) and 0
+    # a class row equals the null row with p ~ 0
+    dropped = (seen[0] == null).all(dim=1).float().mean().item()
+    # 0.034, far from 0.1 (the default) and 0
+    assert abs(dropped - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,11 +151,13 @@ def test_train_step_drops_labels_at_the_class_dropout_flag():
 
 
 def smooth_and_rough_tokens(b=8, d=32, seed=1):
-    """Encoder-like tokens z (spatially smooth maps) and projector-like tokens h (i.i.d.), (B, 16, D) each."""
+    """Encoder-like tokens z (spatially smooth maps) and projector-like tokens h (i.i.d.),
+    (B, 16, D) each."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(b, d, 2, 2, generator=g)
     z_map = F.interpolate(coarse, size=(4, 4), mode="bilinear", align_corners=True)  # (B, D, 4, 4)
-    z = (z_map + 0.1 * torch.randn(z_map.shape, generator=g)).flatten(2).transpose(1, 2)  # (B, 16, D)
+    # (B, 16, D)
+    z = (z_map + 0.1 * torch.randn(z_map.shape, generator=g)).flatten(2).transpose(1, 2)
     return z, torch.randn(b, 16, d, generator=g)
 
 
@@ -151,7 +171,8 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
         loss.backward()
         disc_opt.step()
     with torch.no_grad():
-        real, fake = disc(L.tokens_to_map(z)), disc(L.tokens_to_map(h0))  # (B,) logits, D as the generator sees it
+        # (B,) logits, D as the generator sees it
+        real, fake = disc(L.tokens_to_map(z)), disc(L.tokens_to_map(h0))
     assert real.min() > 0.5 and fake.max() < -0.5, (real, fake)
     disc_opt.zero_grad(set_to_none=True)
 
@@ -170,20 +191,26 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
     assert all(p.grad is None or not p.grad.any() for p in disc.parameters())  # D is fixed here
     with torch.no_grad():
         moved = disc(L.tokens_to_map(h0 - 20.0 * h.grad))  # (B,) one SGD step
-    # D's verdict on every moved sample rises toward its verdict on the encoder's tokens (by 0.27 to 0.5 here).
+    # D's verdict on every moved sample rises toward its verdict on the encoder's tokens
+    # (by 0.27 to 0.5 here).
     assert (moved - fake).min() > 0.1 and moved.max() < real.min(), (moved, fake)
 
 
 def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
-    # 4 x 4 token maps; a D learning rate above the paper's, so six steps separate them by a wide margin.
-    run, config, align, batch = tiny_run("--align", "sara", "--disc-every", "1", "--disc-lr", "1e-3", resolution=64)
+    # 4 x 4 token maps; a D learning rate above the paper's, so six steps separate them by a wide
+    # margin.
+    run, config, align, batch = tiny_run(
+        "--align", "sara", "--disc-every", "1", "--disc-lr", "1e-3", resolution=64
+    )
     images, _, labels = batch
     for step in range(6):
         train.train_step(run, config, align, batch, step, slice(0, 8))
     with torch.no_grad():
         z = run.encoders[0](images)  # (B, N, D)
         x0 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-        noise = L.draw_noise(8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(6))
+        noise = L.draw_noise(
+            8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(6)
+        )
         h = L.training_losses(run.model, x0, labels, [z], align, noise, run.disc).h_dens[0]
         real, fake = run.disc(L.tokens_to_map(z)), run.disc(L.tokens_to_map(h))
     assert real.min() > 0.3 and fake.max() < -0.3, (real, fake)  # on a fresh noise draw too
@@ -211,15 +238,19 @@ def test_update_ema_closed_form():
 
 def test_train_step_updates_the_ema_with_the_ema_decay_flag():
     run, config, align, batch = tiny_run("--align", "none", "--ema-decay", "0.75", "--lr", "1e-2")
-    assert all(torch.equal(e, p) for e, p in zip(run.ema.parameters(), run.model.parameters()))  # starts as a copy
+    # starts as a copy
+    assert all(torch.equal(e, p) for e, p in zip(run.ema.parameters(), run.model.parameters()))
     g = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # an EMA away from the weights, so decay and 1 - decay give different results everywhere
+    # an EMA away from the weights, so decay and 1 - decay give different results everywhere
+    with torch.no_grad():
         for e in run.ema.parameters():
             e.add_(0.1 * torch.randn(e.shape, generator=g))
     ema_before = [e.clone() for e in run.ema.parameters()]
     model_before = run.model.final_layer.linear.weight.detach().clone()
     record = train.train_step(run, config, align, batch, 0, slice(0, 8))
-    assert record["bad_steps"] == 0 and not torch.equal(run.model.final_layer.linear.weight, model_before)
+    assert record["bad_steps"] == 0 and not torch.equal(
+        run.model.final_layer.linear.weight, model_before
+    )
     for e, a, p in zip(run.ema.parameters(), ema_before, run.model.parameters()):
         torch.testing.assert_close(e, 0.75 * a + 0.25 * p.detach(), rtol=0, atol=1e-6)
 
@@ -228,8 +259,10 @@ def test_train_step_updates_the_ema_with_the_ema_decay_flag():
 # 5. Every paper default, against the papers' numbers
 
 
-# Every weight of every alignment preset: lambda 0.5 (REPA's --proj-coeff; SARA Table 4), beta 0.5 and
-# gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2); 0 for a term the preset does not use.
+# Every weight of every alignment preset: lambda 0.5 (REPA's --proj-coeff; SARA Table 4), beta 0.5
+# and
+# gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2); 0 for a term the preset does not
+# use.
 WEIGHTS = ("patch_weight", "struc_weight", "adv_weight", "sra_weight")
 PRESET_WEIGHTS = {
     "none": (0.0, 0.0, 0.0, 0.0),
@@ -242,8 +275,11 @@ PRESET_WEIGHTS = {
 
 # (alignment preset, model, flag, expected value, where the number comes from)
 PAPER_DEFAULTS = [
-    *[(align, "SiT-XL/2", flag, w, "SARA Table 4 / SRA^2 section 4.2")
-      for align, ws in PRESET_WEIGHTS.items() for flag, w in zip(WEIGHTS, ws)],
+    *[
+        (align, "SiT-XL/2", flag, w, "SARA Table 4 / SRA^2 section 4.2")
+        for align, ws in PRESET_WEIGHTS.items()
+        for flag, w in zip(WEIGHTS, ws)
+    ],
     ("sra2", "SiT-XL/2", "sra_beta", 0.05, "SRA^2 eq. (7): beta 0.05 in all experiments"),
     ("sara+sra2", "SiT-XL/2", "sra_beta", 0.05, "SRA^2 eq. (7)"),
     ("sara", "SiT-B/2", "encoder_depth", 4, "SARA Table 4: alignment depth 4 for SiT-B"),
@@ -253,7 +289,13 @@ PAPER_DEFAULTS = [
     ("sra2", "SiT-L/2", "sra_depth", 8, "SRA^2 section 4.2: layer 8 for L"),
     ("sra2", "SiT-XL/2", "sra_depth", 8, "SRA^2 section 4.2: layer 8 for XL"),
     ("sra2", "SiT-B/2", "sra_mlp_layers", 5, "SRA^2 Table 1: 5-layer MLP"),
-    ("sara", "SiT-XL/2", "disc_every", 5, "SARA appendix A: one D update per five generator updates"),
+    (
+        "sara",
+        "SiT-XL/2",
+        "disc_every",
+        5,
+        "SARA appendix A: one D update per five generator updates",
+    ),
     ("sara", "SiT-XL/2", "disc_pretrained", 1, "SARA appendix A: pretrained ResNet-18"),
     ("sara", "SiT-XL/2", "disc_lr", 2e-4, "not in the paper: our choice, DCGAN's Adam"),
     ("sara", "SiT-XL/2", "disc_betas", (0.5, 0.999), "not in the paper: our choice, DCGAN's Adam"),
@@ -270,14 +312,17 @@ PAPER_DEFAULTS = [
 
 
 def resolved_value(config, flag):
-    """A flag's value in train.py's resolved config (alignment options live in config['align_config'])."""
+    """A flag's value in train.py's resolved config (alignment options live in
+    config['align_config'])."""
     value = config["align_config"][flag] if flag in config["align_config"] else config[flag]
     return tuple(value) if isinstance(value, list) else value
 
 
 @pytest.mark.parametrize("align,model,flag,expected,source", PAPER_DEFAULTS, ids=lambda v: str(v))
 def test_paper_defaults(align, model, flag, expected, source):
-    config = train.resolve_config(train.parse_args(["--preset", "imagenet256", "--align", align, "--model", model]))
+    config = train.resolve_config(
+        train.parse_args(["--preset", "imagenet256", "--align", align, "--model", model])
+    )
     assert resolved_value(config, flag) == expected, source
 
 
@@ -285,7 +330,8 @@ def test_every_alignment_preset_has_its_weights_pinned():
     assert set(PRESET_WEIGHTS) == set(L.PRESETS)
 
 
-@pytest.mark.parametrize("size,depth,hidden,heads", [("B", 12, 768, 12), ("L", 24, 1024, 16), ("XL", 28, 1152, 16)])
+@pytest.mark.parametrize("size,depth,hidden,heads",
+                         [("B", 12, 768, 12), ("L", 24, 1024, 16), ("XL", 28, 1152, 16)])
 def test_sit_sizes_match_sara_table_4(size, depth, hidden, heads):
     config = size_config(f"SiT-{size}/2")
     assert (config["depth"], config["hidden_size"], config["num_heads"]) == (depth, hidden, heads)
@@ -293,8 +339,15 @@ def test_sit_sizes_match_sara_table_4(size, depth, hidden, heads):
 
 def test_sampler_defaults_match_the_papers():
     args = sample.parse_args(["--ckpt", "x.pt"])
-    # SARA section 4.1 and SRA^2 section 4.1: SDE Euler-Maruyama with 250 steps, no guidance unless asked.
-    assert (args.mode, args.num_steps, args.cfg, args.guidance_low, args.guidance_high) == ("sde", 250, 1.0, 0.0, 1.0)
+    # SARA section 4.1 and SRA^2 section 4.1: SDE Euler-Maruyama with 250 steps, no guidance unless
+    # asked.
+    assert (args.mode, args.num_steps, args.cfg, args.guidance_low, args.guidance_high) == (
+        "sde",
+        250,
+        1.0,
+        0.0,
+        1.0,
+    )
 
 
 def test_built_optimizers_use_the_paper_settings():
@@ -303,7 +356,10 @@ def test_built_optimizers_use_the_paper_settings():
     assert isinstance(run.opt, torch.optim.AdamW)
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-4, (0.9, 0.999), 0.0)
     (group,) = run.disc_opt.param_groups
-    assert type(run.disc_opt) is torch.optim.Adam and (group["lr"], tuple(group["betas"])) == (2e-4, (0.5, 0.999))
+    assert type(run.disc_opt) is torch.optim.Adam and (group["lr"], tuple(group["betas"])) == (
+        2e-4,
+        (0.5, 0.999),
+    )
     assert run.model.y_embedder.dropout_prob == 0.1
 
 
@@ -359,23 +415,40 @@ def test_no_gradient_reaches_encoder_tokens_or_x0(preset, term):
     torch.manual_seed(1)
     disc, _ = build_discriminator(32)
     g = torch.Generator().manual_seed(2)
-    x0 = torch.randn(4, 4, 8, 8, generator=g).requires_grad_(True)  # e.g. from a VAE being fine-tuned
-    z = torch.randn(4, 16, 32, generator=g).requires_grad_(True)  # e.g. from an encoder not under no_grad
+    # e.g. from a VAE being fine-tuned
+    x0 = torch.randn(4, 4, 8, 8, generator=g).requires_grad_(True)
+    # e.g. from an encoder not under no_grad
+    z = torch.randn(4, 16, 32, generator=g).requires_grad_(True)
     align = L.align_config(preset, **({f"{term}_weight": 1.0} if term in ("struc", "adv") else {}))
-    out = L.training_losses(model, x0, torch.arange(4), [z], align, L.draw_noise(4, x0.shape[1:], align, 0.1,
-                                                                                  generator=g), disc)
+    out = L.training_losses(
+        model,
+        x0,
+        torch.arange(4),
+        [z],
+        align,
+        L.draw_noise(4, x0.shape[1:], align, 0.1, generator=g),
+        disc,
+    )
     loss = out.total if term == "total" else out.terms[term]
     loss.backward()
     assert x0.grad is None or not x0.grad.any()
     assert z.grad is None or not z.grad.any()
-    assert any(p.grad is not None and p.grad.any() for p in model.parameters())  # the term did train the model
+    # the term did train the model
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters())
 
 
 def test_no_gradient_reaches_the_targets_of_each_term_function():
-    """The per-term functions detach their targets themselves, for callers other than training_losses."""
+    """The per-term functions detach their targets themselves, for callers other than
+    training_losses."""
     g = torch.Generator().manual_seed(0)
-    z, x0 = torch.randn(2, 16, 8, generator=g).requires_grad_(True), torch.randn(2, 4, 4, 4, generator=g).requires_grad_(True)
-    h, pred = torch.randn(2, 16, 8, generator=g).requires_grad_(True), torch.randn(2, 4, 4, 4, generator=g).requires_grad_(True)
+    z, x0 = (
+        torch.randn(2, 16, 8, generator=g).requires_grad_(True),
+        torch.randn(2, 4, 4, 4, generator=g).requires_grad_(True),
+    )
+    h, pred = (
+        torch.randn(2, 16, 8, generator=g).requires_grad_(True),
+        torch.randn(2, 4, 4, 4, generator=g).requires_grad_(True),
+    )
     (L.patch_loss([z], [h]) + L.struc_loss(z, h) + L.sra_loss(pred, x0)).backward()
     assert z.grad is None and x0.grad is None
     assert h.grad.any() and pred.grad.any()

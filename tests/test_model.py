@@ -7,12 +7,19 @@ import torch
 
 from model import MODEL_NAMES, SIZES, SiT, build_sit, size_config
 
-REF = torch.load(os.path.join(os.path.dirname(__file__), "data", "repa_reference.pt"), weights_only=True)["model"]
+REF = torch.load(
+    os.path.join(os.path.dirname(__file__), "data", "repa_reference.pt"), weights_only=True
+)["model"]
 
 
 def repa_tiny(**kw):
     """The tiny SiT of the REPA reference, constructed with REPA's own keyword arguments."""
-    return SiT(path_type="linear", decoder_hidden_size=REF["config"]["hidden_size"], qk_norm=False, **{**REF["config"], **kw})
+    return SiT(
+        path_type="linear",
+        decoder_hidden_size=REF["config"]["hidden_size"],
+        qk_norm=False,
+        **{**REF["config"], **kw},
+    )
 
 
 def test_repa_state_dict_loads_strict_and_outputs_match():
@@ -65,7 +72,9 @@ def test_size_table_and_parameter_count():
 
 def test_small_preset_runs_with_both_taps():
     torch.manual_seed(0)
-    net = build_sit("SiT-S/8", input_size=16, num_classes=10, encoder_depth=4, z_dims=[12, 20], sra_depth=2).eval()
+    net = build_sit(
+        "SiT-S/8", input_size=16, num_classes=10, encoder_depth=4, z_dims=[12, 20], sra_depth=2
+    ).eval()
     x = torch.randn(2, 4, 16, 16)
     out = net(x, torch.rand(2), torch.tensor([0, 10]))
     assert out.v.shape == x.shape and out.x0_hat.shape == x.shape
@@ -76,8 +85,17 @@ def test_small_preset_runs_with_both_taps():
 
 def test_taps_read_the_residual_stream_after_the_named_block():
     torch.manual_seed(0)
-    net = SiT(input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2, z_dims=[8],
-              projector_dim=16, sra_depth=3).eval()
+    net = SiT(
+        input_size=8,
+        hidden_size=32,
+        depth=3,
+        num_heads=2,
+        num_classes=5,
+        encoder_depth=2,
+        z_dims=[8],
+        projector_dim=16,
+        sra_depth=3,
+    ).eval()
     for p in net.parameters():
         p.data.normal_(0, 0.1)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
@@ -91,12 +109,22 @@ def test_taps_read_the_residual_stream_after_the_named_block():
     assert torch.allclose(out.h_dens[0], net.projectors[0](feats[1]), atol=1e-6)
     assert out.x0_hat.shape == x.shape
     assert torch.allclose(out.x0_hat[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, 16),
-                          net.sra_head(feats[2])[:, 0], atol=1e-6)  # token 0 is the top-left 2x2 patch
+                          # token 0 is the top-left 2x2 patch
+                          net.sra_head(feats[2])[:, 0], atol=1e-6)
 
 
 def test_gradient_checkpointing_is_exact():
     torch.manual_seed(0)
-    kw = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1, z_dims=[8], projector_dim=16)
+    kw = dict(
+        input_size=8,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        encoder_depth=1,
+        z_dims=[8],
+        projector_dim=16,
+    )
     a, b = SiT(**kw), SiT(grad_checkpointing=True, **kw)
     b.load_state_dict(a.state_dict())
     for p in a.parameters():
@@ -117,4 +145,5 @@ def test_bad_arguments_are_clear():
         SiT(input_size=8, hidden_size=32, depth=4, num_heads=2, encoder_depth=5, z_dims=[8])
     with pytest.raises(TypeError, match="unknown arguments"):
         SiT(input_size=8, hidden_size=32, depth=2, num_heads=2, bogus=1)
-    assert not SiT(input_size=8, hidden_size=32, depth=2, num_heads=2, z_dims=[0]).projectors  # REPA's "no encoder"
+    # REPA's "no encoder"
+    assert not SiT(input_size=8, hidden_size=32, depth=2, num_heads=2, z_dims=[0]).projectors

@@ -1,4 +1,5 @@
-"""data.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on 2 ranks."""
+"""data.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on
+2 ranks."""
 
 import io
 import json
@@ -17,9 +18,15 @@ import encoders
 from data import LatentImageDataset
 from helpers import cli_error
 
-# (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1, zebra 2
-SOURCE = [("tench", "b.JPEG", 300, 400), ("tench", "a.png", 1030, 600), ("goldfish", "x.JPEG", 90, 100),
-          ("goldfish", "sub/y.JPEG", 520, 600), ("zebra", "z.JPEG", 64, 64)]
+# (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
+# zebra 2
+SOURCE = [
+    ("tench", "b.JPEG", 300, 400),
+    ("tench", "a.png", 1030, 600),
+    ("goldfish", "x.JPEG", 90, 100),
+    ("goldfish", "sub/y.JPEG", 520, 600),
+    ("zebra", "z.JPEG", 64, 64),
+]
 
 
 def write_source(root):
@@ -27,7 +34,9 @@ def write_source(root):
     rng = np.random.default_rng(0)
     for folder, name, w, h in SOURCE:
         os.makedirs(os.path.join(root, folder, os.path.dirname(name)), exist_ok=True)
-        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, folder, name))
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            os.path.join(root, folder, name)
+        )
     return str(root)
 
 
@@ -51,7 +60,8 @@ def snapshot(dest):
 
 
 def test_center_crop_halves_then_crops_exactly():
-    """1024x512 red | green green | blue: one BOX halving to 512x256, no resize, the middle 256 columns = green."""
+    """1024x512 red | green green | blue: one BOX halving to 512x256, no resize, the middle 256
+    columns = green."""
     array = np.zeros((512, 1024, 3), np.uint8)
     array[:, :256, 0] = 255
     array[:, 256:768, 1] = 255
@@ -61,36 +71,54 @@ def test_center_crop_halves_then_crops_exactly():
 
 
 def test_center_crop_non_integer_scale():
-    """400x300 to 64: two halvings (300 >= 128, 150 >= 128) to 100x75, bicubic to 85x64, columns 10..73 kept."""
-    array = np.tile(np.arange(400, dtype=np.float64)[None, :, None] * 255 / 399, (300, 1, 3)).astype(np.uint8)
+    """400x300 to 64: two halvings (300 >= 128, 150 >= 128) to 100x75, bicubic to 85x64, columns
+    10..73 kept."""
+    array = np.tile(
+        np.arange(400, dtype=np.float64)[None, :, None] * 255 / 399, (300, 1, 3)
+    ).astype(np.uint8)
     image = PIL.Image.fromarray(array)
     out = data.center_crop_dhariwal(image, 64)
-    halved = image.resize((200, 150), PIL.Image.Resampling.BOX).resize((100, 75), PIL.Image.Resampling.BOX)
+    halved = image.resize((200, 150), PIL.Image.Resampling.BOX).resize(
+        (100, 75), PIL.Image.Resampling.BOX
+    )
     expected = np.array(halved.resize((85, 64), PIL.Image.Resampling.BICUBIC))[:, 10:74]
     assert out.shape == (64, 64, 3) and np.array_equal(out, expected)
-    assert np.all(np.diff(out[32, :, 0].astype(int)) >= 0)  # a left-to-right ramp stays one: not transposed
+    # a left-to-right ramp stays one: not transposed
+    assert np.all(np.diff(out[32, :, 0].astype(int)) >= 0)
     # portrait 300x500 to 256: no halving (300 < 512), bicubic to 256x427, rows 85..340 kept
-    tall = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 300, 3), dtype=np.uint8))
+    tall = PIL.Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (500, 300, 3), dtype=np.uint8)
+    )
     expected = np.array(tall.resize((256, 427), PIL.Image.Resampling.BICUBIC))[85:341]
     assert np.array_equal(data.center_crop_dhariwal(tall, 256), expected)
 
 
 @pytest.mark.slow
 def test_end_to_end_then_resume(tmp_path, caplog):
-    """Class folders -> REPA layout read back with the right labels, crops, latents; a re-run rewrites nothing."""
+    """Class folders -> REPA layout read back with the right labels, crops, latents; a re-run
+    rewrites nothing."""
     source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
     run(source, dest)
     with caplog.at_level(logging.WARNING):
         ds = LatentImageDataset(dest)
     assert ds.vae == "tiny-random" and "TINY RANDOM VAE" in caplog.text
-    # sorted relative paths: goldfish/sub/y, goldfish/x, tench/a, tench/b, zebra/z; classes in sorted folder order
-    order = ["goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"]
+    # sorted relative paths: goldfish/sub/y, goldfish/x, tench/a, tench/b, zebra/z; classes in
+    # sorted folder order
+    order = [
+        "goldfish/sub/y.JPEG",
+        "goldfish/x.JPEG",
+        "tench/a.png",
+        "tench/b.JPEG",
+        "zebra/z.JPEG",
+    ]
     assert len(ds) == 5 and ds.num_classes == 3 and ds.resolution == 32 and ds.latent_size == 4
     assert [ds[i][2].item() for i in range(5)] == [0, 0, 1, 1, 2]
     vae = encoders.load_vae("tiny-random")
     for i, name in enumerate(order):
         image, moments, _ = ds[i]
-        expected = data.center_crop_dhariwal(PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32)
+        expected = data.center_crop_dhariwal(
+            PIL.Image.open(os.path.join(source, name)).convert("RGB"), 32
+        )
         assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
         torch.testing.assert_close(moments, encoders.encode_moments(vae, image[None])[0])
     with open(os.path.join(dest, "vae-sd", "dataset.json")) as f:
@@ -108,15 +136,23 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     run(source, dest)
     after = snapshot(dest)
     assert after.keys() == before.keys()
-    assert all(after[k] == before[k] for k in before if not k.endswith("00003.npy") and "dataset.json" not in k)
+    assert all(
+        after[k] == before[k]
+        for k in before
+        if not k.endswith("00003.npy") and "dataset.json" not in k
+    )
     # redone in a batch of one instead of two: equal up to float rounding of the convolutions
-    redone, original = (np.load(io.BytesIO(s["vae-sd/00000/img-mean-std-00000003.npy"][0])) for s in (after, before))
+    redone, original = (
+        np.load(io.BytesIO(s["vae-sd/00000/img-mean-std-00000003.npy"][0])) for s in (after, before)
+    )
     assert redone.shape == (8, 4, 4) and redone.dtype == np.float32
-    np.testing.assert_allclose(redone, original, rtol=1e-4, atol=1e-5)  # batch-size-dependent conv rounding
+    # batch-size-dependent conv rounding
+    np.testing.assert_allclose(redone, original, rtol=1e-4, atol=1e-5)
 
 
 def test_max_images_and_png_compression(tmp_path):
-    """--max-images takes the first images in sorted order; compressed PNGs decode to the same pixels."""
+    """--max-images takes the first images in sorted order; compressed PNGs decode to the same
+    pixels."""
     source = write_source(tmp_path / "src")
     run(source, str(tmp_path / "a"), "--max-images", "2")
     run(source, str(tmp_path / "b"), "--max-images", "2", "--png-compress", "9")
@@ -128,8 +164,13 @@ def test_max_images_and_png_compression(tmp_path):
 
 
 def test_bad_source_is_a_clear_exit(tmp_path):
-    """Missing source, no class folders, no images, a bad resolution: one-line SystemExit messages."""
-    cases = {"missing": "is not a directory", "loose": "no class folders", "empty": "no images in the class folders"}
+    """Missing source, no class folders, no images, a bad resolution: one-line SystemExit messages.
+    """
+    cases = {
+        "missing": "is not a directory",
+        "loose": "no class folders",
+        "empty": "no images in the class folders",
+    }
     os.makedirs(tmp_path / "loose")
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "loose" / "a.png")
     os.makedirs(tmp_path / "empty" / "cls")
@@ -145,7 +186,12 @@ def test_every_flag_has_help():
     actions = [a for a in data.build_parser()._actions if a.dest != "help"]
     assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
     args = data.parse_args(["--source", "s", "--dest", "d"])
-    assert args.resolution == 256 and args.vae == "mse" and args.png_compress == 0 and args.max_images is None
+    assert (
+        args.resolution == 256
+        and args.vae == "mse"
+        and args.png_compress == 0
+        and args.max_images is None
+    )
 
 
 @pytest.mark.slow
@@ -161,15 +207,19 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     assert "rank 0 of 2: 3 to do" in result.stderr  # images 0, 2, 4: a strided shard, not all five
     single, ddp = snapshot(tmp_path / "single"), snapshot(dest)
     assert single.keys() == ddp.keys() and len(single) == 12
-    for k in single:  # PNGs and labels to the byte; latents to float rounding (the batches are made up differently)
+    # PNGs and labels to the byte; latents to float rounding (the batches are made up differently)
+    for k in single:
         if k.endswith(".npy"):
-            np.testing.assert_allclose(*(np.load(io.BytesIO(s[k][0])) for s in (single, ddp)), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                *(np.load(io.BytesIO(s[k][0])) for s in (single, ddp)), rtol=1e-5, atol=1e-6
+            )
         else:
             assert single[k][0] == ddp[k][0], k
 
 
 def test_symlinked_class_folders_are_followed(tmp_path):
-    """An ImageNet subset built from symlinks: a linked class folder counts, a link back up does not loop."""
+    """An ImageNet subset built from symlinks: a linked class folder counts, a link back up does not
+    loop."""
     write_source(tmp_path / "full")
     os.makedirs(tmp_path / "subset")
     os.symlink(tmp_path / "full" / "zebra", tmp_path / "subset" / "zebra", target_is_directory=True)
@@ -182,8 +232,14 @@ def test_symlinked_class_folders_are_followed(tmp_path):
 
 def test_numeric_flags_are_range_checked(capsys):
     multiple = "a positive multiple of 8"
-    for flag, value, must in [("--resolution", "0", multiple), ("--resolution", "30", multiple),
-                              ("--batch-size", "0", "at least 1"), ("--workers", "-1", "at least 0"),
-                              ("--max-images", "0", "at least 1")]:
+    for flag, value, must in [
+        ("--resolution", "0", multiple),
+        ("--resolution", "30", multiple),
+        ("--batch-size", "0", "at least 1"),
+        ("--workers", "-1", "at least 0"),
+        ("--max-images", "0", "at least 1"),
+    ]:
         line = cli_error(capsys, data.parse_args, "--source", "s", "--dest", "d", flag, value)
-        assert line == f"data.py: error: argument {flag}: {value} is out of range: it must be {must}"
+        assert (
+            line == f"data.py: error: argument {flag}: {value} is out of range: it must be {must}"
+        )

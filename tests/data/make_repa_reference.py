@@ -12,29 +12,60 @@ import sys
 
 import torch
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, mlp_ratio=4.0,
-            class_dropout_prob=0.1, num_classes=10, encoder_depth=2, z_dims=[16, 8], projector_dim=24)
+TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=32,
+    depth=3,
+    num_heads=2,
+    mlp_ratio=4.0,
+    class_dropout_prob=0.1,
+    num_classes=10,
+    encoder_depth=2,
+    z_dims=[16, 8],
+    projector_dim=24,
+)
 
 
 def parse_args(argv=None):
     """Command line: where the REPA checkout is and where to write the tensors."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repa-dir", required=True, help="path of an official REPA checkout")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "repa_reference.pt"), help="output file")
-    p.add_argument("--sampler-out", default=os.path.join(os.path.dirname(__file__), "repa_sampler_reference.pt"),
-                   help="output file of the sampler references (test_sample.py)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "repa_reference.pt"),
+        help="output file",
+    )
+    p.add_argument(
+        "--sampler-out",
+        default=os.path.join(os.path.dirname(__file__), "repa_sampler_reference.pt"),
+        help="output file of the sampler references (test_sample.py)",
+    )
     return p.parse_args(argv)
 
 
 def model_reference(repa_sit):
     """REPA's SiT on a tiny config: seeded init stats, perturbed weights, eval and train outputs."""
     torch.manual_seed(0)
-    net = repa_sit(path_type="linear", decoder_hidden_size=TINY["hidden_size"], qk_norm=False, **TINY)
-    init = {k: torch.stack([v.double().sum(), v.double().square().sum()]) for k, v in net.state_dict().items()}
+    net = repa_sit(
+        path_type="linear", decoder_hidden_size=TINY["hidden_size"], qk_norm=False, **TINY
+    )
+    init = {
+        k: torch.stack([v.double().sum(), v.double().square().sum()])
+        for k, v in net.state_dict().items()
+    }
     g = torch.Generator().manual_seed(1)
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}  # zero-inits too
+    # zero-inits too
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
     net.load_state_dict(state)
-    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([1, 10, 3])
+    x, t, y = (
+        torch.randn(3, 4, 8, 8, generator=g),
+        torch.rand(3, generator=g),
+        torch.tensor([1, 10, 3]),
+    )
     net.eval()
     with torch.no_grad():
         v_eval, zs_eval = net(x, t, y)
@@ -45,28 +76,58 @@ def model_reference(repa_sit):
                 v_eval=v_eval, zs_eval=zs_eval, v_train=v_train)
 
 
-SAMPLER_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, mlp_ratio=4.0,
-                    class_dropout_prob=0.1, num_classes=10, encoder_depth=1, z_dims=[8], projector_dim=8)
-# (sampler, num_steps, heun, cfg, guidance_low, guidance_high, path_type): 8 Euler steps put t at k/8, so
-# [0.3, 0.7] starts and ends between steps, where deciding guidance at the wrong time would change the result.
+SAMPLER_TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=16,
+    depth=2,
+    num_heads=2,
+    mlp_ratio=4.0,
+    class_dropout_prob=0.1,
+    num_classes=10,
+    encoder_depth=1,
+    z_dims=[8],
+    projector_dim=8,
+)
+# (sampler, num_steps, heun, cfg, guidance_low, guidance_high, path_type): 8 Euler steps put t at
+# k/8, so
+# [0.3, 0.7] starts and ends between steps, where deciding guidance at the wrong time would change
+# the result.
 # The path changes only the SDE (its score); the ODEs integrate the velocity whatever the path.
-SAMPLER_CASES = [("sde", 8, False, 1.0, 0.0, 1.0, "linear"), ("sde", 8, False, 1.5, 0.3, 0.7, "linear"),
-                 ("ode", 8, False, 1.0, 0.0, 1.0, "linear"), ("ode", 8, False, 2.0, 0.3, 0.7, "linear"),
-                 ("ode", 8, True, 1.0, 0.0, 1.0, "linear"), ("ode", 8, True, 2.0, 0.3, 0.7, "linear"),
-                 ("sde", 8, False, 1.0, 0.0, 1.0, "cosine"), ("sde", 8, False, 1.5, 0.3, 0.7, "cosine")]
+SAMPLER_CASES = [
+    ("sde", 8, False, 1.0, 0.0, 1.0, "linear"),
+    ("sde", 8, False, 1.5, 0.3, 0.7, "linear"),
+    ("ode", 8, False, 1.0, 0.0, 1.0, "linear"),
+    ("ode", 8, False, 2.0, 0.3, 0.7, "linear"),
+    ("ode", 8, True, 1.0, 0.0, 1.0, "linear"),
+    ("ode", 8, True, 2.0, 0.3, 0.7, "linear"),
+    ("sde", 8, False, 1.0, 0.0, 1.0, "cosine"),
+    ("sde", 8, False, 1.5, 0.3, 0.7, "cosine"),
+]
 
 
 def sampler_reference(repa_sit, samplers, sample_seed):
-    """REPA's euler_maruyama_sampler / euler_sampler (Heun too) on a tiny SiT, with CFG and guidance interval.
+    """REPA's euler_maruyama_sampler / euler_sampler (Heun too) on a tiny SiT, with CFG and guidance
+    interval.
 
-    REPA hard-codes the null label 1000; the wrapper maps it to this tiny model's null class (num_classes).
-    Batch cases draw everything from the global RNG seeded with 10 + case index; the per-sample case runs
-    each global index alone with the global RNG seeded as sample.py seeds that index's own generator.
+    REPA hard-codes the null label 1000; the wrapper maps it to this tiny model's null class
+    (num_classes).
+    Batch cases draw everything from the global RNG seeded with 10 + case index; the per-sample
+    case runs
+    each global index alone with the global RNG seeded as sample.py seeds that index's own
+    generator.
     """
     torch.manual_seed(0)
-    net = repa_sit(path_type="linear", decoder_hidden_size=SAMPLER_TINY["hidden_size"], qk_norm=False, **SAMPLER_TINY)
+    net = repa_sit(
+        path_type="linear",
+        decoder_hidden_size=SAMPLER_TINY["hidden_size"],
+        qk_norm=False,
+        **SAMPLER_TINY,
+    )
     g = torch.Generator().manual_seed(1)
-    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}  # zero-inits too
+    # zero-inits too
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
     net.load_state_dict(state)
     net.eval()
     null = SAMPLER_TINY["num_classes"]
@@ -76,17 +137,52 @@ def sampler_reference(repa_sit, samplers, sample_seed):
         torch.manual_seed(10 + k)
         x, y = torch.randn(3, 4, 8, 8), torch.randint(0, null, (3,))
         sampler = samplers.euler_maruyama_sampler if name == "sde" else samplers.euler_sampler
-        out = sampler(model, x, y, num_steps=steps, heun=heun, cfg_scale=cfg, guidance_low=low, guidance_high=high,
-                      path_type=path_type)
-        cases.append(dict(sampler=name, num_steps=steps, heun=heun, cfg=cfg, guidance_low=low, guidance_high=high,
-                          path_type=path_type, global_seed=10 + k, x=x, y=y, out=out))
+        out = sampler(
+            model,
+            x,
+            y,
+            num_steps=steps,
+            heun=heun,
+            cfg_scale=cfg,
+            guidance_low=low,
+            guidance_high=high,
+            path_type=path_type,
+        )
+        cases.append(
+            dict(
+                sampler=name,
+                num_steps=steps,
+                heun=heun,
+                cfg=cfg,
+                guidance_low=low,
+                guidance_high=high,
+                path_type=path_type,
+                global_seed=10 + k,
+                x=x,
+                y=y,
+                out=out,
+            )
+        )
     seed, indices, per_sample = 7, [0, 1, 2], []
-    for i in indices:  # generate.py's draws (noise, then label, then the SDE's), one sample at a time
+    # generate.py's draws (noise, then label, then the SDE's), one sample at a time
+    for i in indices:
         torch.manual_seed(sample_seed(seed, i))
         x, y = torch.randn(1, 4, 8, 8), torch.randint(0, null, (1,))
-        per_sample.append(samplers.euler_maruyama_sampler(model, x, y, num_steps=6, cfg_scale=1.5, guidance_high=0.7))
-    per_index = dict(seed=seed, indices=indices, seeds=[sample_seed(seed, i) for i in indices], num_steps=6,
-                     cfg=1.5, guidance_low=0.0, guidance_high=0.7, out=torch.cat(per_sample))
+        per_sample.append(
+            samplers.euler_maruyama_sampler(
+                model, x, y, num_steps=6, cfg_scale=1.5, guidance_high=0.7
+            )
+        )
+    per_index = dict(
+        seed=seed,
+        indices=indices,
+        seeds=[sample_seed(seed, i) for i in indices],
+        num_steps=6,
+        cfg=1.5,
+        guidance_low=0.0,
+        guidance_high=0.7,
+        out=torch.cat(per_sample),
+    )
     return dict(config=SAMPLER_TINY, state_dict=state, cases=cases, per_index=per_index)
 
 
