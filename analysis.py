@@ -385,13 +385,8 @@ def compute_metrics(store, grams, args, depth, num_classes, device):
     values."""
     labels = torch.from_numpy(np.asarray(store["labels"])).to(device)
     probe = functools.partial(
-        linear_probe,
-        labels=labels,
-        num_classes=num_classes,
-        holdout=args.probe_holdout,
-        epochs=args.probe_epochs,
-        lr=args.probe_lr,
-        batch_size=args.probe_batch_size,
+        linear_probe, labels=labels, num_classes=num_classes, holdout=args.probe_holdout,
+        epochs=args.probe_epochs, lr=args.probe_lr, batch_size=args.probe_batch_size,
     )
     proj = args.projector is not None
     todo = 1 + len(args.t) * (depth + proj)
@@ -477,9 +472,7 @@ def plot_curves(metrics, key, ylabel, title, tap, path, reference=None):
     if reference is not None:
         ax.axhline(reference[1], color="black", ls="--", lw=1, label=reference[0])
     ax.set(
-        xlabel="SiT block",
-        ylabel=ylabel,
-        title=title,
+        xlabel="SiT block", ylabel=ylabel, title=title,
         xticks=range(1, depth + 1, max(1, depth // 14)),
     )
     ax.legend(fontsize=7)
@@ -518,9 +511,7 @@ def plot_autocorrelation(images, columns, path):
             ax = axes[r, c]
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
             ax.imshow(
-                heat,
-                cmap="jet",
-                alpha=0.55,
+                heat, cmap="jet", alpha=0.55,
                 vmin=-1,
                 vmax=1,
                 extent=(0, size, size, 0),
@@ -627,20 +618,13 @@ def figures(model, encoder, dataset, metrics, args, device):
     """The five PNGs; returns the figures' own numbers (PCA explained variances)."""
     tap = model.encoder_depth
     plot_curves(
-        metrics,
-        "cknna",
-        "CKNNA vs encoder",
-        f"CKNNA (k={TOPK}) of SiT blocks vs {args.enc_type}",
-        tap,
-        os.path.join(args.out, "cknna.png"),
+        metrics, "cknna", "CKNNA vs encoder", f"CKNNA (k={TOPK}) of SiT blocks vs {args.enc_type}",
+        tap, os.path.join(args.out, "cknna.png"),
     )
     if args.probe:
         plot_curves(
-            metrics,
-            "linear_probe",
-            "held-out top-1",
-            "Linear probe (BatchNorm + Linear) per block",
-            tap,
+            metrics, "linear_probe", "held-out top-1",
+            "Linear probe (BatchNorm + Linear) per block", tap,
             os.path.join(args.out, "linear_probe.png"),
             reference=(f"encoder {args.enc_type}", metrics["linear_probe"]["encoder"]),
         )
@@ -773,22 +757,17 @@ def parse_args(argv=None):
     a("--probe-lr", type=positive(), default=1e-3, help="linear probe Adam learning rate (cosine)")
     a("--probe-batch-size", type=count, default=1024, help="linear probe batch size")
     a(
-        "--figure-images",
-        type=count,
-        default=4,
+        "--figure-images", type=count, default=4,
         help="images in the SARA Fig. 2a and SRA^2 Fig. 2 figures",
     )
     a(
-        "--pca-blocks",
-        type=count,
-        default=6,
+        "--pca-blocks", type=count, default=6,
         help="SiT blocks in the PCA figure (spread over the depth)",
     )
     a("--batch-size", type=count, default=64, help="images per forward, per process")
     a("--num-workers", type=at_least(0), default=4, help="data loader workers per process")
     a(
-        "--out",
-        required=True,
+        "--out", required=True,
         help="output folder: analysis.json, the PNGs, features/ while running",
     )
     a("--keep-features", **flag, default=0, help="1: keep the pooled features (out/features/*.npy)")

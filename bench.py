@@ -80,8 +80,7 @@ def parse_args(argv=None):
         help="train.py --precision",
     )
     a(
-        "--encoder",
-        default=ENCODER,
+        "--encoder", default=ENCODER,
         help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), tiny-random",
     )
     a(
@@ -102,9 +101,7 @@ def parse_args(argv=None):
     )
     a("--presets", default=",".join(losses.PRESETS), help="comma-separated alignment presets")
     a(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
+        "--threads", type=int, default=torch.get_num_threads(),
         help="CPU threads; on a shared machine use 1: OpenMP threads spin-wait whenever another "
              "job holds a core, "
         "so step times swing tenfold",
@@ -114,9 +111,7 @@ def parse_args(argv=None):
     a("--sample-steps", type=int, default=SAMPLE_STEPS, help="Euler-Maruyama steps of the sampler")
     a("--sample-batch", type=int, default=SAMPLE_BATCH, help="samples per sampler call")
     a(
-        "--cfg",
-        type=float,
-        default=1.8,
+        "--cfg", type=float, default=1.8,
         help="guidance scale of the CFG sampler row (guided at every step)",
     )
     a(
@@ -128,27 +123,20 @@ def parse_args(argv=None):
         "--batch-size random images with random weights, beside the vanilla SiT step",
     )
     a(
-        "--peak-tflops",
-        type=float,
-        default=PEAK_TFLOPS,
+        "--peak-tflops", type=float, default=PEAK_TFLOPS,
         help="the GPU's dense peak TFLOP/s at --precision, for MFU (A100 bf16/fp16: 312; H100 SXM: "
              "989)",
     )
     a(
-        "--cknna-only",
-        action="store_true",
+        "--cknna-only", action="store_true",
         help="time only analysis.py's CKNNA (no training or sampler tables)",
     )
     a(
-        "--cknna-samples",
-        type=int,
-        default=10000,
+        "--cknna-samples", type=int, default=10000,
         help="CKNNA timing: images (rows of each feature matrix)",
     )
     a(
-        "--cknna-blocks",
-        type=int,
-        default=28,
+        "--cknna-blocks", type=int, default=28,
         help="CKNNA timing: SiT blocks compared with the encoder (XL: 28)",
     )
     a("--cknna-dim", type=int, default=1152, help="CKNNA timing: SiT hidden size (XL: 1152)")
@@ -205,22 +193,9 @@ def setup(args, align):
     """Set this process up as train.main does (seed, TF32) with --threads; train.py's config of one
     preset."""
     flags = [
-        "--preset",
-        "imagenet256",
-        "--align",
-        align,
-        "--model",
-        args.model,
-        "--resolution",
-        str(args.resolution),
-        "--batch-size",
-        str(args.batch_size),
-        "--precision",
-        args.precision,
-        "--enc-type",
-        args.encoder,
-        "--disc-pretrained",
-        str(args.disc_pretrained),
+        "--preset", "imagenet256", "--align", align, "--model", args.model, "--resolution",
+        str(args.resolution), "--batch-size", str(args.batch_size), "--precision", args.precision,
+        "--enc-type", args.encoder, "--disc-pretrained", str(args.disc_pretrained),
     ]
     flags += ["--enc-weights", args.enc_weights] if args.enc_weights else []
     config = train.resolve_config(train.parse_args(flags))
@@ -255,9 +230,7 @@ def measure_preset(args, align):
         *[timed(step, i, slice(0, b)) for i in range(args.warmup + args.steps)][args.warmup :]
     )
     return dict(
-        preset=align,
-        sec=statistics.median(walls),
-        cpu=statistics.median(cpus),
+        preset=align, sec=statistics.median(walls), cpu=statistics.median(cpus),
         mem=peak_memory() - base,
         flops=counter.get_total_flops(),
     )
@@ -343,11 +316,8 @@ def print_parts(args, rows, step_sec):
     header = ["part", "ms", "x step", "GFLOP", "TFLOP/s"] + (["MFU"] if GPU else [])
     table = [
         [
-            r["part"],
-            f"{r['sec'] * 1e3:.2f}",
-            f"{r['sec'] / step_sec:.2f}",
-            f"{r['flops'] * 1e-9:.3g}",
-            f"{r['flops'] / r['sec'] / 1e12:.3g}",
+            r["part"], f"{r['sec'] * 1e3:.2f}", f"{r['sec'] / step_sec:.2f}",
+            f"{r['flops'] * 1e-9:.3g}", f"{r['flops'] / r['sec'] / 1e12:.3g}",
         ]
         + ([f"{r['flops'] / r['sec'] / 1e12 / args.peak_tflops:.1%}"] if GPU else [])
         for r in rows
@@ -416,9 +386,7 @@ def measure_encoder(args, name):
     return dict(
         name=name,
         params=sum(p.numel() for p in enc.parameters()),
-        sec=statistics.median(walls),
-        cpu=statistics.median(cpus),
-        flops=counter.get_total_flops(),
+        sec=statistics.median(walls), cpu=statistics.median(cpus), flops=counter.get_total_flops(),
     )
 
 
@@ -430,11 +398,8 @@ def encoder_cost_rows(args, step):
         r = isolated(measure_encoder, args, name)
         rows.append(
             [
-                name,
-                f"{r['params'] / 1e6:.0f}",
-                f"{r['flops'] / 1e9:.3g}",
-                f"{r['flops'] / step['flops']:.2f}",
-                f"{r['sec'] * 1e3:.1f}",
+                name, f"{r['params'] / 1e6:.0f}", f"{r['flops'] / 1e9:.3g}",
+                f"{r['flops'] / step['flops']:.2f}", f"{r['sec'] * 1e3:.1f}",
                 f"{r['sec'] / step['sec']:.2f}",
             ]
             + ([] if GPU else [f"{r['cpu'] * 1e3:.1f}", f"{r['cpu'] / step['cpu']:.2f}"])
@@ -630,26 +595,19 @@ FID_EVAL_SIZES, FID_REF_IMAGES = (10_000, 50_000), 10_000
 def add_fid_args(p):
     a = p.add_argument
     a(
-        "--fid",
-        action="store_true",
+        "--fid", action="store_true",
         help="time fid.py instead of training: FID from statistics and a whole evaluation",
     )
     a(
-        "--fid-dim",
-        type=int,
-        default=fid.POOL_DIM,
+        "--fid-dim", type=int, default=fid.POOL_DIM,
         help="feature dimension of the FID statistics (pool3: 2048)",
     )
     a(
-        "--fid-stats-rows",
-        type=int,
-        default=10_000,
+        "--fid-stats-rows", type=int, default=10_000,
         help="feature rows behind each set's statistics",
     )
     a(
-        "--fid-repeats",
-        type=int,
-        default=3,
+        "--fid-repeats", type=int, default=3,
         help="timings per FID route, interleaved across routes; median shown",
     )
     a(

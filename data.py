@@ -253,18 +253,12 @@ class SyntheticDataset(Dataset):
             raise ValueError(f"synthetic data needs num_images >= 1 and num_classes >= 1, "
                              f"got {num_images} and {num_classes}")
         self.num_images, self.num_classes, self.resolution, self.seed = (
-            num_images,
-            num_classes,
-            resolution,
-            seed,
+            num_images, num_classes, resolution, seed,
         )
         self.latent_size = resolution // 8
         log.warning(
             "data: SYNTHETIC procedural dataset (%d images, %d classes, %d px), not ImageNet: "
-            "for smoke runs and tests only",
-            num_images,
-            num_classes,
-            resolution,
+            "for smoke runs and tests only", num_images, num_classes, resolution,
         )
 
     def __len__(self):
@@ -316,10 +310,7 @@ class GlobalBatchSampler(Sampler):
             raise UserError(f"the dataset has {size} images, fewer than one global batch of "
                                     f"{global_batch}")
         self.size, self.global_batch, self.seed, self.start_step = (
-            size,
-            global_batch,
-            seed,
-            start_step,
+            size, global_batch, seed, start_step,
         )
         self.local = global_batch // world
         self.offset = rank * self.local
@@ -366,14 +357,11 @@ def build_parser():
         "--source", required=True, help="ImageNet-style folder: one sub-folder of images per class"
     )
     p.add_argument(
-        "--dest",
-        required=True,
+        "--dest", required=True,
         help="output data dir (gets images/ and vae-sd/); train.py --data-dir",
     )
     p.add_argument(
-        "--resolution",
-        type=cluster.multiple_of(8),
-        default=256,
+        "--resolution", type=cluster.multiple_of(8), default=256,
         help="side of the square center-cropped images (px)",
     )
     p.add_argument(
@@ -383,9 +371,7 @@ def build_parser():
         "stabilityai/sd-vae-ft-mse), a hub id, a local folder, or tiny-random (tests only)",
     )
     p.add_argument(
-        "--batch-size",
-        type=cluster.at_least(1),
-        default=64,
+        "--batch-size", type=cluster.at_least(1), default=64,
         help="images per VAE forward pass on each rank",
     )
     p.add_argument(
@@ -395,15 +381,11 @@ def build_parser():
         help="DataLoader processes per rank that decode and crop the source images (0: in-process)",
     )
     p.add_argument(
-        "--max-images",
-        type=cluster.at_least(1),
-        default=None,
+        "--max-images", type=cluster.at_least(1), default=None,
         help="only the first N images in sorted order",
     )
     p.add_argument(
-        "--png-compress",
-        type=int,
-        default=0,
+        "--png-compress", type=int, default=0,
         choices=range(10),
         help="PNG zlib level: 0 as REPA/edm2 (uncompressed, fastest to read), up to 9 (smallest)",
     )

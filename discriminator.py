@@ -33,10 +33,7 @@ class Discriminator(nn.Module):
         # No maxpool (our reading, see the README): a 16x16 token map stays 16x16 through layer1,
         # 8x8 after layer2.
         self.bn1, self.relu, self.layer1, self.layer2 = (
-            trunk.bn1,
-            trunk.relu,
-            trunk.layer1,
-            trunk.layer2,
+            trunk.bn1, trunk.relu, trunk.layer1, trunk.layer2,
         )
         self.head = nn.Linear(128, 1)
 

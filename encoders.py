@@ -61,17 +61,12 @@ DINOV2 = {
 FAMILIES = {
     # DINOv2 (torch.hub in REPA): x_norm_patchtokens, class (and register) tokens dropped, 224 px
     "dinov2": Family(
-        DINOV2,
-        patch=14,
-        resize=True,
-        final_norm=True,
+        DINOV2, patch=14, resize=True, final_norm=True,
         weights_hint="dinov2_vit{s}14_pretrain.pth (facebookresearch/dinov2)",
     ),
     "dinov2reg": Family(
         {s: n.replace("14_", "14_reg4_") for s, n in DINOV2.items()},
-        patch=14,
-        resize=True,
-        final_norm=True,
+        patch=14, resize=True, final_norm=True,
         weights_hint="dinov2_vit{s}14_reg4_pretrain.pth (facebookresearch/dinov2)",
     ),
     # DINOv1 ViT-B/16 at 256 px: final-norm patch tokens (REPA's models/dinov1.py is not published;
@@ -79,9 +74,7 @@ FAMILIES = {
     # the DINO repo's get_intermediate_layers returns, class token dropped)
     "dinov1": Family(
         {"b": "vit_base_patch16_224.dino"},
-        patch=16,
-        resize=False,
-        final_norm=True,
+        patch=16, resize=False, final_norm=True,
         weights_hint="dino_vitbase16_pretrain.pth (facebookresearch/dino)",
     ),
     # MoCo v3 at 256 px (REPA's models/mocov3_vit.py): forward_features, i.e. after the final norm,
@@ -89,9 +82,7 @@ FAMILIES = {
     # timm publishes no MoCo v3 weights: these are architectures only
     "mocov3": Family(
         {"s": "vit_small_patch16_224", "b": "vit_base_patch16_224", "l": "vit_large_patch16_224"},
-        patch=16,
-        resize=False,
-        final_norm=True,
+        patch=16, resize=False, final_norm=True,
         weights_hint="the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, "
                      "from LTH14/rcg)",
     ),
@@ -99,18 +90,14 @@ FAMILIES = {
     # norm, class dropped
     "mae": Family(
         {"l": "vit_large_patch16_224.mae"},
-        patch=16,
-        resize=False,
-        final_norm=False,
+        patch=16, resize=False, final_norm=False,
         weights_hint="mae_pretrain_vit_large.pth (facebookresearch/mae)",
     ),
     # CLIP ViT-L/14 (REPA's models/clip_vit.py): ln_pre, the transformer, no ln_post and no proj,
     # class dropped
     "clip": Family(
         {"l": "vit_large_patch14_clip_quickgelu_224.openai"},
-        patch=14,
-        resize=True,
-        final_norm=False,
+        patch=14, resize=True, final_norm=False,
         weights_hint="ViT-L-14.pt (openai/CLIP)",
         clip=True,
     ),
@@ -118,9 +105,7 @@ FAMILIES = {
     # token, 224 px
     "jepa": Family(
         {"h": "vit_huge_patch14_gap_224.in1k_ijepa"},
-        patch=14,
-        resize=True,
-        final_norm=True,
+        patch=14, resize=True, final_norm=True,
         weights_hint="IN1K-vit.h.14-300e.pth.tar (facebookresearch/ijepa)",
     ),
 }
@@ -167,10 +152,7 @@ class FrozenEncoder(nn.Module):
         not."""
         super().__init__()
         self.name, self.embed_dim, self.resolution, self.pretrained = (
-            name,
-            embed_dim,
-            resolution,
-            pretrained,
+            name, embed_dim, resolution, pretrained,
         )
 
     def train(self, mode=True):
@@ -416,9 +398,7 @@ def load_vae(name, device="cpu"):
             block_out_channels=(8, 8, 8, 8),
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
+            layers_per_block=1, norm_num_groups=4, latent_channels=4,
         )  # 3 downsamplings: the same 8x spatial reduction as SD-VAE
     else:
         try:

@@ -238,10 +238,7 @@ class MixedC(Mixed):
         tower = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         dbl = self.branch7x7dbl_1(x)
         for layer in (
-            self.branch7x7dbl_2,
-            self.branch7x7dbl_3,
-            self.branch7x7dbl_4,
-            self.branch7x7dbl_5,
+            self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5,
         ):
             dbl = layer(dbl)
         return [self.branch1x1(x), tower, dbl, self.branch_pool(_tf_avg_pool(x))]
@@ -292,12 +289,8 @@ class MixedE(Mixed):
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
         return [
-            self.branch1x1(x),
-            self.branch3x3_2a(t),
-            self.branch3x3_2b(t),
-            self.branch3x3dbl_3a(d),
-            self.branch3x3dbl_3b(d),
-            self.branch_pool(pooled),
+            self.branch1x1(x), self.branch3x3_2a(t), self.branch3x3_2b(t), self.branch3x3dbl_3a(d),
+            self.branch3x3dbl_3b(d), self.branch_pool(pooled),
         ]
 
 
@@ -940,9 +933,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
+        "paths", nargs="+", metavar="PATH",
         help="REF.npz and SAMPLES (npz with arr_0, or a folder of images, read recursively);"
         " with --write-ref, the one image source",
     )
@@ -953,15 +944,11 @@ def parse_args(argv=None):
              "mu/sigma/mu_s/sigma_s",
     )
     p.add_argument(
-        "--ref-images",
-        type=at_least(1),
-        default=10000,
+        "--ref-images", type=at_least(1), default=10000,
         help="images kept as arr_0 by --write-ref (ADM: 10000)",
     )
     p.add_argument(
-        "--seed",
-        type=at_least(0),
-        default=0,
+        "--seed", type=at_least(0), default=0,
         help="seed of the random arr_0 subset chosen by --write-ref",
     )
     p.add_argument("--out", help="JSON results path; unset: SAMPLES with .eval.json")
@@ -970,8 +957,7 @@ def parse_args(argv=None):
         help="Inception weights file; unset: the torch.hub cache, downloaded if missing",
     )
     p.add_argument(
-        "--weights-sha256",
-        default=WEIGHTS_SHA256,
+        "--weights-sha256", default=WEIGHTS_SHA256,
         help="expected sha256 (or prefix) of the weights file; '' skips the check",
     )
     p.add_argument(
@@ -987,15 +973,11 @@ def parse_args(argv=None):
         help="threads decoding PNGs",
     )
     p.add_argument(
-        "--min-images",
-        type=at_least(4),
-        default=2048,
+        "--min-images", type=at_least(4), default=2048,
         help="refuse image sets smaller than this (below 2048 the pool3 covariance is singular)",
     )
     p.add_argument(
-        "--fid-route",
-        choices=FID_ROUTES,
-        default="eigh",
+        "--fid-route", choices=FID_ROUTES, default="eigh",
         help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on "
              "bad eigenvalues)"
         " or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the product; far slower)",
@@ -1004,9 +986,7 @@ def parse_args(argv=None):
         "--is-split", type=at_least(1), default=5000, help="Inception Score split size (ADM: 5000)"
     )
     p.add_argument(
-        "--pr-block",
-        type=at_least(1),
-        default=10000,
+        "--pr-block", type=at_least(1), default=10000,
         help="rows/columns per distance block (ADM: 10000)",
     )
     p.add_argument(
@@ -1106,12 +1086,7 @@ def evaluate(args, rank=0, world=1):
     if rank > 0:  # the metrics are cheap next to the network: rank 0 computes them alone
         return None
     results = score(
-        ref_feats,
-        sample_feats,
-        args.device,
-        args.is_split,
-        args.pr_block,
-        args.pr_fp16,
+        ref_feats, sample_feats, args.device, args.is_split, args.pr_block, args.pr_fp16,
         args.fid_route,
     )
     results.update(ref=ref.path, samples=samples.path, num_ref=len(ref), num_samples=len(samples),

@@ -210,24 +210,11 @@ class SiT(nn.Module):
     """
 
     def __init__(
-        self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        encoder_depth=8,
+        self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+        mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
         z_dims=(768,),
-        projector_dim=2048,
-        sra_depth=0,
-        sra_mlp_layers=5,
-        sra_hidden_dim=None,
-        grad_checkpointing=False,
-        path_type="linear",
+        projector_dim=2048, sra_depth=0, sra_mlp_layers=5, sra_hidden_dim=None,
+        grad_checkpointing=False, path_type="linear",
         **repa_kwargs,
     ):
         super().__init__()
@@ -249,20 +236,12 @@ class SiT(nn.Module):
             if not 0 <= tap <= depth:
                 raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
         self.config = dict(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob, num_classes=num_classes,
             encoder_depth=encoder_depth,
             z_dims=list(z_dims),
-            projector_dim=projector_dim,
-            sra_depth=sra_depth,
-            sra_mlp_layers=sra_mlp_layers,
+            projector_dim=projector_dim, sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers,
             sra_hidden_dim=sra_hidden_dim,
             # the interpolant it was trained on: the sampler's score depends on it
             path_type=path_type,

@@ -41,35 +41,11 @@ CHECKPOINTED = ("model", "ema", "opt", "scaler", "disc", "disc_opt", "disc_scale
 # Flags that may change when a run resumes; any other difference is another experiment. Paths of
 # weight files may move; the run's name is where its folder lives, not what it trains.
 RESUMABLE_CHANGES = {
-    "max_steps",
-    "ckpt_every",
-    "sample_every",
-    "log_every",
-    "keep_ckpts",
-    "keep_every",
-    "num_workers",
-    "compile",
-    "tf32",
-    "grad_checkpointing",
-    "max_bad_steps",
-    "max_rollbacks",
-    "preempt_signals",
-    "out",
-    "run_name",
-    "data_dir",
-    "world_size",
-    "vae",
-    "sample_steps",
-    "eval_every",
-    "eval_ref",
-    "eval_samples",
-    "eval_cfg",
-    "eval_steps",
-    "eval_weights",
-    "enc_weights",
-    "disc_weights",
-    "wandb",
-    "tensorboard",
+    "max_steps", "ckpt_every", "sample_every", "log_every", "keep_ckpts", "keep_every",
+    "num_workers", "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks",
+    "preempt_signals", "out", "run_name", "data_dir", "world_size", "vae", "sample_steps",
+    "eval_every", "eval_ref", "eval_samples", "eval_cfg", "eval_steps", "eval_weights",
+    "enc_weights", "disc_weights", "wandb", "tensorboard",
 }
 METRICS, LOSS_CURVES = "metrics.jsonl", "losses.png"
 RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
@@ -508,10 +484,7 @@ def infer_config(state, args=None):
     num_classes = getattr(args, "num_classes", rows - 1)  # REPA always trains with a null class
     return dict(
         input_size=math.isqrt(num_patches) * patch,
-        patch_size=patch,
-        in_channels=in_channels,
-        hidden_size=hidden,
-        depth=depth,
+        patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=num_heads,
         mlp_ratio=mlp_hidden / hidden,
         num_classes=num_classes,

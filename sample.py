@@ -290,15 +290,11 @@ def parser():
     a("--cfg", type=cluster.at_least(1.0, float), default=1.0,
       help="classifier-free guidance scale on all 4 channels (1 = off)")
     a(
-        "--guidance-low",
-        type=fraction(),
-        default=0.0,
+        "--guidance-low", type=fraction(), default=0.0,
         help="guide only while t >= this (t=1 is noise)",
     )
     a(
-        "--guidance-high",
-        type=fraction(),
-        default=1.0,
+        "--guidance-high", type=fraction(), default=1.0,
         help="guide only while t <= this (REPA*: 0.7)",
     )
     a("--class-labels", type=parse_labels, default=None,
@@ -322,8 +318,7 @@ def parser():
         "papers' FIDs (default); round as DiT",
     )
     a(
-        "--out",
-        default=None,
+        "--out", default=None,
         help="output .png (grid) or .npz; default under samples/, named by settings",
     )
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")

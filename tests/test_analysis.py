@@ -152,21 +152,8 @@ def smoke_ckpt(tmp_path_factory):
     run_dir = train.main(
         train.parse_args(
             [
-                "--preset",
-                "smoke",
-                "--align",
-                "sara",
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--resolution",
-                "32",
-                "--synthetic-images",
-                "16",
-                "--sample-every",
-                "0",
-                "--out",
+                "--preset", "smoke", "--align", "sara", "--max-steps", "2", "--batch-size", "4",
+                "--resolution", "32", "--synthetic-images", "16", "--sample-every", "0", "--out",
                 str(out),
             ]
         )
@@ -177,26 +164,9 @@ def smoke_ckpt(tmp_path_factory):
 def smoke_args(ckpt, out, *flags):
     return analysis.parse_args(
         [
-            "--ckpt",
-            ckpt,
-            "--data-dir",
-            "synthetic",
-            "--num-images",
-            "24",
-            "--t",
-            "0.25",
-            "0.75",
-            "--batch-size",
-            "5",
-            "--num-workers",
-            "0",
-            "--probe-epochs",
-            "3",
-            "--figure-images",
-            "2",
-            "--out",
-            str(out),
-            *flags,
+            "--ckpt", ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25", "0.75",
+            "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3", "--figure-images",
+            "2", "--out", str(out), *flags,
         ]
     )
 
@@ -236,11 +206,7 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_run):
         assert all(0 <= a <= 1 for a in saved["linear_probe"][t]["blocks"])
     assert saved["cknna_ceiling"] == pytest.approx(1, abs=1e-3)
     assert set(saved["svd_energy"]) == {
-        "encoder",
-        "tap_t0.25",
-        "tap_t0.75",
-        "projector_t0.25",
-        "projector_t0.75",
+        "encoder", "tap_t0.25", "tap_t0.75", "projector_t0.25", "projector_t0.75",
     }
     assert {"data (synthetic)", "encoder (tiny-random)"} <= set(saved["random_components"])
     assert set(saved["pca_explained_variance"]) == {"vae", "0.25", "0.75"}
@@ -268,10 +234,7 @@ def test_official_repa_checkpoint_names_its_encoder_and_path(smoke_ckpt, tmp_pat
     args = smoke_args(str(path), tmp_path)
     model, encoder, _, random_parts = analysis.setup(args, torch.device("cpu"))
     assert (args.enc_type, args.path_type, args.projector, model.encoder_depth) == (
-        "tiny-random",
-        "linear",
-        0,
-        2,
+        "tiny-random", "linear", 0, 2,
     )
     assert (
         encoder.embed_dim == model.config["z_dims"][0] and "encoder (tiny-random)" in random_parts
@@ -286,42 +249,19 @@ def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, smoke_run, tmp_path):
     flags = [
         str(a)
         for a in [
-            "--ckpt",
-            smoke_ckpt,
-            "--data-dir",
-            "synthetic",
-            "--num-images",
-            "24",
-            "--t",
-            "0.25",
-            "0.75",
-            "--batch-size",
-            "5",
-            "--num-workers",
-            "0",
-            "--probe-epochs",
-            "3",
-            "--figure-images",
-            "2",
-            "--out",
+            "--ckpt", smoke_ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25",
+            "0.75", "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3",
+            "--figure-images", "2", "--out",
             tmp_path / "two",
         ]
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "analysis.py",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "analysis.py",
             *flags,
         ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
+        cwd=ROOT, env=env, check=True, capture_output=True,
     )
     sharded = json.loads((tmp_path / "two" / "analysis.json").read_text())
     assert sharded["world_size"] == 2
@@ -354,22 +294,13 @@ def test_bench_cknna_rows(capsys):
     rows = bench.cknna_table(
         bench.parse_args(
             [
-                "--cknna-only",
-                "--cknna-samples",
-                "40",
-                "--cknna-blocks",
-                "3",
-                "--cknna-dim",
-                "16",
-                "--cknna-enc-dim",
-                "8",
+                "--cknna-only", "--cknna-samples", "40", "--cknna-blocks", "3", "--cknna-dim", "16",
+                "--cknna-enc-dim", "8",
             ]
         )
     )
     assert [r[0] for r in rows] == [
-        "neighbours (encoder, once)",
-        "clamp + neighbours per block",
-        "score per block",
+        "neighbours (encoder, once)", "clamp + neighbours per block", "score per block",
         "all 3 blocks",
     ]
     assert "RANDOM" in capsys.readouterr().out

@@ -11,21 +11,8 @@ def test_one_step_table(capsys):
     rows."""
     args = bench.parse_args(
         [
-            "--model",
-            "SiT-T/2",
-            "--resolution",
-            "32",
-            "--batch-size",
-            "2",
-            "--encoder",
-            "tiny-random",
-            "--warmup",
-            "0",
-            "--steps",
-            "1",
-            "--sample-steps",
-            "1",
-            "--sample-batch",
+            "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2", "--encoder",
+            "tiny-random", "--warmup", "0", "--steps", "1", "--sample-steps", "1", "--sample-batch",
             "1",
         ]
     )
@@ -76,21 +63,8 @@ def test_fid_tables(capsys):
     eval sizes."""
     args = bench.parse_args(
         [
-            "--fid",
-            "--fid-dim",
-            "64",
-            "--fid-stats-rows",
-            "300",
-            "--fid-repeats",
-            "1",
-            "--fid-images",
-            "2",
-            "--fid-batch",
-            "2",
-            "--fid-pr-rows",
-            "16",
-            "--threads",
-            "1",
+            "--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
+            "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1",
         ]
     )
     stats_rows, eval_rows = bench.fid_bench(args)

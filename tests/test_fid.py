@@ -563,9 +563,7 @@ def run_fid(nproc, *argv):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, *launcher, os.path.join(repo, "fid.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env=env,
+        capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -662,9 +660,7 @@ def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [
-            sys.executable,
-            os.path.join(repo, "fid.py"),
-            str(tmp_path / "a.npz"),
+            sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"),
             str(tmp_path / "b.npz"),
         ],
         capture_output=True,

@@ -112,10 +112,7 @@ def test_vae_align_timestep_range_zeroes_outside():
 def test_presets_and_overrides():
     sara = L.align_config("sara")
     assert (sara.patch_weight, sara.struc_weight, sara.adv_weight, sara.sra_weight) == (
-        0.5,
-        0.5,
-        0.05,
-        0.0,
+        0.5, 0.5, 0.05, 0.0,
     )
     assert L.align_config("sra2").sra_weight == 1.0 and not L.align_config("sra2").needs_encoder
     assert L.align_config("repa+sra2").patch_weight == 0.5

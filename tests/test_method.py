@@ -290,10 +290,7 @@ PAPER_DEFAULTS = [
     ("sra2", "SiT-XL/2", "sra_depth", 8, "SRA^2 section 4.2: layer 8 for XL"),
     ("sra2", "SiT-B/2", "sra_mlp_layers", 5, "SRA^2 Table 1: 5-layer MLP"),
     (
-        "sara",
-        "SiT-XL/2",
-        "disc_every",
-        5,
+        "sara", "SiT-XL/2", "disc_every", 5,
         "SARA appendix A: one D update per five generator updates",
     ),
     ("sara", "SiT-XL/2", "disc_pretrained", 1, "SARA appendix A: pretrained ResNet-18"),
@@ -342,11 +339,7 @@ def test_sampler_defaults_match_the_papers():
     # SARA section 4.1 and SRA^2 section 4.1: SDE Euler-Maruyama with 250 steps, no guidance unless
     # asked.
     assert (args.mode, args.num_steps, args.cfg, args.guidance_low, args.guidance_high) == (
-        "sde",
-        250,
-        1.0,
-        0.0,
-        1.0,
+        "sde", 250, 1.0, 0.0, 1.0,
     )
 
 
@@ -421,13 +414,9 @@ def test_no_gradient_reaches_encoder_tokens_or_x0(preset, term):
     z = torch.randn(4, 16, 32, generator=g).requires_grad_(True)
     align = L.align_config(preset, **({f"{term}_weight": 1.0} if term in ("struc", "adv") else {}))
     out = L.training_losses(
-        model,
-        x0,
-        torch.arange(4),
+        model, x0, torch.arange(4),
         [z],
-        align,
-        L.draw_noise(4, x0.shape[1:], align, 0.1, generator=g),
-        disc,
+        align, L.draw_noise(4, x0.shape[1:], align, 0.1, generator=g), disc,
     )
     loss = out.total if term == "total" else out.terms[term]
     loss.backward()

@@ -86,12 +86,7 @@ def test_small_preset_runs_with_both_taps():
 def test_taps_read_the_residual_stream_after_the_named_block():
     torch.manual_seed(0)
     net = SiT(
-        input_size=8,
-        hidden_size=32,
-        depth=3,
-        num_heads=2,
-        num_classes=5,
-        encoder_depth=2,
+        input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2,
         z_dims=[8],
         projector_dim=16,
         sra_depth=3,
@@ -116,12 +111,7 @@ def test_taps_read_the_residual_stream_after_the_named_block():
 def test_gradient_checkpointing_is_exact():
     torch.manual_seed(0)
     kw = dict(
-        input_size=8,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
-        num_classes=5,
-        encoder_depth=1,
+        input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1,
         z_dims=[8],
         projector_dim=16,
     )

@@ -105,11 +105,7 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     # sorted relative paths: goldfish/sub/y, goldfish/x, tench/a, tench/b, zebra/z; classes in
     # sorted folder order
     order = [
-        "goldfish/sub/y.JPEG",
-        "goldfish/x.JPEG",
-        "tench/a.png",
-        "tench/b.JPEG",
-        "zebra/z.JPEG",
+        "goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG",
     ]
     assert len(ds) == 5 and ds.num_classes == 3 and ds.resolution == 32 and ds.latent_size == 4
     assert [ds[i][2].item() for i in range(5)] == [0, 0, 1, 1, 2]

@@ -23,13 +23,7 @@ REF = torch.load(
     os.path.join(REPO, "tests", "data", "repa_sampler_reference.pt"), weights_only=True
 )
 TINY = dict(
-    input_size=8,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=32,
-    depth=2,
-    num_heads=2,
-    num_classes=10,
+    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
     encoder_depth=1,
     z_dims=[8],
     projector_dim=8,
@@ -59,9 +53,7 @@ def save_project_ckpt(path, config=TINY):
     raw, ema = perturbed(SiT(**config), 1), perturbed(SiT(**config), 2)
     torch.save(
         dict(
-            model=raw.state_dict(),
-            ema=ema.state_dict(),
-            config=dict(model_config=raw.config),
+            model=raw.state_dict(), ema=ema.state_dict(), config=dict(model_config=raw.config),
             step=5,
         ),
         path,
@@ -208,15 +200,7 @@ def test_grid_is_deterministic_and_holds_the_first_samples(ckpt, tmp_path):
     """The grid is written, the same seed gives the same PNG, and its tiles are samples 0..n-1 of an
     npz run."""
     common = [
-        "--ckpt",
-        ckpt,
-        "--num-steps",
-        "3",
-        "--vae",
-        "tiny-random",
-        "--batch-size",
-        "3",
-        "--cfg",
+        "--ckpt", ckpt, "--num-steps", "3", "--vae", "tiny-random", "--batch-size", "3", "--cfg",
         "1.5",
     ]
     for name in ("a", "b"):
@@ -255,16 +239,7 @@ def test_latent_output_without_vae(ckpt, tmp_path):
 def test_resume_skips_written_samples(ckpt, tmp_path, monkeypatch):
     """A second run generates only the missing samples; the npz equals one uninterrupted run."""
     common = [
-        "--ckpt",
-        ckpt,
-        "--num-steps",
-        "3",
-        "--vae",
-        "none",
-        "--batch-size",
-        "2",
-        "--mode",
-        "ode",
+        "--ckpt", ckpt, "--num-steps", "3", "--vae", "none", "--batch-size", "2", "--mode", "ode",
     ]
     run(common + ["--num-samples", "3", "--out", str(tmp_path / "r.npz")])
     os.remove(tmp_path / "r" / "000001.png")  # as if the run had died before writing it
@@ -290,39 +265,16 @@ def test_resume_skips_written_samples(ckpt, tmp_path, monkeypatch):
 def test_two_processes_write_the_same_npz_as_one(ckpt, tmp_path):
     """torchrun with 2 gloo processes writes the same samples.npz as a single process."""
     common = [
-        "--ckpt",
-        ckpt,
-        "--num-steps",
-        "4",
-        "--vae",
-        "none",
-        "--batch-size",
-        "1",
-        "--num-samples",
-        "5",
-        "--cfg",
-        "1.5",
-        "--device",
-        "cpu",
+        "--ckpt", ckpt, "--num-steps", "4", "--vae", "none", "--batch-size", "1", "--num-samples",
+        "5", "--cfg", "1.5", "--device", "cpu",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            os.path.join(REPO, "sample.py"),
-            *common,
-            "--out",
-            str(tmp_path / "two.npz"),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(REPO, "sample.py"), *common, "--out", str(tmp_path / "two.npz"),
         ],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
+        check=True, env=env, cwd=tmp_path, capture_output=True,
     )
     run(common + ["--out", str(tmp_path / "one.npz")])
     two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
@@ -359,20 +311,13 @@ def test_repa_checkpoint_loads(tmp_path):
     opt = torch.optim.AdamW(raw.parameters())
     args = argparse.Namespace(
         model="SiT-XL/2",
-        num_classes=10,
-        encoder_depth=2,
-        qk_norm=False,
-        path_type="linear",
-        cfg_prob=0.1,
+        num_classes=10, encoder_depth=2, qk_norm=False, path_type="linear", cfg_prob=0.1,
         enc_type="dinov2-vit-b",
     )
     path = tmp_path / "repa.pt"
     torch.save(
         dict(
-            model=raw.state_dict(),
-            ema=ema.state_dict(),
-            opt=opt.state_dict(),
-            args=args,
+            model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=args,
             steps=400000,
         ),
         path,
@@ -485,13 +430,7 @@ def test_bad_options_exit_with_a_message(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--class-labels \[99\]: the model has classes 0..9"):
         run(
             [
-                "--ckpt",
-                ckpt,
-                "--vae",
-                "none",
-                "--out",
-                str(tmp_path / "g.png"),
-                "--class-labels",
+                "--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), "--class-labels",
                 "3,99",
             ]
         )

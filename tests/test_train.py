@@ -86,14 +86,7 @@ def test_smoke_each_alignment_preset(tmp_path, align):
 
 def test_sample_grid_written(tmp_path):
     run_dir = run(
-        tmp_path,
-        "--align",
-        "none",
-        "--max-steps",
-        "2",
-        "--sample-every",
-        "2",
-        "--sample-steps",
+        tmp_path, "--align", "none", "--max-steps", "2", "--sample-every", "2", "--sample-steps",
         "3",
     )
     path = os.path.join(run_dir, "samples", "0000002.png")
@@ -175,20 +168,11 @@ def test_ddp_two_processes_equal_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29517",
-            os.path.join(ROOT, "train.py"),
-            *flags,
-            "--out",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--master_port=29517", os.path.join(ROOT, "train.py"), *flags, "--out",
             str(tmp_path / "ddp"),
         ],
-        check=True,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
+        check=True, cwd=ROOT, env=env, capture_output=True,
     )
     one = run(tmp_path / "one", "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3")
     a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
@@ -214,16 +198,8 @@ def test_train_on_prepared_data(tmp_path):
     data.main(
         data.parse_args(
             [
-                "--source",
-                str(tmp_path / "raw"),
-                "--dest",
-                str(tmp_path / "data"),
-                "--resolution",
-                "32",
-                "--vae",
-                "tiny-random",
-                "--workers",
-                "0",
+                "--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"), "--resolution",
+                "32", "--vae", "tiny-random", "--workers", "0",
             ]
         )
     )
@@ -266,15 +242,8 @@ def test_bad_components_are_one_line_errors(tmp_path):
         run(tmp_path, "--align", "repa", "--enc-type", "foo")
     with pytest.raises(SystemExit, match="encoder weights file .*nope.pth does not exist"):
         run(
-            tmp_path,
-            "--align",
-            "repa",
-            "--enc-type",
-            "dinov2-vit-s",
-            "--enc-weights",
-            str(tmp_path / "nope.pth"),
-            "--resolution",
-            "256",
+            tmp_path, "--align", "repa", "--enc-type", "dinov2-vit-s", "--enc-weights",
+            str(tmp_path / "nope.pth"), "--resolution", "256",
         )
     with pytest.raises(
         SystemExit, match="SiT-T/4 has 1 tokens but the encoder gives 4: .*patch size 2"
@@ -508,17 +477,8 @@ def test_logging_mirrors_every_metric_and_draws_the_loss_curves(tmp_path, monkey
         runs, "plot_metrics", lambda *paths: drawn.append(paths) or REAL_PLOT(*paths)
     )
     run_dir = run(
-        tmp_path,
-        "--align",
-        "sara",
-        "--disc-every",
-        "2",
-        "--max-steps",
-        "4",
-        "--wandb",
-        "proj",
-        "--tensorboard",
-        "1",
+        tmp_path, "--align", "sara", "--disc-every", "2", "--max-steps", "4", "--wandb", "proj",
+        "--tensorboard", "1",
     )
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert logged == [*rows, "finished"]  # every row, every key, in order
@@ -561,15 +521,8 @@ def torchrun(out, ranks, *flags, launcher=()):
     with open(os.path.join(out, "torchrun.log"), "ab") as log:
         return subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *launcher,
-                os.path.join(ROOT, "train.py"),
-                *TINY,
-                *flags,
-                "--out",
-                str(out),
+                sys.executable, "-m", "torch.distributed.run", *launcher,
+                os.path.join(ROOT, "train.py"), *TINY, *flags, "--out", str(out),
             ],
             cwd=ROOT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -591,15 +544,7 @@ def workers(process):
 
 
 PREEMPT = [
-    "--align",
-    "sara",
-    "--disc-every",
-    "2",
-    "--max-steps",
-    "12",
-    "--ckpt-every",
-    "2",
-    "--log-every",
+    "--align", "sara", "--disc-every", "2", "--max-steps", "12", "--ckpt-every", "2", "--log-every",
     "100",
 ]
 
@@ -641,16 +586,8 @@ def test_two_nodes_equal_one_process(tmp_path):
     flags = ["--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
     endpoint = f"127.0.0.1:{free_port()}"
     launcher = (
-        "--nnodes",
-        "2",
-        "--nproc_per_node",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        endpoint,
-        "--rdzv-id",
-        "two-nodes",
+        "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        endpoint, "--rdzv-id", "two-nodes",
     )
     nodes = [torchrun(tmp_path / "nodes", 2, *flags, launcher=launcher) for _ in range(2)]
     for node in nodes:
@@ -680,11 +617,7 @@ def sync_bn_worker(rank, world, port, x, upstream, result_queue):
     (bn(xr) * upstream[rows]).sum().backward()
     tensors = (
         bn(xr).detach(),
-        xr.grad,
-        bn.weight.grad,
-        bn.bias.grad,
-        bn.running_mean,
-        bn.running_var,
+        xr.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
     )
     # by value: this process may exit before the read
     result_queue.put((rank, *[t.numpy() for t in tensors]))
@@ -738,16 +671,8 @@ def test_sara_with_disc_sync_bn_two_ranks_equal_one_process(tmp_path):
     first steps turn their rounding noise into +-lr updates, whichever process computes them.
     """
     flags = [
-        "--align",
-        "sara",
-        "--disc-every",
-        "1",
-        "--max-steps",
-        "1",
-        "--ckpt-every",
-        "1",
-        "--disc-sync-bn",
-        "1",
+        "--align", "sara", "--disc-every", "1", "--max-steps", "1", "--ckpt-every", "1",
+        "--disc-sync-bn", "1",
     ]
     finished(torchrun(tmp_path / "ddp", 2, *flags), tmp_path / "ddp")
     one = run(tmp_path / "one", *flags)
@@ -778,21 +703,8 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.savez(ref, arr_0=noise)
     flags = [
-        *TRAIN,
-        "--out",
-        str(tmp_path / "runs"),
-        "--eval-every",
-        "2",
-        "--eval-ref",
-        ref,
-        "--eval-samples",
-        "4",
-        "--eval-steps",
-        "3",
-        "--eval-cfg",
-        "1.5",
-        "--eval-weights",
-        weights,
+        *TRAIN, "--out", str(tmp_path / "runs"), "--eval-every", "2", "--eval-ref", ref,
+        "--eval-samples", "4", "--eval-steps", "3", "--eval-cfg", "1.5", "--eval-weights", weights,
     ]
     calls, real_fid = [], fid.fid_from_stats
 
@@ -820,16 +732,8 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     sample.main(
         sample.parse_args(
             [
-                "--num-samples",
-                "4",
-                "--num-steps",
-                "3",
-                "--cfg",
-                "1.5",
-                "--batch-size",
-                "4",
-                "--out",
-                npz,
+                "--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
+                "--out", npz,
             ]
         )
     )
@@ -846,20 +750,8 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     offline = fid.main(
         fid.parse_args(
             [
-                ref,
-                npz,
-                "--weights",
-                weights,
-                "--weights-sha256",
-                "",
-                "--min-images",
-                "4",
-                "--device",
-                "cpu",
-                "--cache",
-                "0",
-                "--out",
-                str(tmp_path / "eval.json"),
+                ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
+                "--device", "cpu", "--cache", "0", "--out", str(tmp_path / "eval.json"),
             ]
         )
     )
@@ -882,17 +774,8 @@ def test_keep_every_keeps_multiples_for_good(tmp_path):
     run_dir = train.main(
         train.parse_args(
             [
-                *TRAIN,
-                "--out",
-                str(tmp_path),
-                "--align",
-                "none",
-                "--max-steps",
-                "8",
-                "--keep-ckpts",
-                "1",
-                "--keep-every",
-                "4",
+                *TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
+                "--keep-ckpts", "1", "--keep-every", "4",
             ]
         )
     )
@@ -937,39 +820,16 @@ def test_online_eval_on_two_processes_equals_one(tmp_path):
     ref = str(tmp_path / "ref.npz")
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
     flags = [
-        *TRAIN,
-        "--align",
-        "none",
-        "--ema-decay",
-        "1",
-        "--eval-every",
-        "2",
-        "--eval-ref",
-        ref,
-        "--eval-samples",
-        "5",
-        "--eval-steps",
-        "3",
-        "--eval-weights",
-        weights,
+        *TRAIN, "--align", "none", "--ema-decay", "1", "--eval-every", "2", "--eval-ref", ref,
+        "--eval-samples", "5", "--eval-steps", "3", "--eval-weights", weights,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            os.path.join(ROOT, "train.py"),
-            *flags,
-            "--out",
-            str(tmp_path / "two"),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "train.py"), *flags, "--out", str(tmp_path / "two"),
         ],
-        check=True,
-        env=env,
-        capture_output=True,
+        check=True, env=env, capture_output=True,
     )
     one = train.main(train.parse_args([*flags, "--out", str(tmp_path / "one")]))
     rows = {}

@@ -42,11 +42,7 @@ IMAGE_SEED, WEIGHT_SEED = 0, 1
 # reduced width and heads of every family except CLIP (openai/CLIP: heads = width // 64)
 W, HEADS = 32, 2
 VIT = dict(
-    embed_dim=W,
-    depth=2,
-    num_heads=HEADS,
-    mlp_ratio=4,
-    qkv_bias=True,
+    embed_dim=W, depth=2, num_heads=HEADS, mlp_ratio=4, qkv_bias=True,
     norm_layer=partial(nn.LayerNorm, eps=1e-6),
 )
 
@@ -181,17 +177,9 @@ def dinov2_model(args, name):
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
     return DinoVisionTransformer(
-        img_size=518,
-        patch_size=14,
-        init_values=1.0,
-        ffn_layer="mlp",
-        block_chunks=0,
+        img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", block_chunks=0,
         num_register_tokens=4 if "reg" in name else 0,
-        interpolate_antialias=False,
-        interpolate_offset=0.1,
-        embed_dim=W,
-        depth=2,
-        num_heads=HEADS,
+        interpolate_antialias=False, interpolate_offset=0.1, embed_dim=W, depth=2, num_heads=HEADS,
         mlp_ratio=4,
     )
 
@@ -248,21 +236,12 @@ def official_files(args):
         },
     )
     clip = CLIP(
-        embed_dim=16,
-        image_resolution=224,
-        vision_layers=2,
-        vision_width=64,
-        vision_patch_size=14,
-        context_length=4,
-        vocab_size=8,
-        transformer_width=64,
-        transformer_heads=1,
+        embed_dim=16, image_resolution=224, vision_layers=2, vision_width=64, vision_patch_size=14,
+        context_length=4, vocab_size=8, transformer_width=64, transformer_heads=1,
         transformer_layers=1,
     )
     files["clip-vit-l"] = (
-        dict(embed_dim=64, depth=2, num_heads=1),
-        "ViT-L-14.pt",
-        clip.state_dict(),
+        dict(embed_dim=64, depth=2, num_heads=1), "ViT-L-14.pt", clip.state_dict(),
     )
     return files
 

@@ -13,16 +13,8 @@ import sys
 import torch
 
 TINY = dict(
-    input_size=8,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=32,
-    depth=3,
-    num_heads=2,
-    mlp_ratio=4.0,
-    class_dropout_prob=0.1,
-    num_classes=10,
-    encoder_depth=2,
+    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, mlp_ratio=4.0,
+    class_dropout_prob=0.1, num_classes=10, encoder_depth=2,
     z_dims=[16, 8],
     projector_dim=24,
 )
@@ -62,9 +54,7 @@ def model_reference(repa_sit):
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
     net.load_state_dict(state)
     x, t, y = (
-        torch.randn(3, 4, 8, 8, generator=g),
-        torch.rand(3, generator=g),
-        torch.tensor([1, 10, 3]),
+        torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([1, 10, 3]),
     )
     net.eval()
     with torch.no_grad():
@@ -77,16 +67,8 @@ def model_reference(repa_sit):
 
 
 SAMPLER_TINY = dict(
-    input_size=8,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=16,
-    depth=2,
-    num_heads=2,
-    mlp_ratio=4.0,
-    class_dropout_prob=0.1,
-    num_classes=10,
-    encoder_depth=1,
+    input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, mlp_ratio=4.0,
+    class_dropout_prob=0.1, num_classes=10, encoder_depth=1,
     z_dims=[8],
     projector_dim=8,
 )
@@ -138,29 +120,15 @@ def sampler_reference(repa_sit, samplers, sample_seed):
         x, y = torch.randn(3, 4, 8, 8), torch.randint(0, null, (3,))
         sampler = samplers.euler_maruyama_sampler if name == "sde" else samplers.euler_sampler
         out = sampler(
-            model,
-            x,
-            y,
-            num_steps=steps,
-            heun=heun,
-            cfg_scale=cfg,
-            guidance_low=low,
-            guidance_high=high,
-            path_type=path_type,
+            model, x, y, num_steps=steps, heun=heun, cfg_scale=cfg, guidance_low=low,
+            guidance_high=high, path_type=path_type,
         )
         cases.append(
             dict(
-                sampler=name,
-                num_steps=steps,
-                heun=heun,
-                cfg=cfg,
-                guidance_low=low,
-                guidance_high=high,
-                path_type=path_type,
+                sampler=name, num_steps=steps, heun=heun, cfg=cfg, guidance_low=low,
+                guidance_high=high, path_type=path_type,
                 global_seed=10 + k,
-                x=x,
-                y=y,
-                out=out,
+                x=x, y=y, out=out,
             )
         )
     seed, indices, per_sample = 7, [0, 1, 2], []
@@ -177,10 +145,7 @@ def sampler_reference(repa_sit, samplers, sample_seed):
         seed=seed,
         indices=indices,
         seeds=[sample_seed(seed, i) for i in indices],
-        num_steps=6,
-        cfg=1.5,
-        guidance_low=0.0,
-        guidance_high=0.7,
+        num_steps=6, cfg=1.5, guidance_low=0.0, guidance_high=0.7,
         out=torch.cat(per_sample),
     )
     return dict(config=SAMPLER_TINY, state_dict=state, cases=cases, per_index=per_index)
