@@ -34,6 +34,8 @@ import torch.distributed as dist
 import cluster
 import losses
 from cluster import UserError, write_atomic
+from data import SYNTHETIC
+from encoders import TINY_RANDOM
 from model import SIZES, SiT, size_config
 
 log = logging.getLogger("train")
@@ -71,10 +73,40 @@ def open_log(run_dir, rank):
 
 
 def write_config(run_dir, config, rank):
-    """config.json: the resolved configuration, as every checkpoint also stores it."""
+    """config.json: the resolved configuration, as every checkpoint also stores it; each random
+    stand-in is said loudly."""
+    for part in config["random_components"]:
+        log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run "
+                    "mean nothing", part)
     if rank == 0:
         text = json.dumps(config, indent=2).encode()
         write_atomic(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
+
+
+def run_name(config, base, flags):
+    """preset-align-model, then each of `flags` whose value in force differs from the `base`
+    configuration (the preset's): -adv0, -lr0.0002, ..."""
+
+    def value(c, k):  # the value in force: alignment flags resolve through the alignment preset
+        return c["align_config"][k] if k in c["align_config"] else c.get(k)
+
+    skip = RESUMABLE_CHANGES | {"preset", "align", "model"}
+    parts = [f"{config['preset']}-{config['align']}-{config['model'].replace('/', '')}"]
+    for k in sorted(k for k in flags if k not in skip and value(config, k) != value(base, k)):
+        v = value(config, k)
+        text = "-".join(f"{x:g}" if isinstance(x, float) else str(x)
+                        for x in (v if isinstance(v, (list, tuple)) else [v]))
+        parts.append(k.removesuffix("_weight").replace("_", "") + text.replace("/", ""))
+    return "-".join(parts)
+
+
+def random_components(config, dataset, run):
+    """The stand-ins of this run, recorded in config.json and every checkpoint."""
+    return ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + [
+        f"encoder ({e.name})" for e in run.encoders if not e.pretrained] + (
+        ["discriminator trunk (random ResNet-18)"] if run.disc and not run.disc.pretrained else []
+    ) + (
+        [f"vae ({TINY_RANDOM})"] if config["vae"] == TINY_RANDOM and config["sample_every"] else [])
 
 
 def read_metrics(run_dir):
@@ -200,6 +232,18 @@ def load_run_checkpoint(paths, config, world, given=()):
     return path, ckpt
 
 
+def already_complete(run_dir, config, pos, evaluated):
+    """Whether the resumed run has nothing left to do (an evaluation killed at the end still
+    runs); says so, and how to train longer."""
+    every = config["eval_every"]
+    due = every and pos.step % every == 0 and pos.step not in evaluated
+    if pos.step < config["max_steps"] or due:
+        return False
+    log.info("the run in %s is already complete at step %d: give a higher --max-steps to train "
+             "longer, or another --run-name to start another run", run_dir, pos.step)
+    return True
+
+
 def load_state(run, ckpt):
     """Weights, optimizer and scaler states of a checkpoint into run (not the random states)."""
     for key in CHECKPOINTED:
@@ -316,7 +360,9 @@ class Metrics:
             write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def write(self, row):
-        """Append row (a dict of numbers with a "step") everywhere and redraw the loss curves."""
+        """Log row (a dict of numbers with a "step"), append it everywhere, redraw the curves."""
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in row.items()))
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:

@@ -173,18 +173,7 @@ def default_run_name(args, config, world):
     ablation gets its own folder."""
     base = resolve_config(parse_args(["--preset", config["preset"], "--align", config["align"],
                                       "--model", config["model"], "--run-name", "base"]), world)
-
-    def value(c, k):  # the value in force: alignment flags resolve through the alignment preset
-        return c["align_config"][k] if k in c["align_config"] else c.get(k)
-
-    skip = runs.RESUMABLE_CHANGES | {"preset", "align", "model"}
-    parts = [f"{config['preset']}-{config['align']}-{config['model'].replace('/', '')}"]
-    for k in sorted(k for k in vars(args) if k not in skip and value(config, k) != value(base, k)):
-        v = value(config, k)
-        text = "-".join(f"{x:g}" if isinstance(x, float) else str(x)
-                        for x in (v if isinstance(v, (list, tuple)) else [v]))
-        parts.append(k.removesuffix("_weight").replace("_", "") + text.replace("/", ""))
-    return "-".join(parts)
+    return runs.run_name(config, base, vars(args))
 
 
 def check_eval(config, world):
@@ -344,22 +333,15 @@ def train_step(run, config, align, batch, step, rows):
 
 def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
     """fid.py's five numbers for `sample.py --seed SEED --cfg EVAL_CFG --num-steps EVAL_STEPS
-    --num-samples EVAL_SAMPLES`; rank r samples and embeds batches r, r + world, ... as fid.py."""
-    t_start, n, size = time.time(), config["eval_samples"], config["batch_size"] // world
-    sampling = dict(seed=config["seed"], cfg=config["eval_cfg"], num_steps=config["eval_steps"],
-                    device=device)
-    mine = range(rank, -(-n // size), world)
-    batches = (sample.generate_images(ema, vae, list(range(k * size, min(n, k * size + size))),
-                                      **sampling) for k in mine)
-    scores = evaluator(batches, len(mine), world)
+    --num-samples EVAL_SAMPLES`, as one metrics row."""
+    t_start, n = time.time(), config["eval_samples"]
+    scores = sample.score(ema, vae, evaluator, n, config["batch_size"] // world, rank, world,
+                          seed=config["seed"], cfg=config["eval_cfg"],
+                          num_steps=config["eval_steps"], device=device)
     if rank == 0:
-        row = dict(step=step, **scores, eval_samples=n, eval_cfg=config["eval_cfg"],
-                   eval_steps=config["eval_steps"], eval_sec=time.time() - t_start,
-                   inception_sha256=evaluator.digest)
-        log.info("eval step %d, %d samples: FID %.4f sFID %.4f IS %.2f precision %.3f recall %.3f",
-                 step, n, row["fid"], row["sfid"], row["inception_score"], row["precision"],
-                 row["recall"])
-        metrics.write(row)
+        metrics.write(dict(step=step, **scores, eval_samples=n, eval_cfg=config["eval_cfg"],
+                           eval_steps=config["eval_steps"], eval_sec=time.time() - t_start,
+                           inception_sha256=evaluator.digest))
     cluster.barrier(world)
 
 
@@ -385,7 +367,7 @@ def train(args, stop):
     dataset = build_dataset(config)
     run = build_run(config, dataset.num_classes, device, world)
     config["model_config"] = run.model.config
-    config["random_components"] = random_components(config, dataset, run)  # never silent
+    config["random_components"] = runs.random_components(config, dataset, run)  # never silent
     vae = None
     if (rank == 0 and config["sample_every"] or config["eval_every"]) and config["vae"] != "none":
         with cluster.failing(f"--vae {config['vae']}"):
@@ -396,18 +378,10 @@ def train(args, stop):
     typed = {k for k, v in vars(args).items() if v != vars(parse_args([]))[k]}
     pos = runs.resume(run_dir, run, config, device, world, typed)
     evaluated = {row["step"] for row in runs.read_metrics(run_dir) if "fid" in row} | {0}
-    due = (
-        config["eval_every"] and pos.step % config["eval_every"] == 0 and pos.step not in evaluated
-    )
-    if pos.step >= config["max_steps"] and not due:  # an evaluation killed at the end still runs
-        log.info("the run in %s is already complete at step %d: give a higher --max-steps to train "
-                 "longer, or another --run-name to start another run", run_dir, pos.step)
+    if runs.already_complete(run_dir, config, pos, evaluated):
         cluster.close(world)
         return run_dir
-    runs.write_config(run_dir, config, rank)
-    for part in config["random_components"]:
-        log.warning("NOT PRETRAINED: %s is a random or synthetic stand-in; numbers from this run "
-                    "mean nothing", part)
+    runs.write_config(run_dir, config, rank)  # and the stand-ins, loudly
     metrics = runs.Metrics(run_dir, config, pos.step) if rank == 0 else None
     cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
     evaluator = None
@@ -450,8 +424,6 @@ def train(args, stop):
             row, t_last = runs.metrics_row(stats, pos.step, config, t_last, world), time.time()
             stats = {}
             if rank == 0:
-                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in row.items()))
                 metrics.write(row)
         if config["sample_every"] and pos.step % config["sample_every"] == 0 and rank == 0:
             sample.write_grid(os.path.join(run_dir, "samples", f"{pos.step:07d}.png"), run.ema, vae,
@@ -463,23 +435,13 @@ def train(args, stop):
             runs.save_checkpoint(run_dir, config, run, pos, device, rank, world)
         if preempted:
             log.info("preempted (%s): stopped after step %d with a checkpoint; re-run the same "
-                     "command to continue", f"{stop.signal} here" if stop.signal else
-                     "a signal on another rank", pos.step)
+                     "command to continue", stop.signal or "another rank's signal", pos.step)
             break
     bar.close()
     if metrics is not None:
         metrics.close()
     cluster.close(world)
     return run_dir
-
-
-def random_components(config, dataset, run):
-    """The stand-ins of this run, recorded in config.json and every checkpoint."""
-    return ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + [
-        f"encoder ({e.name})" for e in run.encoders if not e.pretrained] + (
-        ["discriminator trunk (random ResNet-18)"] if run.disc and not run.disc.pretrained else []
-    ) + (
-        [f"vae ({TINY_RANDOM})"] if config["vae"] == TINY_RANDOM and config["sample_every"] else [])
 
 
 if __name__ == "__main__":
