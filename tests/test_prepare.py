@@ -180,7 +180,7 @@ def test_bad_source_is_a_clear_exit(tmp_path):
 def test_every_flag_has_help():
     """argparse help on every flag, and the defaults REPA's preprocessing uses."""
     actions = [a for a in data.build_parser()._actions if a.dest != "help"]
-    assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
+    assert len(actions) == 14 and all(a.help and len(a.help) > 20 for a in actions)
     args = data.parse_args(["--source", "s", "--dest", "d"])
     assert (
         args.resolution == 256
