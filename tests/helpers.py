@@ -1,4 +1,6 @@
-"""Helpers the tests share: stand-in weights that need no download."""
+"""Helpers the tests share: stand-in weights that need no download, a folder snapshot."""
+
+import os
 
 import pytest
 import torch
@@ -31,3 +33,14 @@ def cli_error(capsys, parse, *argv):
         parse(list(argv))
     assert stop.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def snapshot(dest):
+    """{relative path: (bytes, mtime_ns)} of every file under dest."""
+    out = {}
+    for d, _, files in os.walk(dest):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out

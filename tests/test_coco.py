@@ -16,6 +16,7 @@ import data
 import encoders
 from cluster import UserError
 from data import CocoDataset, GlobalBatchSampler
+from helpers import snapshot
 
 TOKENS, DIM = 77, 8
 
@@ -89,17 +90,6 @@ TINY = ["--dataset", "coco", "--resolution", "32", "--vae", "tiny-random", "--wo
 def run(source, dest, *extra):
     """data.py --dataset coco in this process, tiny VAE, 32 px, stub text encoder."""
     data.main(data.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
-
-
-def snapshot(dest):
-    """{relative path: (bytes, mtime_ns)} of every file under dest."""
-    out = {}
-    for d, _, files in os.walk(dest):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error
+from helpers import cli_error, snapshot
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
 # zebra 2
@@ -46,17 +46,6 @@ TINY = ["--resolution", "32", "--vae", "tiny-random", "--workers", "0", "--batch
 def run(source, dest, *extra):
     """data.py in this process with the tiny VAE at 32 px."""
     data.main(data.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
-
-
-def snapshot(dest):
-    """{relative path: (bytes, mtime_ns)} of every file under dest."""
-    out = {}
-    for d, _, files in os.walk(dest):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
-    return out
 
 
 def test_center_crop_halves_then_crops_exactly():
