@@ -286,14 +286,16 @@ def build_dataset(config):
     """The REPA-layout dataset of config's data_dir, or the synthetic one (loudly labelled)."""
     try:
         if config["data_dir"] == SYNTHETIC:
-            return SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
-                                    config["resolution"], config["seed"])
-        dataset = LatentImageDataset(config["data_dir"])
+            dataset = SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
+                                       config["resolution"], config["seed"])
+        else:
+            dataset = LatentImageDataset(config["data_dir"])
     except ValueError as e:
         raise UserError(str(e)) from e
     if dataset.resolution != config["resolution"]:
         raise UserError(f"{config['data_dir']} holds {dataset.resolution} px images but "
-                                f"--resolution is {config['resolution']}")
+                        f"--resolution is {config['resolution']}")
+    GlobalBatchSampler(len(dataset), config["batch_size"], 0, 1, 0, 0)  # one batch, before the run
     return dataset
 
 
@@ -308,7 +310,7 @@ class GlobalBatchSampler(Sampler):
     def __init__(self, size, global_batch, rank, world, seed, start_step):
         if size < global_batch:
             raise UserError(f"the dataset has {size} images, fewer than one global batch of "
-                                    f"{global_batch}")
+                            f"{global_batch}")
         self.size, self.global_batch, self.seed, self.start_step = (
             size, global_batch, seed, start_step,
         )
