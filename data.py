@@ -287,9 +287,9 @@ def build_dataset(config):
     """The REPA-layout dataset of config's data_dir, or the synthetic one (loudly labelled)."""
     try:
         if config["data_dir"] == SYNTHETIC:
-            return SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
-                                    config["resolution"], config["seed"])
-        if is_coco(config["data_dir"]):  # text-to-image (see the COCO section below)
+            dataset = SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
+                                       config["resolution"], config["seed"])
+        elif is_coco(config["data_dir"]):  # text-to-image (see the COCO section below)
             dataset = CocoDataset(config["data_dir"], "train", config["seed"],
                                   {k: config.get(k) for k in ("text_encoder", "moments")})
         else:
@@ -298,7 +298,8 @@ def build_dataset(config):
         raise UserError(str(e)) from e
     if dataset.resolution != config["resolution"]:
         raise UserError(f"{config['data_dir']} holds {dataset.resolution} px images but "
-                                f"--resolution is {config['resolution']}")
+                        f"--resolution is {config['resolution']}")
+    GlobalBatchSampler(len(dataset), config["batch_size"], 0, 1, 0, 0)  # one batch, before the run
     return dataset
 
 
@@ -314,7 +315,7 @@ class GlobalBatchSampler(Sampler):
     def __init__(self, size, global_batch, rank, world, seed, start_step, keyed=False):
         if size < global_batch:
             raise UserError(f"the dataset has {size} images, fewer than one global batch of "
-                                    f"{global_batch}")
+                            f"{global_batch}")
         self.size, self.global_batch, self.seed, self.start_step, self.keyed = (
             size, global_batch, seed, start_step, keyed,
         )

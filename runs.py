@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -201,8 +202,7 @@ def load_run_checkpoint(paths, config, world, given=()):
             ckpt, found = torch.load(paths[i], map_location="cpu", weights_only=True), i
             break
         except Exception as e:  # truncated files and foreign pickles fail in many ways
-            reason = f"{type(e).__name__}: {first_line(e)[:120]}"
-            why = f"{paths[i]} is not a readable checkpoint ({reason})"
+            why = unreadable(paths[i], e)
             log.warning("%s; falling back to the previous checkpoint", why)
             error = error or why
     agreed = cluster.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
@@ -483,6 +483,26 @@ def download_repa(path):
                         "--ckpt PATH") from e
 
 
+def unreadable(path, error):
+    """Why torch.load(path, weights_only=True) failed, in one line; never torch's advice to retry
+    with weights_only=False: this project does not run code a file pickles."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"{path} is not a checkpoint of tensors (it pickles {found[1]}, which a "
+                "weights-only load refuses)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"{path} is not readable ({e.strerror})"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        return f"{path} is not a checkpoint ({'empty' if not head else 'not a torch.save file'})"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = (detail[1] if detail else first_line(error).split(". ")[0])[:160]
+    return f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})"
+
+
 def read_checkpoint(path):
     """torch.load a checkpoint dict with weights_only=True (allowing REPA's argparse.Namespace)."""
     if not os.path.isfile(path):
@@ -491,9 +511,7 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled types weights_only refuses
-        raise UserError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})"
-        ) from e
+        raise UserError(unreadable(path, e)) from e
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt

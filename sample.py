@@ -82,10 +82,13 @@ def euler_ode(velocity, x, num_steps=50, heun=False):
     return x
 
 
-def guided_velocity(model, y, cfg=1.0, guidance_low=0.0, guidance_high=1.0):
+def guided_velocity(model, y, cfg=1.0, guidance_low=0.0, guidance_high=1.0, null=None):
     """Velocity function of a model for conditions y, with CFG on all channels inside the interval.
+
+    y: class labels (B,) or text context (B, 77, D); null: the unconditional condition of the same
+    shape (default: the model's null class; for text, the empty caption's features).
     """
-    null = model.null_condition(y)  # REPA's y_null
+    null = model.null_condition(y) if null is None else null  # REPA's y_null
 
     def velocity(x, t, t_step=None):
         """x (B, C, H, W) float64 at time t -> v float64; t_step (default t) decides whether to
@@ -112,22 +115,68 @@ def sample_seed(seed, index):
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
+class Prompts:
+    """The text-to-image condition: captions used in turn by global sample index, encoded when
+    sampled; the empty caption's features are the null condition (REPA's y_null)."""
+
+    def __init__(self, encoder, captions):
+        self.encoder, self.captions, self.null = encoder, list(captions), None
+
+    def caption(self, index):
+        """Global sample index's caption."""
+        return self.captions[index % len(self.captions)]
+
+    def context(self, indices, device):
+        """(B, 77, D) features of the samples' captions and the (B, 77, D) null features."""
+        y = self.encoder.encode([self.caption(i) for i in indices]).to(device)  # (B, 77, D)
+        if self.null is None:
+            self.null = self.encoder.encode([""]).to(device)  # (1, 77, D)
+        return y, self.null.to(y).expand_as(y)
+
+
+def read_captions(path):
+    """Captions of a file: a JSON list of strings (the captions.json sample.py writes beside its
+    PNGs) or a text file with one caption per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read captions ({type(e).__name__}: {e})") from e
+    if path.endswith(".json"):
+        try:
+            captions = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not JSON ({e})") from e
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"{path}: expected a JSON list of caption strings")
+    else:
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"{path}: no captions")
+    return captions
+
+
 @torch.no_grad()
 def sample_latents(model, indices, *, seed=0, mode="sde", num_steps=250, cfg=1.0, guidance_low=0.0,
-                   guidance_high=1.0, class_labels=None, device="cpu"):
+                   guidance_high=1.0, class_labels=None, prompts=None, device="cpu"):
     """Final scaled latents (B, C, H, W) float64 of the given global sample indices.
 
     class_labels: labels used in turn instead of the drawn ones (the noise stays the same).
+    prompts: a Prompts for a text-to-image model (its captions condition, no label is drawn).
     """
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
     c, size = model.config["in_channels"], model.config["input_size"]
     # Drawn on the CPU in REPA's order (noise, label, then SDE noise): images do not depend on the
     # device.
     x = torch.cat([torch.randn(1, c, size, size, generator=g) for g in gens])  # (B, C, H, W)
-    y = torch.cat([torch.randint(0, model.num_classes, (1,), generator=g) for g in gens])  # (B,)
-    if class_labels:
-        y = torch.tensor([class_labels[i % len(class_labels)] for i in indices])
-    velocity = guided_velocity(model, y.to(device), cfg, guidance_low, guidance_high)
+    if prompts is not None:  # REPA's generate_t2i.py draws the noise alone
+        y, null = prompts.context(indices, device)  # (B, 77, D) each
+    else:
+        y = torch.cat([torch.randint(0, model.num_classes, (1,), generator=g) for g in gens])
+        if class_labels:
+            y = torch.tensor([class_labels[i % len(class_labels)] for i in indices])
+        y, null = y.to(device), None
+    velocity = guided_velocity(model, y, cfg, guidance_low, guidance_high, null)
     x = x.to(device)
     if mode == "sde":
 

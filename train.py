@@ -372,6 +372,11 @@ def train(args, stop):
     if (rank == 0 and config["sample_every"] or config["eval_every"]) and config["vae"] != "none":
         with cluster.failing(f"--vae {config['vae']}"):
             vae = load_vae(config["vae"], device)
+    evaluator = None
+    if config["eval_every"]:  # a given --eval-weights file is used whatever its checksum, and named
+        with cluster.failing("the FID Inception or --eval-ref (offline: --eval-weights FILE)"):
+            evaluator = fid.Evaluator(config["eval_ref"], config.get("eval_weights"), "", device,
+                                      rank, world)
 
     # Resume from the newest readable checkpoint (a fresh start has none)
     runs.open_log(run_dir, rank)
@@ -384,11 +389,6 @@ def train(args, stop):
     runs.write_config(run_dir, config, rank)  # and the stand-ins, loudly
     metrics = runs.Metrics(run_dir, config, pos.step) if rank == 0 else None
     cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
-    evaluator = None
-    if config["eval_every"]:  # a given --eval-weights file is used whatever its checksum, and named
-        with cluster.failing("the FID Inception or --eval-ref (offline: --eval-weights FILE)"):
-            evaluator = fid.Evaluator(config["eval_ref"], config.get("eval_weights"), "", device,
-                                      rank, world)
 
     # Data: global batch i is a fixed slice of a per-epoch seeded permutation, from pos.batch on
     loader = global_batches(dataset, config, rank, world, pos.batch, device)

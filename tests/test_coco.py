@@ -383,7 +383,8 @@ def test_reader_errors(prepared, tmp_path):
 
 def test_build_dataset_picks_coco(prepared):
     _, dest = prepared
-    config = {"data_dir": dest, "seed": 0, "resolution": 32, "text_encoder": "stub-text"}
+    config = {"data_dir": dest, "seed": 0, "resolution": 32, "text_encoder": "stub-text",
+              "batch_size": 2}
     assert isinstance(data.build_dataset(config), CocoDataset)
     with pytest.raises(UserError, match="run expects 'clip'"):
         data.build_dataset({**config, "text_encoder": "clip"})
