@@ -134,6 +134,28 @@ class Prompts:
         return y, self.null.to(y).expand_as(y)
 
 
+def read_captions(path):
+    """Captions of a file: a JSON list of strings (the captions.json sample.py writes beside its
+    PNGs) or a text file with one caption per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read captions ({type(e).__name__}: {e})") from e
+    if path.endswith(".json"):
+        try:
+            captions = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not JSON ({e})") from e
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise UserError(f"{path}: expected a JSON list of caption strings")
+    else:
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"{path}: no captions")
+    return captions
+
+
 @torch.no_grad()
 def sample_latents(model, indices, *, seed=0, mode="sde", num_steps=250, cfg=1.0, guidance_low=0.0,
                    guidance_high=1.0, class_labels=None, prompts=None, device="cpu"):

@@ -529,7 +529,7 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
 
 
 @pytest.mark.slow
-def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch):
+def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch, capsys):
     calls = recording_fid(monkeypatch)
     arr = images(6, seed=8)
     np.savez(tmp_path / "source.npz", arr_0=arr)
@@ -548,6 +548,10 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
         )
         assert_same_stats(call)  # the samples are the same 6 images
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
+    # the output says how many samples were scored against which reference's statistics
+    assert (f"6 samples ({tmp_path / 'source.npz'}) against the reference {out} (FID statistics: "
+            "its stored mu/sigma; 4 images for precision/recall)") in capsys.readouterr().out
+    assert results["ref_stats"] == "npz mu/sigma" and results["num_samples"] == 6
 
 
 def run_fid(nproc, *argv):
