@@ -186,6 +186,7 @@ def test_failed_starts_leave_no_run_folder(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_a_copied_run_folder_resumes_with_a_note(tmp_path, capsys):
     straight = run(tmp_path / "a", "--align", "none", "--max-steps", "4")
     first = run(tmp_path / "b", "--align", "none", "--max-steps", "2")
@@ -254,6 +255,7 @@ def old_getitem(self, idx):
             torch.tensor(self.labels[idx]))
 
 
+@pytest.mark.slow
 def test_clean_data_trains_bit_identically_with_and_without_the_checks(prepared, tmp_path,
                                                                       monkeypatch):
     flags = ["--data-dir", str(prepared), "--align", "repa", "--max-steps", "4"]
