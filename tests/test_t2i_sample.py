@@ -259,15 +259,21 @@ def test_a_checkpoint_of_the_other_kind_is_a_one_line_error(text_ckpt, tmp_path)
     assert runs.text_encoder_of({"pos_embed": torch.zeros(1)}) is None
 
 
+def coco_val_folder(folder):
+    """A data.py COCO folder's val/captions.json of 40 images with 3 to 5 captions; its items."""
+    (folder / "val").mkdir()
+    items = [[i + 10, f"COCO_val2014_{i + 10:012d}.jpg", [f"image {i} caption {k}"
+                                                           for k in range(3 + i % 3)]]
+             for i in range(40)]
+    (folder / "val" / "captions.json").write_text(json.dumps(items))
+    return items
+
+
 def test_coco_val_captions_are_one_seeded_caption_per_image(tmp_path):
     """Sample i gets one of val image i's captions, drawn with the seed: the same on every call
     and for any count (a prefix), another seed another choice; more samples than images is an
     error; --coco-val defaults to REPA's 40,192 samples, ODE 50 steps, guidance 2.0."""
-    (tmp_path / "val").mkdir()
-    items = [[i + 10, f"COCO_val2014_{i + 10:012d}.jpg", [f"image {i} caption {k}"
-                                                           for k in range(3 + i % 3)]]
-             for i in range(40)]
-    (tmp_path / "val" / "captions.json").write_text(json.dumps(items))
+    items = coco_val_folder(tmp_path)
     chosen = sample.coco_val_captions(str(tmp_path), 40, seed=0)
     assert chosen == sample.coco_val_captions(str(tmp_path), 40, seed=0)
     assert all(c in item[2] for c, item in zip(chosen, items))
@@ -282,3 +288,18 @@ def test_coco_val_captions_are_one_seeded_caption_per_image(tmp_path):
         sample.coco_val_captions(str(tmp_path / "nowhere"), 4, seed=0)
     args = sample.parse_args(["--coco-val", str(tmp_path)])
     assert (args.num_samples, args.mode, args.num_steps, args.cfg) == (40192, "ode", 50, 2.0)
+
+
+def test_coco_val_samples_carry_their_captions(text_ckpt, tmp_path):
+    """--coco-val writes sample i with val image i's seeded caption, listed in captions.json."""
+    coco_val_folder(tmp_path)
+    chosen = sample.coco_val_captions(str(tmp_path), 40, seed=0)
+    out = tmp_path / "coco.npz"
+    run("--ckpt", text_ckpt, "--coco-val", tmp_path, "--num-samples", "3", "--num-steps", "2",
+        "--vae", "none", "--out", out)
+    assert json.loads((tmp_path / "coco" / "captions.json").read_text()) == chosen[:3]
+    prompts = sample.Prompts(encoders.load_text_encoder(name="tiny-random", random=True), chosen)
+    model = runs.build_model(torch.load(text_ckpt, weights_only=True), text_ckpt)
+    expected = sample.generate_images(model, None, [0, 1, 2], mode="ode", num_steps=2, cfg=2.0,
+                                      prompts=prompts)
+    assert np.array_equal(np.load(out)["arr_0"], expected)
