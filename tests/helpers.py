@@ -1,4 +1,6 @@
-"""Helpers the tests share: stand-in weights that need no download."""
+"""Helpers the tests share: stand-in weights that need no download, a folder snapshot."""
+
+import os
 
 import pytest
 import torch
@@ -53,3 +55,14 @@ class TextVelocity(nn.Module):
         pooled = torch.einsum("bnd,n->bd", context, self.token_weights)  # (B, dim)
         shift = self.context(pooled) + self.time(t[:, None].to(x.dtype))  # (B, C)
         return (torch.tanh(self.conv(x) + shift[:, :, None, None]) + 0.5 * x,)
+
+
+def snapshot(dest):
+    """{relative path: (bytes, mtime_ns)} of every file under dest."""
+    out = {}
+    for d, _, files in os.walk(dest):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out

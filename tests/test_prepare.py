@@ -17,7 +17,7 @@ import torch
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error
+from helpers import cli_error, snapshot
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
 # zebra 2
@@ -47,17 +47,6 @@ TINY = ["--resolution", "32", "--vae", "tiny-random", "--workers", "0", "--batch
 def run(source, dest, *extra):
     """data.py in this process with the tiny VAE at 32 px."""
     data.main(data.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
-
-
-def snapshot(dest):
-    """{relative path: (bytes, mtime_ns)} of every file under dest."""
-    out = {}
-    for d, _, files in os.walk(dest):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
-    return out
 
 
 def test_center_crop_halves_then_crops_exactly():
@@ -221,7 +210,7 @@ def test_bad_source_is_a_clear_exit(tmp_path):
 def test_every_flag_has_help():
     """argparse help on every flag, and the defaults REPA's preprocessing uses."""
     actions = [a for a in data.build_parser()._actions if a.dest != "help"]
-    assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
+    assert len(actions) == 14 and all(a.help and len(a.help) > 20 for a in actions)
     args = data.parse_args(["--source", "s", "--dest", "d"])
     assert (
         args.resolution == 256
