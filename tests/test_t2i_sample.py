@@ -130,7 +130,8 @@ def test_pickscore_is_logit_scale_times_cosine(tiny_pickscore):
 
 def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
     """The CLI scores a folder of PNGs with sample.py's captions.json: the mean of the library's
-    per-image scores, the count said; a caption count that does not match is a one-line error."""
+    per-image scores, the count said; a caption count that does not match is a one-line error
+    before anything loads."""
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     folder = tmp_path / "samples"
     folder.mkdir()
@@ -149,8 +150,8 @@ def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
     (tmp_path / "four.txt").write_text("a\nb\n\nc\nd\n")
     with pytest.raises(SystemExit, match=r"^pickscore.py: error: .* 5 images but the captions "
                                          r"are 4; give the captions"):
-        pickscore.main(pickscore.parser().parse_args(argv[:1] + [str(tmp_path / "four.txt")]
-                                                     + argv[2:]))
+        # before any weights load: no stand-in asked for, and no network needed
+        pickscore.main(pickscore.parser().parse_args([str(folder), str(tmp_path / "four.txt")]))
 
 
 # ----------------------------------------------------------------------------------------------
