@@ -1,16 +1,20 @@
-"""Sample a trained SiT: Euler-Maruyama SDE (default) or Euler / Heun ODE, with classifier-free
-guidance.
+"""Sample a trained SiT (class labels) or MMDiT (captions): Euler-Maruyama SDE (default) or Euler /
+Heun ODE, with classifier-free guidance.
 
     python sample.py --cfg 1.35                                               # grid, newest run
     python sample.py --ckpt runs/x --cfg 1.35                                 # ... of run folder x
     torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000  # samples.npz for
     fid.py
+    python sample.py --ckpt runs/t2i --prompt "a red bus" --prompt "two dogs" # text-to-image grid
+    torchrun --nproc_per_node 8 sample.py --ckpt runs/t2i --coco-val data/coco  # 40,192 for FID
 
-The samplers reproduce REPA's samplers.py (t=1 is noise, t=0 data) on the path the checkpoint was
-trained on (linear or cosine). Every sample's initial noise, label and SDE noise come from its own
-generator seeded by (seed, global index), so the images do not depend on the number of processes or
-the batch size (beyond fp32 kernel noise, which can flip a rare uint8 rounding when batches are
-composed differently), and an interrupted run resumes where it stopped.
+The samplers reproduce REPA's samplers.py and samplers_t2i.py (t=1 is noise, t=0 data) on the path
+the checkpoint was trained on (linear or cosine). Every sample's initial noise, label and SDE noise
+come from its own generator seeded by (seed, global index), so the images do not depend on the
+number of processes or the batch size (beyond fp32 kernel noise, which can flip a rare uint8
+rounding when batches are composed differently), and an interrupted run resumes where it stopped.
+With captions (a text-to-image checkpoint) the defaults are SRA^2 Table 4's: ODE, 50 steps,
+guidance 2.0, the empty caption's features as the null condition.
 --vae none (smoke runs) saves the final scaled latents instead of images: [-4, 4] mapped to uint8.
 """
 
