@@ -1,33 +1,27 @@
 """Training data in REPA's layout: make it from class folders (run this file), read it, or stand in
-for it.
+for it; and the text-to-image data of MS-COCO 2014 (the COCO section at the end).
 
 Reading: the REPA layout (images + SD-VAE posterior moments + labels) and a synthetic stand-in.
-Both datasets
-yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std], label
-int64). x0 is not
-sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step
+Both datasets yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std],
+label int64); CocoDataset yields text features (77, D) in the label's place. x0 is not sampled
+here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step
 (encoders.sample_latent).
 
 Making it (`python data.py --source ... --dest ...`, at the end of this file):
 
-    dest/images/00000/img00000000.png          ADM center crop ("center-crop-dhariwal") to
-    --resolution
-    dest/images/dataset.json                   {"labels": [["00000/img00000000.png", 0], ...]}
-    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std], float32
-    (8, res/8, res/8)
-    dest/vae-sd/dataset.json                   {"labels": [["00000/img-mean-std-00000000.npy",
-    0], ...], ...}
+    dest/images/00000/img00000000.png            ADM center crop ("center-crop-dhariwal")
+    dest/images/dataset.json                     {"labels": [["00000/img00000000.png", 0], ...]}
+    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std] (8, res/8, res/8)
+    dest/vae-sd/dataset.json                     {"labels": [["00000/img-mean-std-00000000.npy",
+                                                 0], ...], ...}
 
 Class index = position of the top-level folder name in sorted order; image index = position of
-its relative path
-in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are
-followed. Run as
-`python data.py ...` or on all GPUs with `torchrun --nproc_per_node=N data.py ...`: each rank
-takes every
-N-th image. Resumable: re-running the same command skips every image whose latent file exists;
-each file is
-written under a temporary name and then renamed, so an interrupted run leaves no half-written
-file behind.
+its relative path in sorted order (as REPA's preprocessing/dataset_tools.py numbers them);
+symlinked folders are followed. Run as `python data.py ...` or on all GPUs with
+`torchrun --nproc_per_node=N data.py ...`: each rank takes every N-th image. Resumable: re-running
+the same command skips every image whose latent file exists; each file is written under a
+temporary name and then renamed, so an interrupted run leaves no half-written file behind.
+`--dataset coco` makes the COCO layout the same way.
 """
 
 import argparse

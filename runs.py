@@ -530,6 +530,25 @@ def is_state_dict(obj):
     )
 
 
+# REPA's train_t2i.py trains on U-ViT's features of this text encoder and stores no name for it
+REPA_TEXT_ENCODER = "openai/clip-vit-large-patch14"
+
+
+def text_encoder_of(ckpt):
+    """The text encoder a text-to-image checkpoint conditions on; None for a class-conditional one.
+
+    The convention: train.py stores the resolved run config in every checkpoint and a text run's
+    names its text encoder (config["text_encoder"]); a checkpoint without that config (REPA's
+    train_t2i.py, a bare state dict) is text-to-image when its weights are MMDiT's (joint_blocks.*).
+    """
+    config = ckpt.get("config")
+    if isinstance(config, dict):
+        return config.get("text_encoder") or None
+    state = ckpt if is_state_dict(ckpt) else ckpt.get("ema", ckpt.get("model"))
+    mmdit = isinstance(state, dict) and any(str(k).startswith("joint_blocks.") for k in state)
+    return REPA_TEXT_ENCODER if mmdit else None
+
+
 def infer_config(state, args=None):
     """SiT constructor dict of a REPA state dict; REPA's args (argparse.Namespace) where they exist.
     """
