@@ -108,6 +108,15 @@ def host_all_reduce(values, op, world):
     return t.tolist()
 
 
+def host_all_gather(items, world):
+    """Every rank's list of picklable items, concatenated in rank order, on the host (gloo)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items), group=_host_group)
+    return [item for part in parts for item in part]
+
+
 INTERRUPT = "INT"  # Ctrl-C: always a stop request in training, and ignored by loader workers
 # a second Ctrl-C this many seconds after the first quits at once; sooner, it is the same one
 # (torchrun forwards to its workers the Ctrl-C the terminal already sent them)

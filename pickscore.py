@@ -107,11 +107,16 @@ def score(model, processor, images, captions):
     return out.logits_per_image.diagonal().float().cpu()  # logit scale * cosine, (B,)
 
 
-def mean_score(model, processor, image_set, captions, batch_size=64):
-    """(mean, per-image scores) over an fid.ImageSet with one caption per image, in batches."""
+def check_counts(image_set, captions):
+    """One caption per image, or UserError."""
     if len(captions) != len(image_set):
         raise UserError(f"{image_set.path} holds {len(image_set)} images but the captions are "
                         f"{len(captions)}; give the captions the samples were made from")
+
+
+def mean_score(model, processor, image_set, captions, batch_size=64):
+    """(mean, per-image scores) over an fid.ImageSet with one caption per image, in batches."""
+    check_counts(image_set, captions)
     scores = []
     batches = image_set.batches(batch_size, workers=4)
     for k, batch in enumerate(tqdm(batches, "PickScore", total=image_set.n_batches(batch_size))):
@@ -155,6 +160,7 @@ def main(args):
         except ValueError as e:
             raise UserError(str(e)) from e
         captions = read_captions(args.captions)
+        check_counts(images, captions)  # before any weights load
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = (tiny_random() if args.tiny_random
                             else load(args.weights, args.processor, device))

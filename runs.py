@@ -48,7 +48,7 @@ RESUMABLE_CHANGES = {
     "num_workers", "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks",
     "preempt_signals", "out", "run_name", "data_dir", "world_size", "vae", "sample_steps",
     "eval_every", "eval_ref", "eval_samples", "eval_cfg", "eval_steps", "eval_weights",
-    "enc_weights", "disc_weights", "wandb", "tensorboard",
+    "enc_weights", "disc_weights", "wandb", "tensorboard", "max_bad_samples", "strict_data",
 }
 METRICS, LOSS_CURVES = "metrics.jsonl", "losses.png"
 RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
@@ -327,21 +327,23 @@ def require_loggers(config):
 
 
 class Metrics:
-    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png."""
+    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png;
+    on the other ranks every method does nothing, so that the loop needs no rank test."""
 
-    def __init__(self, run_dir, config, step):
+    def __init__(self, run_dir, config, step, rank=0):
         """Drop rows past the resumed step and open the mirrors asked for."""
         self.path, self.png = os.path.join(run_dir, METRICS), os.path.join(run_dir, LOSS_CURVES)
-        self.trim(step)
         self.tensorboard = self.wandb = None
-        if config["tensorboard"]:
+        self.writes = rank == 0
+        self.trim(step)
+        if config["tensorboard"] and self.writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events it is about to write again
             self.tensorboard = SummaryWriter(
                 os.path.join(run_dir, "tensorboard"), purge_step=step + 1
             )
-        if config.get("wandb"):
+        if config.get("wandb") and self.writes:
             import wandb
 
             id_path = os.path.join(run_dir, "wandb-id.txt")  # one W&B run per run folder
@@ -354,13 +356,15 @@ class Metrics:
 
     def trim(self, step):
         """Drop rows past step (a resumed or rolled-back run writes them again)."""
-        if os.path.exists(self.path):
+        if self.writes and os.path.exists(self.path):
             rows = read_metrics(os.path.dirname(self.path))
             text = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
             write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def write(self, row):
         """Log row (a dict of numbers with a "step"), append it everywhere, redraw the curves."""
+        if not self.writes:
+            return
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items()))
         with open(self.path, "a") as f:
@@ -524,6 +528,25 @@ def is_state_dict(obj):
         and bool(obj)
         and all(isinstance(v, torch.Tensor) for v in obj.values())
     )
+
+
+# REPA's train_t2i.py trains on U-ViT's features of this text encoder and stores no name for it
+REPA_TEXT_ENCODER = "openai/clip-vit-large-patch14"
+
+
+def text_encoder_of(ckpt):
+    """The text encoder a text-to-image checkpoint conditions on; None for a class-conditional one.
+
+    The convention: train.py stores the resolved run config in every checkpoint and a text run's
+    names its text encoder (config["text_encoder"]); a checkpoint without that config (REPA's
+    train_t2i.py, a bare state dict) is text-to-image when its weights are MMDiT's (joint_blocks.*).
+    """
+    config = ckpt.get("config")
+    if isinstance(config, dict):
+        return config.get("text_encoder") or None
+    state = ckpt if is_state_dict(ckpt) else ckpt.get("ema", ckpt.get("model"))
+    mmdit = isinstance(state, dict) and any(str(k).startswith("joint_blocks.") for k in state)
+    return REPA_TEXT_ENCODER if mmdit else None
 
 
 def infer_config(state, args=None):

@@ -219,8 +219,8 @@ def test_caption_choice_is_a_function_of_seed_step_index(prepared):
     assert all(step == s for s, batch in enumerate(batches) for _, step in batch)
     resumed = iter(GlobalBatchSampler(3, 2, 0, 1, seed=0, start_step=3, keyed=True))
     assert [next(resumed), next(resumed)] == batches[3:]
-    loader = data.global_batches(a, {"batch_size": 2, "seed": 0, "num_workers": 0,
-                                     "preempt_signals": ()}, 0, 1, 3, torch.device("cpu"))
+    loader = data.TrainingBatches(a, {"batch_size": 2, "seed": 0, "num_workers": 0,
+                                      "preempt_signals": ()}, 0, 1, 3, torch.device("cpu"))
     images, moments, context = next(iter(loader))  # (2, 3, 32, 32), (2, 8, 4, 4), (2, 77, D)
     expected = [a[key] for key in batches[3]]
     assert torch.equal(context, torch.stack([e[2] for e in expected]))
