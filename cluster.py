@@ -8,9 +8,12 @@ stays a self-contained evaluator.
 import argparse
 import contextlib
 import datetime
+import logging
 import math
 import os
 import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -26,14 +29,27 @@ class UserError(ValueError):
     """
 
 
+RANK_ERROR_DELAY = 3  # seconds a rank other than 0 waits before it repeats rank 0's error
+
+
 @contextlib.contextmanager
 def main_errors(script):
     """Around a script's main: a UserError ends the process as `script: error: message`, exit status
-    1."""
+    1.
+
+    Under torchrun the ranks mostly hit the same error: rank 0 says it at once; another rank says it
+    only if it is still alive RANK_ERROR_DELAY seconds later (torchrun stops every rank once one has
+    failed), so the line appears once and torchrun's summary names one failed rank, not all.
+    """
     try:
         yield
     except UserError as e:
-        raise SystemExit(f"{script}: error: {e}") from None
+        rank = int(os.environ.get("RANK", 0))
+        if rank:  # its own error (rank 0 did not fail), or torchrun ends this process first
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # rank 0 has said it
+            time.sleep(RANK_ERROR_DELAY)
+        where = f" (rank {rank})" if rank else ""
+        raise SystemExit(f"{script}: error{where}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -92,15 +108,42 @@ def host_all_reduce(values, op, world):
     return t.tolist()
 
 
+def host_all_gather(items, world):
+    """Every rank's list of picklable items, concatenated in rank order, on the host (gloo)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items), group=_host_group)
+    return [item for part in parts for item in part]
+
+
+INTERRUPT = "INT"  # Ctrl-C: always a stop request in training, and ignored by loader workers
+# a second Ctrl-C this many seconds after the first quits at once; sooner, it is the same one
+# (torchrun forwards to its workers the Ctrl-C the terminal already sent them)
+REPEAT_AFTER = 1.0
+
+
 class StopRequest:
-    """Remembers that one of the given signals (SIGTERM, SIGUSR1, ...) reached this process."""
+    """Remembers that one of the given signals (SIGTERM, SIGUSR1, SIGINT, ...) reached this
+    process."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.since = None, 0.0
 
     def handle(self, signum, frame):
-        """Signal handler: only note the signal; the training loop stops at a step boundary."""
-        self.signal = signal.Signals(signum).name
+        """Signal handler: note the signal (the training loop stops at a step boundary); a second
+        Ctrl-C quits at once, exit status 130, without a checkpoint of this step."""
+        name, now = signal.Signals(signum).name, time.monotonic()
+        ctrl_c = signum == signal.SIGINT
+        if ctrl_c and self.signal == name and now - self.since > REPEAT_AFTER:
+            print("\nsecond Ctrl-C: quit without a checkpoint of this step", file=sys.stderr)
+            raise SystemExit(130)
+        if self.signal is None:
+            self.signal, self.since = name, now
+            if ctrl_c:
+                logging.getLogger("train").info(  # rank 0 only: the others log warnings only
+                    "Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at "
+                    "once)")
 
     def agreed(self, world):
         """Whether any rank was signalled; every rank gets the same answer (one host all-reduce of
@@ -110,21 +153,25 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_signals(names):
-    """A StopRequest fed by the signals named (e.g. ("TERM", "USR1")); the previous handlers come
-    back on exit."""
+    """A StopRequest fed by the signals named (e.g. ("TERM", "USR1")) and Ctrl-C; the previous
+    handlers come back on exit, and a run that Ctrl-C stopped exits with status 130 (the shell's
+    "interrupted": `train.py && sample.py` does not go on with an unfinished run)."""
     stop = StopRequest()
-    previous = {name: signal.signal(getattr(signal, f"SIG{name}"), stop.handle) for name in names}
+    previous = {name: signal.signal(getattr(signal, f"SIG{name}"), stop.handle)
+                for name in dict.fromkeys((*names, INTERRUPT))}
     try:
         yield stop
     finally:
         for name, handler in previous.items():
             signal.signal(getattr(signal, f"SIG{name}"), handler)
+    if stop.signal == signal.SIGINT.name:
+        raise SystemExit(130)
 
 
 def ignore_signals(names, worker_id=None):
-    """Data loader workers ignore the stop signals (a cluster may signal every process): the main
-    process decides."""
-    for name in names:
+    """Data loader workers ignore the stop signals and Ctrl-C (a cluster may signal every process,
+    a terminal signals the whole process group): the main process decides."""
+    for name in dict.fromkeys((*names, INTERRUPT)):
         signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
 
 

@@ -413,11 +413,13 @@ def load_vae(name, device="cpu"):
 
 
 @torch.no_grad()
-def encode_moments(vae, images):
-    """uint8 images (B, 3, H, W) -> posterior [mean, std] (B, 8, H/8, W/8) in float32."""
+def encode_moments(vae, images, logvar=False):
+    """uint8 images (B, 3, H, W) -> posterior [mean, std] (B, 8, H/8, W/8) in float32; with logvar,
+    [mean, logvar] as U-ViT's COCO features store it (diffusers clamps logvar to [-30, 20])."""
     x = images.to(vae.device, torch.float32) / 127.5 - 1  # [-1, 1], as REPA encodes
     dist = vae.encode(x).latent_dist
-    return torch.cat([dist.mean, dist.std], dim=1).float()  # (B, 8, h, w)
+    spread = dist.logvar if logvar else dist.std
+    return torch.cat([dist.mean, spread], dim=1).float()  # (B, 8, h, w)
 
 
 def sample_latent(moments, eps):

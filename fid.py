@@ -1092,6 +1092,11 @@ def evaluate(args, rank=0, world=1):
     results.update(ref=ref.path, samples=samples.path, num_ref=len(ref), num_samples=len(samples),
                    weights_sha256=digest, fid_route=args.fid_route, pr_fp16=bool(args.pr_fp16),
                    is_split=args.is_split)
+    stored = read_npz_stats(ref.path)[0] is not None  # ADM's batches carry their mu and sigma
+    results["ref_stats"] = "npz mu/sigma" if stored else f"{len(ref)} images"
+    print(f"{len(samples)} samples ({samples.path}) against the reference {ref.path} (FID "
+          f"statistics: {'its stored mu/sigma' if stored else f'its {len(ref)} images'}; "
+          f"{len(ref)} images for precision/recall)")
     for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid")):
         print(f"{label}: {results[key]}")
     print(f"Precision: {results['precision']}\nRecall: {results['recall']}")

@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 import urllib.error
 import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 from PIL import Image
 
@@ -228,6 +230,55 @@ def test_inception_score_uses_sequential_splits():
     )
     with pytest.raises(ValueError):
         fid.inception_score(np.zeros((0, 3)))
+
+
+def features(pool, logits):
+    """fid.Features of given pool3 rows and logits (the spatial statistics from the pool rows)."""
+    stats = fid.RunningGaussian()
+    stats.update(pool)
+    return fid.Features(pool, logits, stats.finalize(), stats.finalize())
+
+
+def test_evaluation_during_training_scores_is_in_splits_of_5000(monkeypatch):
+    """train.py's evaluation (train.evaluate -> sample.score -> fid.Evaluator) gives ADM's IS, the
+    mean over sequential splits of 5000, on 6000 random logits (20 classes) whose first 5000 rows
+    predict classes 0-9 and the last 1000 classes 10-19: one split would score 1.56 times higher."""
+    import sample
+    import train
+
+    n, rng = 6000, np.random.default_rng(0)
+    classes = np.where(np.arange(n) < 5000, 0, 10) + rng.integers(0, 10, n)  # (N,)
+    logits = rng.standard_normal((n, 20)) + 10 * np.eye(20)[classes]  # (N, 20)
+    samples = features(torch.randn(n, 4), torch.from_numpy(logits).float())
+
+    def adm_is(rows):
+        """ADM's IS of one split, written out: exp of the mean KL(p(y|x) || p(y))."""
+        p = scipy.special.softmax(rows.astype(np.float32).astype(np.float64), axis=1)  # (S, C)
+        return np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean())
+
+    expected = (adm_is(logits[:5000]) + adm_is(logits[5000:])) / 2
+    assert adm_is(logits) > 1.5 * expected  # the split matters on these rows: 15.4 vs 9.9
+
+    made = []
+
+    def given_features(model, batches, *args, **kwargs):
+        """The samples' features, once every batch was asked for (no network)."""
+        for indices in batches:
+            made.extend(indices)
+        return samples
+
+    # no sampling and no Inception network: the logits are given
+    monkeypatch.setattr(sample, "generate_images", lambda model, vae, indices, **kw: indices)
+    monkeypatch.setattr(fid, "extract_features", given_features)
+    evaluator = object.__new__(fid.Evaluator)
+    evaluator.device, evaluator.rank, evaluator.factors, evaluator.model = "cpu", 0, None, None
+    evaluator.digest, evaluator.ref = "0" * 64, features(torch.randn(50, 4), None)
+    rows = []
+    config = dict(eval_samples=n, batch_size=1000, seed=0, eval_cfg=1.0, eval_steps=1)
+    train.evaluate(None, None, evaluator, config, 10, types.SimpleNamespace(write=rows.append), 0,
+                   1, torch.device("cpu"))
+    assert made == list(range(n)) and rows[0]["step"] == 10
+    assert rows[0]["inception_score"] == pytest.approx(expected, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------
@@ -529,7 +580,7 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
 
 
 @pytest.mark.slow
-def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch):
+def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch, capsys):
     calls = recording_fid(monkeypatch)
     arr = images(6, seed=8)
     np.savez(tmp_path / "source.npz", arr_0=arr)
@@ -548,6 +599,10 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
         )
         assert_same_stats(call)  # the samples are the same 6 images
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
+    # the output says how many samples were scored against which reference's statistics
+    assert (f"6 samples ({tmp_path / 'source.npz'}) against the reference {out} (FID statistics: "
+            "its stored mu/sigma; 4 images for precision/recall)") in capsys.readouterr().out
+    assert results["ref_stats"] == "npz mu/sigma" and results["num_samples"] == 6
 
 
 def run_fid(nproc, *argv):

@@ -406,11 +406,11 @@ def corrupt(kind, path):
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("truncated", "unreadable checkpoint"),
+    ("truncated", "is not a readable checkpoint .RuntimeError: PytorchStreamReader"),
     ("foreign", "does not fit the model: unexpected key 'head.weight'"),
     ("shape", r"'pos_embed' has shape \(1, 16, 48\), the model wants \(1, 16, 32\)"),
     ("no-ema", "no 'ema' state dict in the checkpoint"),
-    ("pickled", "unreadable checkpoint"),
+    ("pickled", r"is not a checkpoint of tensors \(it pickles datetime.date, which"),
     ("not-sit", "not a SiT state dict"),
     ("missing", "no such checkpoint file"),
 ])
