@@ -22,6 +22,10 @@ sample.py
 decode with it. The latent convention is REPA's: images in [-1, 1], posterior [mean, std] stored
 per image, and
 the diffusion model sees x0 = (mean + std * eps) * 0.18215.
+
+Text encoder (at the very end, text-to-image only): CLIP ViT-L/14's text transformer through
+transformers, captions -> (B, 77, 768) token features, the empty caption's as the null condition;
+a tiny random one (byte-level tokenizer) for smoke runs and tests.
 """
 
 import logging
@@ -443,3 +447,122 @@ def decode(vae, latents, rounding=False):
     return to_uint8(
         vae.decode(latents.to(vae.device, torch.float32) / LATENT_SCALE).sample, rounding
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The text encoder (text-to-image): CLIP ViT-L/14's text transformer, as REPA's T2I features
+#
+# REPA's MS-COCO features come from U-ViT's FrozenCLIPEmbedder (libs/clip.py): the transformers
+# CLIPTokenizer and CLIPTextModel of openai/clip-vit-large-patch14, every caption padded to 77
+# tokens ("max_length", the pad token being end-of-text) and truncated there, input_ids only (no
+# attention mask: the causal mask already keeps padding from earlier tokens), last_hidden_state.
+
+CLIP_TEXT = "openai/clip-vit-large-patch14"
+TEXT_TOKENS = 77  # CLIP's context length: every caption becomes this many tokens
+
+
+class TextEncoder(nn.Module):
+    """A frozen tokenizer + text transformer: captions -> (B, 77, dim) token features."""
+
+    def __init__(self, name, tokenizer, model, pretrained):
+        super().__init__()
+        self.name, self.tokenizer, self.model, self.pretrained = name, tokenizer, model, pretrained
+        self.dim = model.config.hidden_size
+        self.truncation_said = False  # a caption over 77 tokens is reported once per encoder
+        self.requires_grad_(False)
+
+    def train(self, mode=True):
+        """Stay in eval mode whatever the caller asks: the features are a fixed condition."""
+        return super().train(False)
+
+    def warn_truncation(self, captions):
+        """Say once that captions longer than 77 tokens lose their tail (CLIP sees no more)."""
+        if self.truncation_said:
+            return
+        ids = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        long = [(len(i), c) for i, c in zip(ids, captions) if len(i) > TEXT_TOKENS]
+        if long:
+            self.truncation_said = True
+            log.warning(
+                "text encoder %s: a caption of %d tokens (start and end included) is truncated "
+                "to %d (CLIP's context), e.g. %r; said once, later ones are truncated silently",
+                self.name, long[0][0], TEXT_TOKENS, long[0][1][:60] + "...",
+            )
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """list of B captions -> float32 last_hidden_state (B, 77, dim) on the encoder's device."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise ValueError("encode takes a list of caption strings, e.g. encode(['a red bus'])")
+        captions = list(captions)
+        self.warn_truncation(captions)
+        ids = self.tokenizer(
+            captions, truncation=True, max_length=TEXT_TOKENS, padding="max_length",
+            return_tensors="pt",
+        )["input_ids"]  # (B, 77), end-of-text after the caption up to 77
+        device = next(self.model.parameters()).device
+        return self.model(input_ids=ids.to(device)).last_hidden_state.float()  # (B, 77, dim)
+
+    def null_context(self):
+        """The empty caption's features (1, 77, dim): the null condition of guidance (REPA's
+        y_null, U-ViT's empty_context)."""
+        return self.encode([""])
+
+
+def tiny_text_encoder(dim=32, seed=0):
+    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code (every byte one token,
+    no merges) and a 2-layer random CLIPTextModel, the same weights every time."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    log.warning(
+        "text encoder tiny-random: a TINY RANDOMLY INITIALISED CLIP text model with a byte-level "
+        "vocabulary, NOT CLIP; its text conditioning is meaningless outside smoke runs and tests"
+    )
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # global RNG untouched
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    return TextEncoder(TINY_RANDOM, tokenizer, model.eval(), pretrained=False)
+
+
+def load_text_encoder(name=CLIP_TEXT, path=None, device="cpu", random=False):
+    """The frozen text encoder by hub name, from a local folder (path: a saved copy of the hub
+    repository, for offline machines), or the tiny random one (random=True or name 'tiny-random').
+    """
+    if random or name == TINY_RANDOM:
+        return tiny_text_encoder().to(device)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if path is not None and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"text encoder folder {path} does not exist: give a local copy of the {name} hub "
+            "repository (its tokenizer and config files and weights)"
+        )
+    source = path or name
+    try:
+        model = CLIPTextModel.from_pretrained(source, dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except OSError as e:  # transformers' message spans lines; keep the first and say what to do
+        raise OSError(
+            f"cannot load the text encoder {name!r} from {source}: {str(e).splitlines()[0]} "
+            "Check the network or the Hugging Face cache, or pass a local copy of the repository "
+            "as the text encoder's folder"
+        ) from e
+    # transformers builds a near-empty tokenizer when the folder has no tokenizer files
+    if len(tokenizer) != model.config.vocab_size:
+        raise OSError(
+            f"text encoder {source}: the tokenizer has {len(tokenizer)} tokens but the model "
+            f"{model.config.vocab_size}: the folder lacks CLIP's tokenizer files (vocab.json, "
+            "merges.txt) or mixes two models"
+        )
+    return TextEncoder(name, tokenizer, model.eval(), pretrained=True).to(device)
