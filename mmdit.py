@@ -178,9 +178,8 @@ class MMDiT(nn.Module):
         # REPA crops a 16x16 sin-cos table to the grid; at its one grid (16, the 32 px latent with
         # p=2) that is the whole table, which is what any other square grid gets here
         grid = input_size // patch_size
-        self.register_buffer(
-            "pos_embed", torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0)
-        )  # (1, N, H)
+        self.register_buffer("pos_embed", torch.zeros(1, grid * grid, hidden_size))  # (1, N, H)
+        self.pos_embed.copy_(torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0))
         self.joint_blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, pre_only=i == depth - 1)
             for i in range(depth)
@@ -215,6 +214,11 @@ class MMDiT(nn.Module):
         align=False skips the projectors and the SRA^2 head (sampling needs only the velocity);
         drop (B,) bool replaces those rows' contexts by the null context (caption dropout).
         """
+        if context.ndim != 3 or context.shape[-1] != self.config["context_dim"]:
+            raise ValueError(
+                f"MMDiT takes text features (B, L, {self.config['context_dim']}), got "
+                f"{tuple(context.shape)}: a text encoder of another width than the model's?"
+            )
         if drop is not None and drop.any():
             context = torch.where(drop.view(-1, 1, 1), self.null_condition(context), context)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)

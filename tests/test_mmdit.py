@@ -181,7 +181,19 @@ def test_dropped_captions_get_the_null_context():
     assert torch.allclose(net(x, t, ctx, drop=drop).v, net(x, t, expected).v, atol=1e-6)
 
 
+def test_gradient_checkpointing_is_exact():
+    a, b = tiny(), tiny(grad_checkpointing=True)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 5, 12)
+    for net in (a, b):
+        out = net.train()(x, t, ctx)
+        (out.v.square().sum() + out.h_dens[0].sum()).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
 def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match=r"text features \(B, L, 12\), got \(2, 5, 768\)"):
+        tiny()(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 5, 768))
     with pytest.raises(ValueError, match="encoder_depth=3"):
         MMDiT(input_size=16, depth=2, encoder_depth=3, z_dims=[8])
     with pytest.raises(TypeError, match="unknown arguments"):
