@@ -62,6 +62,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resumes_exactly(tmp_path):
 
 
 def test_a_second_ctrl_c_a_second_later_quits_at_once(monkeypatch, capsys):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)  # restored after the test
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     stop = cluster.StopRequest()
@@ -80,7 +81,8 @@ def test_a_second_ctrl_c_a_second_later_quits_at_once(monkeypatch, capsys):
     assert later.signal == "SIGTERM"
 
 
-def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it():
+def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it(monkeypatch):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped:
         with cluster.stop_signals(("TERM",)) as stop:
@@ -105,6 +107,7 @@ def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it():
 # Errors and refusals: said once, naming what the user typed
 
 def test_errors_under_torchrun_are_said_once_by_rank_0(monkeypatch):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)
     sleeps = []
     monkeypatch.setattr(time, "sleep", sleeps.append)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
@@ -115,6 +118,12 @@ def test_errors_under_torchrun_are_said_once_by_rank_0(monkeypatch):
         assert stop.value.code == said
     # rank 1 waited first: torchrun ends it once rank 0 has failed, before it repeats the line
     assert sleeps == [cluster.RANK_ERROR_DELAY]
+    exits = []  # torchrun's SIGTERM during training, then the error: rank 0 says it, not rank 1
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or sys.exit("exited"))
+    monkeypatch.setattr(cluster.StopRequest, "stopping", True)
+    with pytest.raises(SystemExit, match="exited"), cluster.main_errors("x.py"):
+        raise UserError("bad")
+    assert exits == [0]
 
 
 def torchrun(*flags):
