@@ -690,7 +690,7 @@ def prepare(args):
 
 COCO_SPLITS = ("train", "val")
 COCO_HINT = "run data.py --dataset coco --source <COCO 2014 folder> --dest <data dir>"
-UVIT_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # U-ViT's FrozenCLIPEmbedder
+UVIT_TEXT_ENCODER = encoders.CLIP_TEXT  # U-ViT's FrozenCLIPEmbedder: CLIP ViT-L/14
 MOMENTS = ("mean-std", "mean-logvar")  # conventions of stored posterior moments
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers, U-ViT and REPA clamp logvar to this before exp
 LATENT_FILE, IMAGE_FILE, CAPTION_FILE = (
@@ -1009,23 +1009,34 @@ class CocoDataset(Dataset):
         self.null_context = torch.from_numpy(np.load(null)).float()  # (77, D)
         self.text_encoder, self.text_dim = self.meta["text_encoder"], self.null_context.shape[-1]
         self.moments, self.vae = self.meta["moments"], self.meta.get("vae")
-        image = load_image(os.path.join(self.folder, "0.png"))
+        i, image, moments, context = self.first_readable()
         self.resolution, self.latent_size = image.shape[-2], image.shape[-2] // 8
-        moments = np.load(os.path.join(self.folder, "0.npy"), mmap_mode="r")
-        context = np.load(os.path.join(self.folder, "0_0.npy"), mmap_mode="r")
         if tuple(moments.shape) != (8, self.latent_size, image.shape[-1] // 8):
-            raise UserError(f"{self.folder}/0.npy holds moments of shape {moments.shape} for a "
+            raise UserError(f"{self.folder}/{i}.npy holds moments of shape {moments.shape} for a "
                             f"{image.shape} image: re-run data.py")
         if context.shape != self.null_context.shape:
-            raise UserError(f"{self.folder}/0_0.npy holds text features of shape {context.shape} "
-                            f"but the null caption's are {tuple(self.null_context.shape)}: "
-                            "re-run data.py")
+            raise UserError(f"{self.folder}/{i}_0.npy holds text features of shape "
+                            f"{context.shape} but the null caption's are "
+                            f"{tuple(self.null_context.shape)}: re-run data.py")
+        self.shapes = image.shape, moments.shape, context.shape
         path = os.path.join(self.folder, "captions.json")
         self.captions = [c for *_, c in read_json(path)] if os.path.isfile(path) else None
         for part, name in (("text encoder", self.text_encoder), ("VAE", self.vae)):
             if name == encoders.TINY_RANDOM:
                 log.warning("data: %s was made with the TINY RANDOM %s: for smoke runs and tests "
                             "only", data_dir, part)
+
+    def first_readable(self):
+        """(index, image, moments, first caption's features) of the first image whose files
+        decode: their shapes set the layout (a damaged file is a BadSample when it is drawn)."""
+        for i in range(self.size):
+            try:
+                return (i, load_image(os.path.join(self.folder, f"{i}.png")),
+                        *(np.load(os.path.join(self.folder, n), mmap_mode="r")
+                          for n in (f"{i}.npy", f"{i}_0.npy")))
+            except (ValueError, OSError, EOFError, SyntaxError):
+                continue
+        raise UserError(f"no image of {self.folder} has files that decode: re-run data.py")
 
     def __len__(self):
         return self.size
@@ -1037,15 +1048,17 @@ class CocoDataset(Dataset):
 
     def __getitem__(self, key):
         """(image uint8 (3, H, W), moments float32 (8, h, w) [mean, std], text (77, D) float32) of
-        key = index or (index, step)."""
+        key = index or (index, step); BadSample when one of its files does not read as one."""
         idx, step = key if isinstance(key, tuple) else (key, None)
         if not 0 <= idx < self.size:
             raise IndexError(f"index {idx} out of range for {self.size} images")
         k = self.caption_index(idx, step)
-        image = load_image(os.path.join(self.folder, f"{idx}.png"))
-        moments = mean_std(np.load(os.path.join(self.folder, f"{idx}.npy")), self.moments)
-        context = np.load(os.path.join(self.folder, f"{idx}_{k}.npy"))
-        return torch.from_numpy(image), moments, torch.from_numpy(context).float()
+        path = functools.partial(os.path.join, self.folder)
+        image = read_checked(path(f"{idx}.png"), self.shapes[0], np.uint8, load_image)
+        moments = read_checked(path(f"{idx}.npy"), self.shapes[1], np.floating, np.load)
+        context = read_checked(path(f"{idx}_{k}.npy"), self.shapes[2], np.floating, np.load)
+        return (torch.from_numpy(image), mean_std(moments, self.moments),
+                torch.from_numpy(context).float())
 
 
 if __name__ == "__main__":

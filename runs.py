@@ -36,7 +36,7 @@ import cluster
 import losses
 from cluster import UserError, write_atomic
 from data import SYNTHETIC
-from encoders import TINY_RANDOM
+from encoders import CLIP_TEXT, TINY_RANDOM
 from model import SIZES, SiT, size_config
 
 log = logging.getLogger("train")
@@ -564,10 +564,6 @@ def is_state_dict(obj):
     )
 
 
-# REPA's train_t2i.py trains on U-ViT's features of this text encoder and stores no name for it
-REPA_TEXT_ENCODER = "openai/clip-vit-large-patch14"
-
-
 def text_encoder_of(ckpt):
     """The text encoder a text-to-image checkpoint conditions on; None for a class-conditional one.
 
@@ -580,7 +576,7 @@ def text_encoder_of(ckpt):
         return config.get("text_encoder") or None
     state = ckpt if is_state_dict(ckpt) else ckpt.get("ema", ckpt.get("model"))
     mmdit = isinstance(state, dict) and any(str(k).startswith("joint_blocks.") for k in state)
-    return REPA_TEXT_ENCODER if mmdit else None
+    return CLIP_TEXT if mmdit else None  # REPA trains on U-ViT's CLIP ViT-L/14 features
 
 
 def infer_config(state, args=None):
