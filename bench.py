@@ -768,9 +768,8 @@ def gpu_bench(args):
         settings=dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size,
                       max_batch=args.max_batch, warmup=args.warmup, steps=args.steps,
                       budget_s=args.budget, peak_tflops=args.peak_tflops, encoder=args.encoder,
-                      memory=memory_note(),
-                      random=random_parts(args), presets=presets, precisions=args.precisions,
-                      compile_modes=args.compile_modes),
+                      memory=memory_note(), random=random_parts(args), presets=presets,
+                      precisions=args.precisions, compile_modes=args.compile_modes),
         parts=dict(status="not run", batch=args.batch_size, precision=first),
         sampler=dict(status="not run", steps=args.sample_steps, batch=args.sample_batch),
         inception=dict(status="not run", images=args.fid_images, batch=args.fid_batch))
@@ -778,9 +777,12 @@ def gpu_bench(args):
 
     def record(key, value):
         """Keep a job's result, say it, write both files."""
-        report["training"].append(value) if key == "training" else report.__setitem__(key, value)
+        if key == "training":
+            report["training"].append(value)
+        else:
+            report[key] = value
         report["elapsed_s"] = time.monotonic() - budget.start
-        said = {k: v for k, v in value.items() if k not in ("rows", "step_secs", "mem")}
+        said = {k: v for k, v in value.items() if k not in ("rows", "step_secs")}
         print(f"[{report['elapsed_s']:4.0f} s] {key}: {said}", flush=True)
         write_report(args, report)
 
