@@ -28,8 +28,13 @@ transformers, captions -> (B, 77, 768) token features, the empty caption's as th
 a tiny random one (byte-level tokenizer) for smoke runs and tests.
 """
 
+import contextlib
+import functools
 import logging
 import os
+import socket
+import urllib.parse
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -38,10 +43,89 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from cluster import UserError
+
 # smoke runs and tests only: randomly initialised, never a real encoder or VAE
 TINY_RANDOM = "tiny-random"
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline machines: one short connection attempt finds out that a download server is unreachable;
+# the pretrained parts then read local caches only, and a part that is not there fails at once in
+# one line naming the flag of a local file (the hub clients would retry for a minute, with warnings)
+
+CONNECT_TIMEOUT = 2.0  # seconds: a reachable server answers a TCP connect far sooner
+
+
+@functools.cache
+def reachable(url, timeout=CONNECT_TIMEOUT):
+    """Whether url's host takes a TCP connection within timeout seconds (one try, once a process).
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout
+        ).close()
+        return True
+    except OSError:  # no DNS, refused, unreachable, timed out
+        return False
+
+
+def hub_reachable():
+    """Whether the Hugging Face hub can be asked (not HF_HUB_OFFLINE=1, its host answers)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT)
+
+
+HUB_LOGGERS = ("huggingface_hub", "timm", "diffusers", "transformers")
+
+
+@contextlib.contextmanager
+def hub_cache_only():
+    """Inside, huggingface_hub, timm, diffusers and transformers read their local caches only: no
+    request, no retry (huggingface_hub's offline mode, which they all consult per call), and their
+    warnings about the failed lookups stay unsaid (the caller says what failed, once)."""
+    from huggingface_hub import constants
+
+    loggers = [logging.getLogger(n) for n in HUB_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def from_hub(load, what, todo):
+    """load() (a hub download); with the hub unreachable, load() from the local caches only, and a
+    UserError 'cannot load what ...: todo' at once when they do not hold it."""
+    if hub_reachable():
+        return load()
+    try:
+        with hub_cache_only():
+            return load()
+    except Exception as e:  # the clients' cache misses share no base class
+        log.debug("offline load of %s failed: %r", what, e)
+        raise UserError(f"cannot load {what}: the Hugging Face hub is unreachable (no network?) "
+                        f"and the local cache does not hold it; {todo}") from None
+
+
+def check_download(url, what, todo):
+    """UserError at once when torch.hub would have to download url (not in its cache) and url's
+    server is unreachable; torch.hub itself would fail later, or hang where packets are dropped."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(cached) and not reachable(url):
+        host = urllib.parse.urlsplit(url).hostname
+        raise UserError(f"cannot download {what}: {host} is unreachable (no network?); {todo}")
 
 
 class Family(NamedTuple):
@@ -216,7 +300,11 @@ class ViTEncoder(FrozenEncoder):
             )
         elif pretrained:
             try:
-                model = timm.create_model(tname, pretrained=True, **kwargs)
+                model = from_hub(lambda: timm.create_model(tname, pretrained=True, **kwargs),
+                                 f"the pretrained weights of encoder {name} ({tname})",
+                                 f"download {hint} elsewhere and pass it as --enc-weights FILE")
+            except UserError:
+                raise
             # hub errors come in many types; all mean the same thing to the user
             except Exception as e:
                 raise RuntimeError(
@@ -405,8 +493,11 @@ def load_vae(name, device="cpu"):
             layers_per_block=1, norm_num_groups=4, latent_channels=4,
         )  # 3 downsamplings: the same 8x spatial reduction as SD-VAE
     else:
+        hub_id = VAES.get(name, name)
         try:
-            vae = AutoencoderKL.from_pretrained(VAES.get(name, name))
+            vae = AutoencoderKL.from_pretrained(hub_id) if os.path.isdir(hub_id) else from_hub(
+                lambda: AutoencoderKL.from_pretrained(hub_id), f"the SD-VAE {name!r} ({hub_id})",
+                "save it elsewhere (AutoencoderKL.save_pretrained) and pass that folder as --vae")
         except OSError as e:  # diffusers' message spans lines; keep the first and say what to do
             raise OSError(
                 f"cannot load the SD-VAE {name!r} ({VAES.get(name, name)}): "
@@ -549,9 +640,15 @@ def load_text_encoder(name=CLIP_TEXT, path=None, device="cpu", random=False):
             "repository (its tokenizer and config files and weights)"
         )
     source = path or name
+
+    def load():
+        return (CLIPTextModel.from_pretrained(source, dtype=torch.float32),
+                CLIPTokenizer.from_pretrained(source))
+
     try:
-        model = CLIPTextModel.from_pretrained(source, dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(source)
+        model, tokenizer = load() if os.path.isdir(source) else from_hub(
+            load, f"the text encoder {name!r}", "save a copy of its hub repository elsewhere and "
+            "pass that folder as --text-encoder-path")
     except OSError as e:  # transformers' message spans lines; keep the first and say what to do
         raise OSError(
             f"cannot load the text encoder {name!r} from {source}: {str(e).splitlines()[0]} "
