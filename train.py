@@ -363,7 +363,7 @@ def train(args, stop):
     runs.setup_logging(rank)
     config = resolve_config(args, world)
     run_dir = os.path.join(config["out"], config["run_name"])
-    runs.require_loggers(config)
+    runs.check_outputs(config)  # --out writable, logger packages installed
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(config)
