@@ -1,33 +1,27 @@
 """Training data in REPA's layout: make it from class folders (run this file), read it, or stand in
-for it.
+for it; and the text-to-image data of MS-COCO 2014 (the COCO section at the end).
 
 Reading: the REPA layout (images + SD-VAE posterior moments + labels) and a synthetic stand-in.
-Both datasets
-yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std], label
-int64). x0 is not
-sampled here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step
+Both datasets yield (image uint8 (3, H, W), moments float32 (8, H/8, W/8) = posterior [mean, std],
+label int64); CocoDataset yields text features (77, D) in the label's place. x0 is not sampled
+here: train.py draws x0 = (mean + std * eps) * 0.18215 from the moments every step
 (encoders.sample_latent).
 
 Making it (`python data.py --source ... --dest ...`, at the end of this file):
 
-    dest/images/00000/img00000000.png          ADM center crop ("center-crop-dhariwal") to
-    --resolution
-    dest/images/dataset.json                   {"labels": [["00000/img00000000.png", 0], ...]}
-    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std], float32
-    (8, res/8, res/8)
-    dest/vae-sd/dataset.json                   {"labels": [["00000/img-mean-std-00000000.npy",
-    0], ...], ...}
+    dest/images/00000/img00000000.png            ADM center crop ("center-crop-dhariwal")
+    dest/images/dataset.json                     {"labels": [["00000/img00000000.png", 0], ...]}
+    dest/vae-sd/00000/img-mean-std-00000000.npy  SD-VAE posterior [mean, std] (8, res/8, res/8)
+    dest/vae-sd/dataset.json                     {"labels": [["00000/img-mean-std-00000000.npy",
+                                                 0], ...], ...}
 
 Class index = position of the top-level folder name in sorted order; image index = position of
-its relative path
-in sorted order (as REPA's preprocessing/dataset_tools.py numbers them); symlinked folders are
-followed. Run as
-`python data.py ...` or on all GPUs with `torchrun --nproc_per_node=N data.py ...`: each rank
-takes every
-N-th image. Resumable: re-running the same command skips every image whose latent file exists;
-each file is
-written under a temporary name and then renamed, so an interrupted run leaves no half-written
-file behind.
+its relative path in sorted order (as REPA's preprocessing/dataset_tools.py numbers them);
+symlinked folders are followed. Run as `python data.py ...` or on all GPUs with
+`torchrun --nproc_per_node=N data.py ...`: each rank takes every N-th image. Resumable: re-running
+the same command skips every image whose latent file exists; each file is written under a
+temporary name and then renamed, so an interrupted run leaves no half-written file behind.
+`--dataset coco` makes the COCO layout the same way.
 """
 
 import argparse
@@ -37,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -83,6 +78,32 @@ def load_image(path):
     return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
+class BadSample(ValueError):
+    """A sample file that does not read as training data: path says which, reason why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_checked(path, shape, dtype, read):
+    """read(path) as an array of the given shape and dtype (np.uint8 images, np.floating moments,
+    finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
+    try:
+        array = read(path)
+    except ValueError as e:  # np.load of garbage or of pickled objects, which it never runs
+        raise BadSample(path, "not an array file (garbage or pickled data)") from e
+    except (OSError, EOFError, SyntaxError) as e:  # truncated or undecodable images, I/O errors
+        raise BadSample(path, f"unreadable ({type(e).__name__}: {e})") from e
+    if not np.issubdtype(array.dtype, dtype):
+        raise BadSample(path, f"dtype {array.dtype}, expected {dtype.__name__}")
+    if tuple(array.shape) != tuple(shape):
+        raise BadSample(path, f"shape {tuple(array.shape)}, expected {tuple(shape)}")
+    if dtype is np.floating and not np.isfinite(array).all():
+        raise BadSample(path, "non-finite values")
+    return array
+
+
 class LatentImageDataset(Dataset):
     """data_dir/images/** paired by sorted order with data_dir/vae-sd/** moments, labels from
     vae-sd/dataset.json."""
@@ -117,9 +138,8 @@ class LatentImageDataset(Dataset):
                 "for smoke runs and tests only",
                 self.features_dir,
             )
-        image = load_image(os.path.join(self.images_dir, self.image_fnames[0]))
+        image, moments = self.first_readable()
         self.resolution = image.shape[-2]
-        moments = np.load(os.path.join(self.features_dir, self.feature_fnames[0]), mmap_mode="r")
         expected = (8, self.resolution // 8, image.shape[-1] // 8)
         if image.shape[0] != 3 or tuple(moments.shape) != expected:
             raise ValueError(
@@ -127,7 +147,7 @@ class LatentImageDataset(Dataset):
                 f"{tuple(image.shape)} image; SD-VAE posterior [mean, std] is {expected} for RGB: "
                 f"re-run data.py"
             )
-        self.latent_size = expected[1]
+        self.latent_size, self.shapes = expected[1], (tuple(image.shape), expected)
 
     def read_labels(self):
         """(labels in feature order, number of classes, VAE name or None) from vae-sd/dataset.json.
@@ -162,13 +182,27 @@ class LatentImageDataset(Dataset):
             )
         return labels.astype(np.int64), num_classes, meta.get("vae")  # vae: written by data.py only
 
+    def first_readable(self):
+        """(image, moments) of the first pair whose files decode: their shapes set the layout."""
+        for image_name, feature_name in zip(self.image_fnames, self.feature_fnames):
+            try:
+                return (load_image(os.path.join(self.images_dir, image_name)),
+                        np.load(os.path.join(self.features_dir, feature_name), mmap_mode="r"))
+            except (ValueError, OSError, EOFError, SyntaxError):  # a bad file: BadSample later
+                continue
+        raise ValueError(f"no image and latent file under {self.images_dir} and "
+                         f"{self.features_dir} decodes: re-run data.py")
+
     def __len__(self):
         return len(self.feature_fnames)
 
     def __getitem__(self, idx):
-        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar) of pair idx."""
-        image = load_image(os.path.join(self.images_dir, self.image_fnames[idx]))
-        moments = np.load(os.path.join(self.features_dir, self.feature_fnames[idx]))
+        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar) of pair idx;
+        BadSample when one of its files does not read as one."""
+        image = read_checked(os.path.join(self.images_dir, self.image_fnames[idx]),
+                             self.shapes[0], np.uint8, load_image)
+        moments = read_checked(os.path.join(self.features_dir, self.feature_fnames[idx]),
+                               self.shapes[1], np.floating, np.load)
         return (
             torch.from_numpy(image),
             torch.from_numpy(moments).float(),
@@ -286,14 +320,19 @@ def build_dataset(config):
     """The REPA-layout dataset of config's data_dir, or the synthetic one (loudly labelled)."""
     try:
         if config["data_dir"] == SYNTHETIC:
-            return SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
-                                    config["resolution"], config["seed"])
-        dataset = LatentImageDataset(config["data_dir"])
+            dataset = SyntheticDataset(config["synthetic_images"], config["synthetic_classes"],
+                                       config["resolution"], config["seed"])
+        elif is_coco(config["data_dir"]):  # text-to-image (see the COCO section below)
+            dataset = CocoDataset(config["data_dir"], "train", config["seed"],
+                                  {k: config.get(k) for k in ("text_encoder", "moments")})
+        else:
+            dataset = LatentImageDataset(config["data_dir"])
     except ValueError as e:
         raise UserError(str(e)) from e
     if dataset.resolution != config["resolution"]:
         raise UserError(f"{config['data_dir']} holds {dataset.resolution} px images but "
-                                f"--resolution is {config['resolution']}")
+                        f"--resolution is {config['resolution']}")
+    GlobalBatchSampler(len(dataset), config["batch_size"], 0, 1, 0, 0)  # one batch, before the run
     return dataset
 
 
@@ -302,15 +341,16 @@ class GlobalBatchSampler(Sampler):
     (i+1)*G].
 
     The composition of every global batch depends only on the seed, so any number of ranks sees the
-    same data as one process, and a resumed run restarts at the exact batch it stopped at.
+    same data as one process, and a resumed run restarts at the exact batch it stopped at. keyed:
+    the items are (index, step) pairs, for datasets whose draws depend on the step (COCO captions).
     """
 
-    def __init__(self, size, global_batch, rank, world, seed, start_step):
+    def __init__(self, size, global_batch, rank, world, seed, start_step, keyed=False):
         if size < global_batch:
             raise UserError(f"the dataset has {size} images, fewer than one global batch of "
-                                    f"{global_batch}")
-        self.size, self.global_batch, self.seed, self.start_step = (
-            size, global_batch, seed, start_step,
+                            f"{global_batch}")
+        self.size, self.global_batch, self.seed, self.start_step, self.keyed = (
+            size, global_batch, seed, start_step, keyed,
         )
         self.local = global_batch // world
         self.offset = rank * self.local
@@ -325,24 +365,99 @@ class GlobalBatchSampler(Sampler):
                 gen = torch.Generator().manual_seed(self.seed + e)
                 epoch, perm = e, torch.randperm(self.size, generator=gen)
             start = i * self.global_batch + self.offset
-            yield perm[start : start + self.local].tolist()
+            batch = perm[start : start + self.local].tolist()
+            yield [(i, step) for i in batch] if self.keyed else batch
             step += 1
 
 
-def global_batches(dataset, config, rank, world, start_batch, device):
-    """The DataLoader of this rank's share of every global batch from start_batch on."""
-    sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world, config["seed"],
-                                 start_batch)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=config["num_workers"],
-        pin_memory=device.type == "cuda",
-        persistent_workers=config["num_workers"] > 0,
-        # private: iterating never touches the global RNG
-        generator=torch.Generator(),
-        worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]),
-    )
+class StandIns(Dataset):
+    """dataset[i] plus a note: "" when sample i read, else "path<TAB>reason" of its bad file and the
+    next readable sample in index order (i + 1, i + 2, ..., wrapping) instead: a function of the
+    files alone, so the same on every rank and on every resume."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        """key: an index, or (index, step) for a keyed dataset (the step stays)."""
+        idx, *step = key if isinstance(key, tuple) else (key,)
+        bad = None
+        for k in range(len(self.dataset)):
+            try:
+                nxt = (idx + k) % len(self.dataset)
+                sample = self.dataset[(nxt, *step) if step else nxt]
+                return (*sample, f"{bad.path}\t{bad.reason}" if bad else "")
+            except BadSample as e:
+                bad = bad or e
+        raise bad  # not one readable sample left
+
+
+BAD_SAMPLES = "bad_samples.txt"  # in the run folder: a "path<TAB>reason" line per unreadable file
+
+
+class TrainingBatches:
+    """This rank's share of every global batch from start_batch on, on the device, each unreadable
+    sample replaced (StandIns): logged once with its path and reason, counted in the metrics rows
+    (bad_samples) and listed in the run folder (if given); past --max-bad-samples files (none
+    without that key; with --strict-data 1 at the first) the run stops."""
+
+    def __init__(self, dataset, config, rank, world, start_batch, device, run_dir=None):
+        sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world,
+                                     config["seed"], start_batch,
+                                     keyed=getattr(dataset, "keyed", False))
+        self.loader = DataLoader(
+            StandIns(dataset), batch_sampler=sampler, num_workers=config["num_workers"],
+            pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
+            generator=torch.Generator(),  # private: iterating never touches the global RNG
+            worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.path = os.path.join(run_dir, BAD_SAMPLES) if run_dir else None
+        self.listed = {}  # path -> reason, kept across resumes in bad_samples.txt
+        if self.path and os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.listed = dict(line.rstrip("\n").split("\t", 1) for line in f if line.strip())
+        self.seen = []  # notes of this rank's replaced samples since the last update
+
+    def __iter__(self):
+        """(images, moments, labels) on the device."""
+        for *batch, notes in self.loader:
+            for note in filter(None, notes):
+                self.note(note)
+            yield [x.to(self.device, non_blocking=True) for x in batch]
+
+    def repair(self):
+        return f"repair with python data.py --verify {self.config['data_dir']}"
+
+    def note(self, note):
+        """A replaced sample: said once (on the rank that read it), or the stop of --strict-data."""
+        path, reason = note.split("\t")
+        if self.config.get("strict_data"):
+            raise UserError(f"unreadable sample {path} ({reason}) and --strict-data 1: "
+                            f"{self.repair()}, or --strict-data 0 to train on with stand-ins")
+        if path not in self.listed and note not in self.seen:
+            log.warning("unreadable sample %s (%s): the next readable one stands in for it", path,
+                        reason)
+        self.seen.append(note)
+
+    def update(self, row=None):
+        """On every rank at once (a log step, the end): row's bad_samples (replaced since the last
+        row, all ranks), the new files listed, and the stop past --max-bad-samples."""
+        seen, self.seen = cluster.host_all_gather(self.seen, self.world), []
+        if row is not None:
+            row["bad_samples"] = len(seen)
+        new = {p: r for p, r in (n.split("\t") for n in seen) if p not in self.listed}
+        self.listed.update(new)
+        if new and self.rank == 0 and self.path:
+            text = "".join(f"{p}\t{r}\n" for p, r in sorted(self.listed.items()))
+            write_atomic(self.path, lambda f: f.write(text.encode()))
+        if new and len(self.listed) > self.config.get("max_bad_samples", 0):
+            names = ", ".join(sorted(self.listed)[:3]) + (", ..." if len(self.listed) > 3 else "")
+            raise UserError(f"{len(self.listed)} unreadable samples, more than --max-bad-samples "
+                            f"{self.config['max_bad_samples']} ({names}; all in {self.path}): "
+                            f"{self.repair()}, or raise --max-bad-samples")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +469,9 @@ def build_parser():
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
-        "--source", required=True, help="ImageNet-style folder: one sub-folder of images per class"
+        "--source", required=True,
+        help="ImageNet-style folder: one sub-folder of images per class (--dataset coco: the COCO "
+        "2014 folder with train2014/, val2014/ and annotations/captions_*2014.json)",
     )
     p.add_argument(
         "--dest", required=True,
@@ -392,6 +509,7 @@ def build_parser():
     p.add_argument(
         "--device", default=None, help="torch device for the VAE; None: this rank's GPU, else cpu"
     )
+    add_coco_flags(p)
     return p
 
 
@@ -470,9 +588,9 @@ def output_names(idx):
 class CroppedImages(Dataset):
     """(index, center-cropped uint8 image (3, R, R)) for a list of (index, source path) pairs."""
 
-    def __init__(self, items, resolution):
-        """items: (index, source path) pairs; resolution: side of the crop."""
-        self.items, self.resolution = items, resolution
+    def __init__(self, items, resolution, crop=center_crop_dhariwal):
+        """items: (index, source path) pairs; resolution: side of the crop; crop(PIL, side)."""
+        self.items, self.resolution, self.crop = items, resolution, crop
 
     def __len__(self):
         return len(self.items)
@@ -481,7 +599,7 @@ class CroppedImages(Dataset):
         """(index, uint8 (3, R, R)) of the i-th pending image."""
         idx, path = self.items[i]
         with PIL.Image.open(path) as image:
-            array = center_crop_dhariwal(image.convert("RGB"), self.resolution)  # (R, R, 3)
+            array = self.crop(image.convert("RGB"), self.resolution)  # (R, R, 3)
         return idx, torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -499,7 +617,7 @@ def write_json(path, meta):
 def main(args):
     """data.py: a bad source or VAE ends in one line, `data.py: error: ...`."""
     with cluster.main_errors("data.py"):
-        prepare(args)
+        prepare_coco(args) if args.dataset == "coco" else prepare(args)
 
 
 def prepare(args):
@@ -525,16 +643,12 @@ def prepare(args):
             for i, image in zip(indices.tolist(), images):
                 png = os.path.join(images_dir, output_names(i)[0])
                 if not os.path.exists(png):  # a run stopped between the two files left the PNG only
-                    picture = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
-                    write_atomic(
-                        png,
-                        lambda f: picture.save(f, format="png", compress_level=args.png_compress),
-                    )
+                    save_png(png, image, args.png_compress)
             # (B, 8, R/8, R/8) float32
             moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()
             # after the PNGs: a latent file implies its image
             for i, m in zip(indices.tolist(), moments):
-                write_atomic(os.path.join(latents_dir, output_names(i)[1]), lambda f: np.save(f, m))
+                save_npy(os.path.join(latents_dir, output_names(i)[1]), m)
             bar.update(len(indices))
         bar.close()
     cluster.barrier(world)  # every shard on disk before the labels name them
@@ -549,6 +663,402 @@ def prepare(args):
             )
         log.info("wrote %d images and latents to %s", len(paths), args.dest)
     cluster.close(world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text-to-image data: MS-COCO 2014 in U-ViT's feature layout, the one REPA's train_t2i.py reads
+# (`python data.py --dataset coco --source <COCO 2014 folder> --dest <data dir>`, and CocoDataset)
+#
+#     dest/train/{i}.png        image i, U-ViT's LANCZOS centre crop (REPA's MSCOCOFeatureDataset
+#                               reads it; U-ViT's script writes none, REPA issue #58)
+#     dest/train/{i}.npy        SD-VAE posterior [mean, logvar] (8, res/8, res/8) float32, as U-ViT
+#     dest/train/{i}_{k}.npy    text features of caption k of image i (77, D), float32 or float16
+#     dest/train/captions.json  [[COCO image id, file name, [caption, ...]], ...] in index order
+#     dest/val/...              the same for val2014
+#     dest/empty_context.npy    the empty caption's features (77, D): the null condition
+#     dest/dataset.json         how it was made: crop, VAE, moment convention, text encoder, splits
+#
+# Image i is the i-th image id in sorted order of the captions file (U-ViT's sorted(coco.imgs)),
+# caption k its k-th caption in file order (pycocotools' getAnnIds order). dataset.json is written
+# first with the settings (a resumed run must use the same ones) and lists a split only once every
+# file of it is on disk. A folder with empty_context.npy but no dataset.json is U-ViT's or REPA's
+# preparation: [mean, logvar] moments and CLIP ViT-L/14 features, read as they are.
+# The reader converts every moment convention to the [mean, std] the ImageNet data stores. Caption
+# dropout is the training side's: the drop mask of losses.draw_noise (the draw that drops class
+# labels) replaces a row's text features by null_context, so no dataset draws it (REPA's
+# CFGDataset does, from Python's global random, which a resumed run does not replay).
+
+COCO_SPLITS = ("train", "val")
+COCO_HINT = "run data.py --dataset coco --source <COCO 2014 folder> --dest <data dir>"
+UVIT_TEXT_ENCODER = encoders.CLIP_TEXT  # U-ViT's FrozenCLIPEmbedder: CLIP ViT-L/14
+MOMENTS = ("mean-std", "mean-logvar")  # conventions of stored posterior moments
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers, U-ViT and REPA clamp logvar to this before exp
+LATENT_FILE, IMAGE_FILE, CAPTION_FILE = (
+    re.compile(r"(\d+)\.npy"), re.compile(r"(\d+)\.png"), re.compile(r"(\d+)_(\d+)\.npy"),
+)
+
+
+def coco_splits(text):
+    """--splits: 'train,val' -> ('train', 'val')."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",")))
+    if not names or any(n not in COCO_SPLITS for n in names):
+        raise argparse.ArgumentTypeError(f"{text}: the splits are train and/or val, "
+                                         "comma-separated")
+    return names
+
+
+def add_coco_flags(p):
+    """data.py's --dataset coco flags."""
+    p.add_argument(
+        "--dataset", choices=("imagenet", "coco"), default="imagenet",
+        help="imagenet: class folders -> REPA's layout; coco: COCO 2014 images and captions -> the "
+        "text-to-image layout (see the COCO section of data.py)",
+    )
+    p.add_argument(
+        "--splits", type=coco_splits, default=COCO_SPLITS,
+        help="--dataset coco: the splits to make, comma-separated (train2014, val2014)",
+    )
+    p.add_argument(
+        "--text-encoder", default=UVIT_TEXT_ENCODER,
+        help="--dataset coco: text encoder of the caption features (encoders.load_text_encoder "
+        "name; U-ViT and REPA use CLIP ViT-L/14; tiny-random for tests)",
+    )
+    p.add_argument(
+        "--text-encoder-path", default=None,
+        help="--dataset coco: local folder with the text encoder's weights (offline machines)",
+    )
+    p.add_argument(
+        "--text-fp16", type=int, choices=[0, 1], default=0,
+        help="--dataset coco: 1 stores the text features as float16 (half the disk: about 49 GB "
+        "instead of 98 GB for train2014); 0 float32 as U-ViT",
+    )
+
+
+def center_crop_lanczos(image, size):
+    """U-ViT's COCO crop (REPA trains on it): the central min(H, W) square, LANCZOS to size."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return np.array(square.resize((size, size), PIL.Image.Resampling.LANCZOS))  # (R, R, 3)
+
+
+def read_json(path):
+    """A JSON file's content; UserError if it is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from e
+
+
+def read_coco_captions(source, split, max_images=None):
+    """[(image id, file name, [captions in file order]), ...] of split, sorted by image id and
+    checked against the images of source/<split>2014 before anything is written."""
+    folder = os.path.join(source, f"{split}2014")
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} is missing: --source must hold {split}2014/ and "
+                        f"annotations/captions_{split}2014.json (COCO 2014), or leave {split} out "
+                        f"of --splits")
+    name = f"captions_{split}2014.json"
+    path = next((p for p in (os.path.join(source, "annotations", name), os.path.join(source, name))
+                 if os.path.isfile(p)), None)
+    if path is None:
+        raise UserError(f"{name} is in neither {source}/annotations nor {source}: unpack COCO's "
+                        "annotations_trainval2014.zip there")
+    meta = read_json(path)
+    try:
+        files = {int(im["id"]): str(im["file_name"]) for im in meta["images"]}
+        captions = {i: [] for i in files}
+        stray = [a["image_id"] for a in meta["annotations"] if a["image_id"] not in captions]
+        for a in meta["annotations"]:
+            captions.get(a["image_id"], []).append(str(a["caption"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a COCO captions file (images need id and file_name, "
+                        f"annotations image_id and caption): {type(e).__name__}: {e}") from e
+    if not files:
+        raise UserError(f"{path} lists no images")
+    if stray:
+        raise UserError(f"{path}: {len(stray)} captions name images it does not list (e.g. id "
+                        f"{stray[0]}): a damaged captions file")
+    bare = [i for i, c in captions.items() if not c]
+    if bare:
+        raise UserError(f"{path}: {len(bare)} images have no caption (e.g. id {bare[0]})")
+    present = set(os.listdir(folder))
+    missing = [n for n in files.values()
+               if n not in present and not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(files)} images {path} names are not in "
+                        f"{folder} (e.g. {missing[0]}): the captions file does not match the "
+                        "images (another split's?)")
+    return [(i, files[i], captions[i]) for i in sorted(files)[:max_images]]
+
+
+def coco_settings(args, text):
+    """What a COCO folder is made with: a resumed run must use the same."""
+    return {"dataset": "coco", "resolution": args.resolution, "crop": "center-lanczos",
+            "vae": args.vae, "moments": "mean-logvar", "text_encoder": text.name,
+            "text_dim": text.dim, "text_dtype": "float16" if args.text_fp16 else "float32"}
+
+
+def resumed_meta(dest, settings):
+    """dest's dataset.json when it was made with these settings, a new one for a new dest;
+    UserError for other settings or data another tool made."""
+    path = os.path.join(dest, "dataset.json")
+    if not os.path.isfile(path):
+        if os.path.exists(os.path.join(dest, "empty_context.npy")):
+            raise UserError(f"{dest} holds features another tool made (no dataset.json): give "
+                            "data.py a new --dest")
+        return {**settings, "splits": {}}
+    meta = read_json(path)
+    changed = [f"{k} {meta.get(k)!r} (now {v!r})" for k, v in settings.items() if meta.get(k) != v]
+    if changed:
+        raise UserError(f"{dest} was made with {', '.join(changed)}: re-run with its flags or "
+                        "give a new --dest")
+    return meta
+
+
+def save_npy(path, array):
+    """np.save, atomically."""
+    write_atomic(path, lambda f: np.save(f, array))
+
+
+def save_png(path, image, compress_level):
+    """uint8 (3, H, W) -> PNG file, atomically."""
+    picture = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
+    write_atomic(path, lambda f: picture.save(f, format="png", compress_level=compress_level))
+
+
+@torch.no_grad()
+def text_features(text, captions, dtype):
+    """Captions -> numpy (N, 77, D) features of the text encoder, in dtype."""
+    return text.encode(list(captions)).float().cpu().numpy().astype(dtype)
+
+
+def prepare_coco(args):
+    """Crop, encode and write this rank's share of every split; rank 0 the null features and the
+    json files."""
+    # every split checked before anything is written
+    splits = {s: read_coco_captions(args.source, s, args.max_images) for s in args.splits}
+    rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
+    with cluster.failing(f"--text-encoder {args.text_encoder}"):
+        text = encoders.load_text_encoder(name=args.text_encoder, path=args.text_encoder_path,
+                                          device=device,
+                                          random=args.text_encoder == encoders.TINY_RANDOM)
+    dtype = np.float16 if args.text_fp16 else np.float32
+    meta_path = os.path.join(args.dest, "dataset.json")
+    meta = resumed_meta(args.dest, coco_settings(args, text))
+    cluster.barrier(world)  # every rank has read the old json before rank 0 writes
+    if rank == 0:
+        write_json(meta_path, meta)
+        null = os.path.join(args.dest, "empty_context.npy")
+        if not os.path.exists(null):
+            save_npy(null, text_features(text, [""], dtype)[0])  # (77, D)
+    vae = None
+    for split, items in splits.items():
+        folder, source = os.path.join(args.dest, split), os.path.join(args.source, f"{split}2014")
+        mine = range(rank, len(items), world)
+        # the moments are written last: they mark image i done
+        pending = [(i, os.path.join(source, items[i][1])) for i in mine
+                   if not os.path.exists(os.path.join(folder, f"{i}.npy"))]
+        if rank == 0:
+            log.info("%s: %d images; rank 0 of %d: %d to do, %d already written", split,
+                     len(items), world, len(pending), len(mine) - len(pending))
+        if pending and vae is None:
+            with cluster.failing(f"--vae {args.vae}"):
+                vae = encoders.load_vae(args.vae, device)
+        loader = DataLoader(CroppedImages(pending, args.resolution, center_crop_lanczos),
+                            batch_size=args.batch_size, num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
+        for indices, images in tqdm(loader, unit="batch", disable=rank != 0 or not pending):
+            indices = indices.tolist()  # images: uint8 (B, 3, R, R)
+            for i, image in zip(indices, images):
+                if not os.path.exists(png := os.path.join(folder, f"{i}.png")):
+                    save_png(png, image, args.png_compress)
+            features = iter(text_features(text, [c for i in indices for c in items[i][2]], dtype))
+            for i in indices:
+                for k in range(len(items[i][2])):
+                    save_npy(os.path.join(folder, f"{i}_{k}.npy"), next(features))  # (77, D)
+            # (B, 8, R/8, R/8) [mean, logvar], U-ViT's convention
+            moments = encoders.encode_moments(vae, images.to(device), logvar=True).cpu().numpy()
+            for i, m in zip(indices, moments):
+                save_npy(os.path.join(folder, f"{i}.npy"), m)
+        cluster.barrier(world)  # every shard of the split on disk before the json lists it
+        if rank == 0:
+            write_json(os.path.join(folder, "captions.json"), [list(item) for item in items])
+            meta["splits"][split] = {"images": len(items),
+                                     "captions": sum(len(c) for *_, c in items)}
+            write_json(meta_path, meta)
+            log.info("%s: wrote %d images to %s", split, len(items), folder)
+    cluster.close(world)
+
+
+def mean_std(moments, convention):
+    """Stored moments (..., 8, h, w) -> float32 posterior [mean, std]. [mean, logvar] (U-ViT, REPA)
+    becomes std = exp(0.5 * clamp(logvar, -30, 20)): diffusers' formula and REPA's
+    sample_posterior, so the latents equal those of REPA's training."""
+    moments = torch.as_tensor(moments).float()
+    if convention == "mean-std":
+        return moments
+    if convention != "mean-logvar":
+        raise UserError(f"unknown moment convention {convention!r}: expected one of {MOMENTS}")
+    mean, logvar = moments.chunk(2, dim=-3)  # (..., 4, h, w) each
+    return torch.cat([mean, torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))], dim=-3)
+
+
+def is_coco(data_dir):
+    """Whether data_dir holds the text-to-image layout (made here, or by U-ViT's / REPA's scripts).
+    """
+    path = os.path.join(data_dir, "dataset.json")
+    if os.path.isfile(os.path.join(data_dir, "empty_context.npy")):
+        return True
+    try:
+        return read_json(path).get("dataset") == "coco" if os.path.isfile(path) else False
+    except (UserError, AttributeError):
+        return False
+
+
+def coco_meta(data_dir):
+    """dataset.json of a COCO folder, or the settings of U-ViT's preparation where it has none."""
+    path = os.path.join(data_dir, "dataset.json")
+    if os.path.isfile(path):
+        meta = read_json(path)
+        if meta.get("moments") not in MOMENTS:
+            raise UserError(f"{path}: moments {meta.get('moments')!r} is none of {MOMENTS}: "
+                            "re-run data.py")
+        return meta
+    if not os.path.isfile(os.path.join(data_dir, "empty_context.npy")):
+        raise UserError(f"{data_dir} is no COCO feature folder (no dataset.json, no "
+                        f"empty_context.npy): {COCO_HINT}")
+    log.warning("data: %s has no dataset.json: read as U-ViT's / REPA's preparation ([mean, "
+                "logvar] moments, %s text features)", data_dir, UVIT_TEXT_ENCODER)
+    return {"dataset": "coco", "moments": "mean-logvar", "text_encoder": UVIT_TEXT_ENCODER,
+            "splits": None}
+
+
+def scan_split(folder):
+    """(number of images, captions per image) of a split folder, checked file by file."""
+    names = os.listdir(folder)
+    latents = {int(m[1]) for m in map(LATENT_FILE.fullmatch, names) if m}
+    images = {int(m[1]) for m in map(IMAGE_FILE.fullmatch, names) if m}
+    last = {}  # image -> highest caption index, and the caption count
+    counts = np.zeros(len(latents), np.int64)
+    for m in map(CAPTION_FILE.fullmatch, names):
+        if m and int(m[1]) < len(latents):
+            counts[int(m[1])] += 1
+            last[int(m[1])] = max(last.get(int(m[1]), 0), int(m[2]))
+    size = len(latents)
+    if not size:
+        raise UserError(f"no moments files ({{i}}.npy) in {folder}: {COCO_HINT}")
+    if latents != set(range(size)):
+        gap = min(set(range(size)) - latents)
+        raise UserError(f"{folder}: {gap}.npy is missing among {size} moments files: an "
+                        "interrupted preparation? re-run data.py")
+    if images != latents:
+        raise UserError(f"{folder} has {len(images)} images ({{i}}.png) for {size} moments files: "
+                        "U-ViT's script writes no images (REPA issue #58) and the encoders need "
+                        f"them: {COCO_HINT}")
+    bad = [i for i in range(size) if not counts[i] or last[i] != counts[i] - 1]
+    if bad:
+        raise UserError(f"{folder}: the caption features of image {bad[0]} are not "
+                        f"{bad[0]}_0.npy .. {bad[0]}_{{n-1}}.npy: re-run data.py")
+    return size, counts
+
+
+class CocoDataset(Dataset):
+    """One split of the COCO layout: (image uint8 (3, H, W), moments float32 (8, h, w) = posterior
+    [mean, std] whatever the files store, text features float32 (77, D) of one of its captions).
+
+    Indexed by (index, step), as GlobalBatchSampler(keyed=True) hands them, the caption is drawn
+    from (seed, step, index) alone: a resumed or multi-GPU run sees the same captions. By index
+    alone it is one fixed caption per (seed, index), e.g. for evaluation prompts.
+    """
+
+    synthetic = False
+    keyed = True
+
+    def __init__(self, data_dir, split="train", seed=0, expect=None):
+        """Index and validate a split; expect: {dataset.json key: value} the run needs (None: any),
+        e.g. {"text_encoder": ..., "moments": ...}; UserError saying the fix when broken."""
+        if not os.path.isdir(data_dir):
+            raise UserError(f"data dir {data_dir} does not exist: {COCO_HINT}")
+        self.meta, self.seed = coco_meta(data_dir), seed
+        for key, value in (expect or {}).items():
+            if value is not None and self.meta.get(key) != value:
+                raise UserError(f"{data_dir} was made with {key} {self.meta.get(key)!r} but the "
+                                f"run expects {value!r}: make the data again with data.py or run "
+                                f"with the data's {key}")
+        self.folder = os.path.join(data_dir, split)
+        if not os.path.isdir(self.folder):
+            raise UserError(f"{self.folder} is missing (split {split}): {COCO_HINT} --splits "
+                            f"{split}")
+        done = self.meta.get("splits")
+        if done is not None and split not in done:
+            raise UserError(f"split {split} of {data_dir} is unfinished (its dataset.json does "
+                            "not list it): re-run data.py with the same flags")
+        self.size, self.num_captions = scan_split(self.folder)
+        if done is not None and [done[split]["images"], done[split]["captions"]] != [
+                self.size, int(self.num_captions.sum())]:
+            raise UserError(f"{self.folder} holds {self.size} images and "
+                            f"{self.num_captions.sum()} captions, but dataset.json says "
+                            f"{done[split]['images']} and {done[split]['captions']}: re-run "
+                            "data.py")
+        null = os.path.join(data_dir, "empty_context.npy")
+        if not os.path.isfile(null):
+            raise UserError(f"{null} (the empty caption's features) is missing: re-run data.py")
+        self.null_context = torch.from_numpy(np.load(null)).float()  # (77, D)
+        self.text_encoder, self.text_dim = self.meta["text_encoder"], self.null_context.shape[-1]
+        self.moments, self.vae = self.meta["moments"], self.meta.get("vae")
+        i, image, moments, context = self.first_readable()
+        self.resolution, self.latent_size = image.shape[-2], image.shape[-2] // 8
+        if tuple(moments.shape) != (8, self.latent_size, image.shape[-1] // 8):
+            raise UserError(f"{self.folder}/{i}.npy holds moments of shape {moments.shape} for a "
+                            f"{image.shape} image: re-run data.py")
+        if context.shape != self.null_context.shape:
+            raise UserError(f"{self.folder}/{i}_0.npy holds text features of shape "
+                            f"{context.shape} but the null caption's are "
+                            f"{tuple(self.null_context.shape)}: re-run data.py")
+        self.shapes = image.shape, moments.shape, context.shape
+        path = os.path.join(self.folder, "captions.json")
+        self.captions = [c for *_, c in read_json(path)] if os.path.isfile(path) else None
+        for part, name in (("text encoder", self.text_encoder), ("VAE", self.vae)):
+            if name == encoders.TINY_RANDOM:
+                log.warning("data: %s was made with the TINY RANDOM %s: for smoke runs and tests "
+                            "only", data_dir, part)
+
+    def first_readable(self):
+        """(index, image, moments, first caption's features) of the first image whose files
+        decode: their shapes set the layout (a damaged file is a BadSample when it is drawn)."""
+        for i in range(self.size):
+            try:
+                return (i, load_image(os.path.join(self.folder, f"{i}.png")),
+                        *(np.load(os.path.join(self.folder, n), mmap_mode="r")
+                          for n in (f"{i}.npy", f"{i}_0.npy")))
+            except (ValueError, OSError, EOFError, SyntaxError):
+                continue
+        raise UserError(f"no image of {self.folder} has files that decode: re-run data.py")
+
+    def __len__(self):
+        return self.size
+
+    def caption_index(self, idx, step=None):
+        """Which caption of image idx a step shows: a function of (seed, step, idx) only."""
+        key = [self.seed, idx] if step is None else [self.seed, step, idx]
+        return int(np.random.default_rng(key).integers(self.num_captions[idx]))
+
+    def __getitem__(self, key):
+        """(image uint8 (3, H, W), moments float32 (8, h, w) [mean, std], text (77, D) float32) of
+        key = index or (index, step); BadSample when one of its files does not read as one."""
+        idx, step = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= idx < self.size:
+            raise IndexError(f"index {idx} out of range for {self.size} images")
+        k = self.caption_index(idx, step)
+        path = functools.partial(os.path.join, self.folder)
+        image = read_checked(path(f"{idx}.png"), self.shapes[0], np.uint8, load_image)
+        moments = read_checked(path(f"{idx}.npy"), self.shapes[1], np.floating, np.load)
+        context = read_checked(path(f"{idx}_{k}.npy"), self.shapes[2], np.floating, np.load)
+        return (torch.from_numpy(image), mean_std(moments, self.moments),
+                torch.from_numpy(context).float())
 
 
 if __name__ == "__main__":

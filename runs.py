@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import cluster
 import losses
 from cluster import UserError, write_atomic
 from data import SYNTHETIC
-from encoders import TINY_RANDOM
+from encoders import CLIP_TEXT, TINY_RANDOM
 from model import SIZES, SiT, size_config
 
 log = logging.getLogger("train")
@@ -47,7 +48,7 @@ RESUMABLE_CHANGES = {
     "num_workers", "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks",
     "preempt_signals", "out", "run_name", "data_dir", "world_size", "vae", "sample_steps",
     "eval_every", "eval_ref", "eval_samples", "eval_cfg", "eval_steps", "eval_weights",
-    "enc_weights", "disc_weights", "wandb", "tensorboard",
+    "enc_weights", "disc_weights", "wandb", "tensorboard", "max_bad_samples", "strict_data",
 }
 METRICS, LOSS_CURVES = "metrics.jsonl", "losses.png"
 RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
@@ -165,19 +166,51 @@ def set_rng_state(state, gen, device):
 
 def save_checkpoint(run_dir, config, run, pos, device, rank, world):
     """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts
-    (and every multiple of --keep-every)."""
+    (and every multiple of --keep-every); a full or failing disk stops every rank with one line,
+    the previous checkpoint intact."""
+    error = None
     if rank == 0:  # every rank holds the same random states: one copy resumes them all
         ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED
                 if getattr(run, key) is not None}
         ckpt.update(step=pos.step, batch=pos.batch, rollbacks=pos.rollbacks,
                     bad_in_a_row=pos.bad_in_a_row, rng=rng_state(run.gen, device), config=config)
         path = os.path.join(run_dir, "checkpoints", f"{pos.step:07d}.pt")
+        try:
+            write_checkpoint(path, ckpt, checkpoint_paths(run_dir))
+        except UserError as e:
+            error = e
+        else:
+            for old in checkpoint_paths(run_dir)[: -config["keep_ckpts"]]:
+                if not (config["keep_every"] and checkpoint_step(old) % config["keep_every"] == 0):
+                    os.remove(old)
+            log.info("saved %s", path)
+    if cluster.host_all_reduce([error is not None], dist.ReduceOp.MAX, world)[0]:
+        raise error or UserError("rank 0 could not write the checkpoint (its error says why)")
+
+
+def write_checkpoint(path, ckpt, previous):
+    """torch.save ckpt to path atomically, if the disk has room for one more checkpoint as large
+    as the newest of previous (or as ckpt's tensors); UserError naming the folder, the space free
+    and the space needed when it has not, or when the write fails for a disk fault."""
+    folder = os.path.dirname(path)
+    needed = os.path.getsize(previous[-1]) if previous else tensor_bytes(ckpt)
+    cluster.require_space(folder, needed, "a checkpoint")
+    try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
-        for old in checkpoint_paths(run_dir)[: -config["keep_ckpts"]]:
-            if not (config["keep_every"] and checkpoint_step(old) % config["keep_every"] == 0):
-                os.remove(old)
-        log.info("saved %s", path)
-    cluster.barrier(world)
+    except OSError as e:  # ENOSPC, EIO, a read-only file system, ...
+        raise cluster.disk_error(e, folder) or e
+    except RuntimeError:  # a full disk inside torch.save: "[enforce fail ...] unexpected pos"
+        cluster.require_space(folder, tensor_bytes(ckpt), "a checkpoint")
+        raise
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested dict / list (a checkpoint's size, near enough)."""
+    if torch.is_tensor(obj):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def changed_flag(stored, config, given):
@@ -201,8 +234,7 @@ def load_run_checkpoint(paths, config, world, given=()):
             ckpt, found = torch.load(paths[i], map_location="cpu", weights_only=True), i
             break
         except Exception as e:  # truncated files and foreign pickles fail in many ways
-            reason = f"{type(e).__name__}: {first_line(e)[:120]}"
-            why = f"{paths[i]} is not a readable checkpoint ({reason})"
+            why = unreadable(paths[i], e)
             log.warning("%s; falling back to the previous checkpoint", why)
             error = error or why
     agreed = cluster.host_all_reduce([found], dist.ReduceOp.MIN, world)[0]
@@ -310,8 +342,10 @@ def roll_back(run_dir, run, config, pos, metrics, device, rank, world):
 # Metrics: metrics.jsonl, its TensorBoard / W&B mirrors, the loss-curve plot
 
 
-def require_loggers(config):
-    """A UserError when --wandb or --tensorboard 1 is asked for and its package is missing."""
+def check_outputs(config):
+    """Before any work: --out takes files, and --wandb's or --tensorboard 1's package is there
+    (UserError saying which is not)."""
+    cluster.check_writable(config["out"])
     wanted = (
         [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")]
         if config["tensorboard"]
@@ -327,21 +361,23 @@ def require_loggers(config):
 
 
 class Metrics:
-    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png."""
+    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png;
+    on the other ranks every method does nothing, so that the loop needs no rank test."""
 
-    def __init__(self, run_dir, config, step):
+    def __init__(self, run_dir, config, step, rank=0):
         """Drop rows past the resumed step and open the mirrors asked for."""
         self.path, self.png = os.path.join(run_dir, METRICS), os.path.join(run_dir, LOSS_CURVES)
-        self.trim(step)
         self.tensorboard = self.wandb = None
-        if config["tensorboard"]:
+        self.writes = rank == 0
+        self.trim(step)
+        if config["tensorboard"] and self.writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events it is about to write again
             self.tensorboard = SummaryWriter(
                 os.path.join(run_dir, "tensorboard"), purge_step=step + 1
             )
-        if config.get("wandb"):
+        if config.get("wandb") and self.writes:
             import wandb
 
             id_path = os.path.join(run_dir, "wandb-id.txt")  # one W&B run per run folder
@@ -354,13 +390,15 @@ class Metrics:
 
     def trim(self, step):
         """Drop rows past step (a resumed or rolled-back run writes them again)."""
-        if os.path.exists(self.path):
+        if self.writes and os.path.exists(self.path):
             rows = read_metrics(os.path.dirname(self.path))
             text = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
             write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def write(self, row):
         """Log row (a dict of numbers with a "step"), append it everywhere, redraw the curves."""
+        if not self.writes:
+            return
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items()))
         with open(self.path, "a") as f:
@@ -483,6 +521,26 @@ def download_repa(path):
                         "--ckpt PATH") from e
 
 
+def unreadable(path, error):
+    """Why torch.load(path, weights_only=True) failed, in one line; never torch's advice to retry
+    with weights_only=False: this project does not run code a file pickles."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"{path} is not a checkpoint of tensors (it pickles {found[1]}, which a "
+                "weights-only load refuses)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"{path} is not readable ({e.strerror})"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        return f"{path} is not a checkpoint ({'empty' if not head else 'not a torch.save file'})"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = (detail[1] if detail else first_line(error).split(". ")[0])[:160]
+    return f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})"
+
+
 def read_checkpoint(path):
     """torch.load a checkpoint dict with weights_only=True (allowing REPA's argparse.Namespace)."""
     if not os.path.isfile(path):
@@ -491,9 +549,7 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled types weights_only refuses
-        raise UserError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})"
-        ) from e
+        raise UserError(unreadable(path, e)) from e
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt
@@ -506,6 +562,21 @@ def is_state_dict(obj):
         and bool(obj)
         and all(isinstance(v, torch.Tensor) for v in obj.values())
     )
+
+
+def text_encoder_of(ckpt):
+    """The text encoder a text-to-image checkpoint conditions on; None for a class-conditional one.
+
+    The convention: train.py stores the resolved run config in every checkpoint and a text run's
+    names its text encoder (config["text_encoder"]); a checkpoint without that config (REPA's
+    train_t2i.py, a bare state dict) is text-to-image when its weights are MMDiT's (joint_blocks.*).
+    """
+    config = ckpt.get("config")
+    if isinstance(config, dict):
+        return config.get("text_encoder") or None
+    state = ckpt if is_state_dict(ckpt) else ckpt.get("ema", ckpt.get("model"))
+    mmdit = isinstance(state, dict) and any(str(k).startswith("joint_blocks.") for k in state)
+    return CLIP_TEXT if mmdit else None  # REPA trains on U-ViT's CLIP ViT-L/14 features
 
 
 def infer_config(state, args=None):

@@ -27,7 +27,7 @@ import losses
 import runs
 import sample
 from cluster import UserError, at_least, fraction, positive
-from data import SYNTHETIC, build_dataset, global_batches
+from data import SYNTHETIC, TrainingBatches, build_dataset
 from discriminator import build_discriminator, is_disc_step
 from encoders import TINY_RANDOM, load_encoders, load_vae, sample_latent
 from model import SiT, size_config
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
     a("--synthetic-images", type=count, default=256, help="images of the synthetic data")
     a("--synthetic-classes", type=count, default=10, help="classes of the synthetic data")
+    a("--max-bad-samples", type=natural, default=100, help="unreadable samples replaced, at most")
+    a("--strict-data", **flag, default=0, help="1: stop at the first unreadable sample")
     a("--resolution", type=cluster.multiple_of(8), help="image side in pixels")
     a("--enc-type", help="encoder(s), REPA's names, comma-separated; or tiny-random")
     a("--enc-weights", help="local encoder checkpoint(s), comma-separated, instead of downloading")
@@ -363,7 +365,7 @@ def train(args, stop):
     runs.setup_logging(rank)
     config = resolve_config(args, world)
     run_dir = os.path.join(config["out"], config["run_name"])
-    runs.require_loggers(config)
+    runs.check_outputs(config)  # --out writable, logger packages installed
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(config)
@@ -374,6 +376,11 @@ def train(args, stop):
     if (rank == 0 and config["sample_every"] or config["eval_every"]) and config["vae"] != "none":
         with cluster.failing(f"--vae {config['vae']}"):
             vae = load_vae(config["vae"], device)
+    evaluator = None
+    if config["eval_every"]:  # a given --eval-weights file is used whatever its checksum, and named
+        with cluster.failing("the FID Inception or --eval-ref (offline: --eval-weights FILE)"):
+            evaluator = fid.Evaluator(config["eval_ref"], config.get("eval_weights"), "", device,
+                                      rank, world)
 
     # Resume from the newest readable checkpoint (a fresh start has none)
     runs.open_log(run_dir, rank)
@@ -384,16 +391,11 @@ def train(args, stop):
         cluster.close(world)
         return run_dir
     runs.write_config(run_dir, config, rank)  # and the stand-ins, loudly
-    metrics = runs.Metrics(run_dir, config, pos.step) if rank == 0 else None
+    metrics = runs.Metrics(run_dir, config, pos.step, rank)
     cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
-    evaluator = None
-    if config["eval_every"]:  # a given --eval-weights file is used whatever its checksum, and named
-        with cluster.failing("the FID Inception or --eval-ref (offline: --eval-weights FILE)"):
-            evaluator = fid.Evaluator(config["eval_ref"], config.get("eval_weights"), "", device,
-                                      rank, world)
 
     # Data: global batch i is a fixed slice of a per-epoch seeded permutation, from pos.batch on
-    loader = global_batches(dataset, config, rank, world, pos.batch, device)
+    loader = TrainingBatches(dataset, config, rank, world, pos.batch, device, run_dir)
     local = config["batch_size"] // world
     rows = slice(rank * local, (rank + 1) * local)  # this rank's share of each global draw
     align = losses.AlignConfig(**config["align_config"])
@@ -409,8 +411,7 @@ def train(args, stop):
             break
 
         # One step; a burst of non-finite steps rolls back to the newest checkpoint before it
-        record = train_step(run, config, align, [x.to(device, non_blocking=True) for x in batch],
-                            pos.step, rows)
+        record = train_step(run, config, align, batch, pos.step, rows)
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.bad_in_a_row = pos.bad_in_a_row + 1 if record["bad_steps"] else 0
         bar.update(1)
@@ -425,8 +426,8 @@ def train(args, stop):
         if pos.step % config["log_every"] == 0 or pos.step == config["max_steps"]:
             row, t_last = runs.metrics_row(stats, pos.step, config, t_last, world), time.time()
             stats = {}
-            if rank == 0:
-                metrics.write(row)
+            loader.update(row)  # unreadable samples: counted, listed, a stop past the bound
+            metrics.write(row)
         if config["sample_every"] and pos.step % config["sample_every"] == 0 and rank == 0:
             sample.write_grid(os.path.join(run_dir, "samples", f"{pos.step:07d}.png"), run.ema, vae,
                               seed=config["seed"], num_steps=config["sample_steps"], device=device)
@@ -440,8 +441,8 @@ def train(args, stop):
                      "command to continue", stop.signal or "another rank's signal", pos.step)
             break
     bar.close()
-    if metrics is not None:
-        metrics.close()
+    loader.update()
+    metrics.close()
     cluster.close(world)
     return run_dir
 

@@ -1,4 +1,10 @@
-"""Helpers the tests share: stand-in weights that need no download."""
+"""Helpers the tests share: stand-in weights that need no download, a folder snapshot, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -31,3 +37,52 @@ def cli_error(capsys, parse, *argv):
         parse(list(argv))
     assert stop.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+class TextVelocity(nn.Module):
+    """A tiny stand-in text-to-image velocity model with MMDiT's call (x, t, context) -> (v,).
+
+    Nonlinear in x, t and every context token, so a sampler that feeds the wrong context, the wrong
+    time or the wrong half of a guided batch changes its output.
+    """
+
+    def __init__(self, channels=4, size=8, dim=16, tokens=77, path_type="linear"):
+        super().__init__()
+        self.config = dict(in_channels=channels, input_size=size, path_type=path_type)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.token_weights = nn.Parameter(torch.randn(tokens) / tokens)
+        self.context = nn.Linear(dim, channels)
+        self.time = nn.Linear(1, channels)
+
+    def forward(self, x, t, context, align=True):
+        """x (B, C, H, W), t (B,), context (B, tokens, dim) -> (v (B, C, H, W),)."""
+        pooled = torch.einsum("bnd,n->bd", context, self.token_weights)  # (B, dim)
+        shift = self.context(pooled) + self.time(t[:, None].to(x.dtype))  # (B, C)
+        return (torch.tanh(self.conv(x) + shift[:, :, None, None]) + 0.5 * x,)
+
+
+def snapshot(dest):
+    """{relative path: (bytes, mtime_ns)} of every file under dest."""
+    out = {}
+    for d, _, files in os.walk(dest):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def interrupted(code, marker, timeout=300):
+    """Run `python -c code` in the repository until it creates the file marker, then press Ctrl-C
+    (SIGINT); its (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(timeout), proc.stderr.read()

@@ -4,21 +4,25 @@ input.
 Everything runs on CPU with seeded random Inception weights; nothing touches the network.
 """
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+import types
 import urllib.error
 import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 from PIL import Image
 
 import fid
-from helpers import cli_error, random_inception
+from helpers import cli_error, interrupted, random_inception
 
 # ------------------------------------------------------------------------------------------
 # Fixtures
@@ -230,6 +234,55 @@ def test_inception_score_uses_sequential_splits():
         fid.inception_score(np.zeros((0, 3)))
 
 
+def features(pool, logits):
+    """fid.Features of given pool3 rows and logits (the spatial statistics from the pool rows)."""
+    stats = fid.RunningGaussian()
+    stats.update(pool)
+    return fid.Features(pool, logits, stats.finalize(), stats.finalize())
+
+
+def test_evaluation_during_training_scores_is_in_splits_of_5000(monkeypatch):
+    """train.py's evaluation (train.evaluate -> sample.score -> fid.Evaluator) gives ADM's IS, the
+    mean over sequential splits of 5000, on 6000 random logits (20 classes) whose first 5000 rows
+    predict classes 0-9 and the last 1000 classes 10-19: one split would score 1.56 times higher."""
+    import sample
+    import train
+
+    n, rng = 6000, np.random.default_rng(0)
+    classes = np.where(np.arange(n) < 5000, 0, 10) + rng.integers(0, 10, n)  # (N,)
+    logits = rng.standard_normal((n, 20)) + 10 * np.eye(20)[classes]  # (N, 20)
+    samples = features(torch.randn(n, 4), torch.from_numpy(logits).float())
+
+    def adm_is(rows):
+        """ADM's IS of one split, written out: exp of the mean KL(p(y|x) || p(y))."""
+        p = scipy.special.softmax(rows.astype(np.float32).astype(np.float64), axis=1)  # (S, C)
+        return np.exp((p * (np.log(p) - np.log(p.mean(0)))).sum(1).mean())
+
+    expected = (adm_is(logits[:5000]) + adm_is(logits[5000:])) / 2
+    assert adm_is(logits) > 1.5 * expected  # the split matters on these rows: 15.4 vs 9.9
+
+    made = []
+
+    def given_features(model, batches, *args, **kwargs):
+        """The samples' features, once every batch was asked for (no network)."""
+        for indices in batches:
+            made.extend(indices)
+        return samples
+
+    # no sampling and no Inception network: the logits are given
+    monkeypatch.setattr(sample, "generate_images", lambda model, vae, indices, **kw: indices)
+    monkeypatch.setattr(fid, "extract_features", given_features)
+    evaluator = object.__new__(fid.Evaluator)
+    evaluator.device, evaluator.rank, evaluator.factors, evaluator.model = "cpu", 0, None, None
+    evaluator.digest, evaluator.ref = "0" * 64, features(torch.randn(50, 4), None)
+    rows = []
+    config = dict(eval_samples=n, batch_size=1000, seed=0, eval_cfg=1.0, eval_steps=1)
+    train.evaluate(None, None, evaluator, config, 10, types.SimpleNamespace(write=rows.append), 0,
+                   1, torch.device("cpu"))
+    assert made == list(range(n)) and rows[0]["step"] == 10
+    assert rows[0]["inception_score"] == pytest.approx(expected, rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------
 # Precision / recall
 # ------------------------------------------------------------------------------------------
@@ -390,6 +443,8 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(fid, "reachable", lambda url: True)  # the server answers, the fetch fails
+    monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
     with pytest.raises(SystemExit) as exit_info:
         fid.main(
@@ -402,6 +457,71 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
         text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
     )
     assert fid.WEIGHTS_URL in text and reason in text and "--weights PATH" in text
+
+
+def test_offline_without_the_weights_file_fails_at_once(tmp_path, monkeypatch):
+    """No network, no file: one line naming --weights, without trying the download."""
+    monkeypatch.setattr(fid, "reachable", lambda url: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", None)  # calling it would fail
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^the Inception weights pt_inception-2015-12-05-6726825d"
+                                         r".pth are neither .* github.com is unreachable .* pass "
+                                         r"--weights PATH, or put it in either place$"):
+        fid.load_inception()
+
+
+def test_weights_file_in_the_current_folder_is_used_and_another_one_needs_the_flag(
+    weights_file, tmp_path, monkeypatch
+):
+    """The README's offline machine: the file beside you, no --weights; a stand-in file is refused
+    with the flag that takes it."""
+    path, digest = weights_file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fid, "reachable", None)  # never asked: the file is here
+    monkeypatch.chdir(tmp_path)
+    os.symlink(path, tmp_path / os.path.basename(fid.WEIGHTS_URL))
+    assert fid.load_inception(None, digest)[1] == digest
+    with pytest.raises(ValueError, match=r"wrong or corrupt file; to evaluate with another file on "
+                                         r"purpose pass --weights-sha256 ''"):
+        fid.load_inception(None)
+    assert fid.load_inception(None, "")[1] == digest
+
+
+def test_full_disk_is_one_line_naming_folder_free_and_needed(tmp_path, monkeypatch):
+    usage = shutil._ntuple_diskusage
+    monkeypatch.setattr(fid.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2_000_000,
+                                                                  2_000_000))
+    out = tmp_path / "ref.npz"
+    with pytest.raises(ValueError) as err:
+        fid.save_checked(str(out), lambda f: f.write(b"x"), 3_500_000)
+    assert str(err.value) == (f"not enough space in {tmp_path} for {out}: 2.0 MB free, 3.5 MB "
+                              "needed; free space there or give another path, then run the same "
+                              "command again")
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ValueError, match="2.0 MB free, 0.0 MB needed"):
+        fid.save_checked(str(out), full, 10)  # the estimate was short: the disk filled anyway
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    marker = tmp_path / "working"
+    code = (
+        "import time, fid\n"
+        "fid.load_inception = lambda *a: (None, '0' * 64)\n"
+        f"fid.features_of = lambda *a, **k: open({str(marker)!r}, 'w') and time.sleep(60)\n"
+        f"fid.main(fid.parse_args([{str(tmp_path / 'set.npz')!r}] * 2 + ['--min-images', '4', "
+        "'--device', 'cpu']))\n"
+    )
+    status, err = interrupted(code, marker)
+    assert status == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "fid.py: interrupted before the results were written; run the same command again (the "
+        "reference activations, if cached, are reused)")
 
 
 def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
@@ -529,7 +649,7 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
 
 
 @pytest.mark.slow
-def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch):
+def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monkeypatch, capsys):
     calls = recording_fid(monkeypatch)
     arr = images(6, seed=8)
     np.savez(tmp_path / "source.npz", arr_0=arr)
@@ -548,6 +668,10 @@ def test_cli_writes_reference_batch_that_evaluates(tmp_path, weights_file, monke
         )
         assert_same_stats(call)  # the samples are the same 6 images
     assert results["recall"] == 1.0  # every arr_0 image is also a sample
+    # the output says how many samples were scored against which reference's statistics
+    assert (f"6 samples ({tmp_path / 'source.npz'}) against the reference {out} (FID statistics: "
+            "its stored mu/sigma; 4 images for precision/recall)") in capsys.readouterr().out
+    assert results["ref_stats"] == "npz mu/sigma" and results["num_samples"] == 6
 
 
 def run_fid(nproc, *argv):
@@ -625,6 +749,11 @@ def bad_input_cases(tmp_path):
     wrong = tmp_path / "wrong.pth"
     wrong.write_bytes(b"\0" * 64)
     cases.append(([good, good, "--weights", wrong], "sha256"))
+    cases.append(([good, good, "--weights", wrong], "pass --weights-sha256 ''"))
+    # every output location before any work
+    cases.append(([good, good, "--out", tmp_path], f"--out {tmp_path} is a folder"))
+    cases.append(([good, good, "--out", good / "x.json"], "(a file is in the way): give a"))
+    cases.append(([good, "--write-ref", good / "s" / "r.npz"], "cannot write --write-ref"))
     return cases
 
 

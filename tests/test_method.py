@@ -1,7 +1,8 @@
 """The method's load-bearing lines, each pinned by a test that fails when the line changes.
 
-Velocity target sign, label dropout, the discriminator's real / fake sides, the EMA, the papers'
-defaults, the guidance interval's upper edge, and gradient routing from inputs that require grad.
+Velocity target sign, the SRA^2 target, label dropout, the discriminator's real / fake sides, the
+EMA, the papers' defaults, the guidance interval's upper edge, and gradient routing from inputs
+that require grad.
 References are built so they cannot hide the bug: no all-zero model outputs, no symmetric inputs,
 tolerances far below the effect.
 """
@@ -60,7 +61,7 @@ def tiny_run(*flags, batch_size=8, resolution=32):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The velocity target is d/dt x_t (eps - x0 on the linear path), not its negation
+# 1. The velocity target is d/dt x_t (eps - x0 on the linear path), not its negation; SRA^2's is x0
 
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
@@ -96,6 +97,36 @@ def test_velocity_target_is_the_time_derivative_of_the_path(path):
     # ||v - (-v)||^2 = 4 ||v||^2
     assert negated == pytest.approx(4 * v_true.square().mean().item(), rel=1e-5)
     assert negated > 1.0
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_sra2_target_is_the_clean_latent_that_was_noised(path):
+    """SRA2 (7): a head that returns exactly the clean x0 scores 0; one that returns its noised
+    input x_t scores the smooth-L1 of x_t - x0, written out here."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(16, 4, 4, 4, generator=g)
+    y = torch.zeros(16, dtype=torch.long)
+    align = L.align_config("sra2", path_type=path)
+    noise = L.draw_noise(16, x0.shape[1:], align, 0.0, generator=g)
+
+    def head(returns_x0):
+        """A model whose velocity is off (so only the sra term is judged) and whose SRA^2 head
+        returns x0 or its input x_t."""
+        def model(x, t, y, drop=None):
+            return SiTOutput(torch.zeros_like(x), [], x0.clone() if returns_x0 else x.clone())
+        return model
+
+    exact = L.training_losses(head(True), x0, y, [], align, noise).terms["sra"].item()
+    noised = L.training_losses(head(False), x0, y, [], align, noise).terms["sra"].item()
+    assert exact < 1e-12
+    t = noise.t.view(-1, 1, 1, 1)
+    if path == "linear":
+        x_t = (1 - t) * x0 + t * noise.eps
+    else:
+        x_t = torch.cos(t * math.pi / 2) * x0 + torch.sin(t * math.pi / 2) * noise.eps
+    d, beta = (x_t - x0).abs(), 0.05
+    hand = torch.where(d < beta, 0.5 * d**2 / beta, d - beta / 2).mean().item()
+    assert noised == pytest.approx(hand, rel=1e-5) and noised > 0.3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -16,7 +17,7 @@ import torch
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error
+from helpers import cli_error, snapshot
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
 # zebra 2
@@ -46,17 +47,6 @@ TINY = ["--resolution", "32", "--vae", "tiny-random", "--workers", "0", "--batch
 def run(source, dest, *extra):
     """data.py in this process with the tiny VAE at 32 px."""
     data.main(data.parse_args(["--source", source, "--dest", dest, *TINY, *extra]))
-
-
-def snapshot(dest):
-    """{relative path: (bytes, mtime_ns)} of every file under dest."""
-    out = {}
-    for d, _, files in os.walk(dest):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
-    return out
 
 
 def test_center_crop_halves_then_crops_exactly():
@@ -146,6 +136,46 @@ def test_end_to_end_then_resume(tmp_path, caplog):
     np.testing.assert_allclose(redone, original, rtol=1e-4, atol=1e-5)
 
 
+class RecordingVAE:
+    """An SD-VAE stand-in that records what encode is given and returns its 8x8 means as the
+    posterior mean (std 0.5): the moments data.py writes then show the range too."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.inputs = []
+
+    def encode(self, x):
+        self.inputs.append(x.clone())
+        mean = torch.nn.functional.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4]  # (B, 4, H/8, W/8)
+        dist = types.SimpleNamespace(mean=mean, std=torch.full_like(mean, 0.5))
+        return types.SimpleNamespace(latent_dist=dist)
+
+
+def test_the_vae_sees_uint8_0_and_255_as_minus_one_and_plus_one(tmp_path, monkeypatch):
+    """Black, random and white 32x32 PNGs (no resize: the crop is exact) reach the VAE as
+    u / 127.5 - 1, so 0 -> -1 and 255 -> +1, the range the decode path (to_uint8) inverts."""
+    vae = RecordingVAE()
+    monkeypatch.setattr(encoders, "load_vae", lambda name, device="cpu": vae)
+    rng = np.random.default_rng(0)
+    pixels = {"a_black": np.zeros((32, 32, 3), np.uint8),
+              "b_random": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+              "c_white": np.full((32, 32, 3), 255, np.uint8)}
+    for name, array in pixels.items():
+        os.makedirs(tmp_path / "src" / name)
+        PIL.Image.fromarray(array).save(tmp_path / "src" / name / "x.png")
+    run(str(tmp_path / "src"), str(tmp_path / "out"))  # batches of 2: two encode calls
+    seen = torch.cat(vae.inputs)  # (3, 3, 32, 32) in source order
+    assert seen.dtype == torch.float32 and seen.shape == (3, 3, 32, 32)
+    assert torch.all(seen[0] == -1) and torch.all(seen[2] == 1)
+    u = torch.from_numpy(pixels["b_random"]).permute(2, 0, 1).double()  # (3, 32, 32)
+    torch.testing.assert_close(seen[1].double(), (u - 127.5) / 127.5, rtol=0, atol=1e-6)
+    for i, sign in ((0, -1), (2, 1)):  # what the VAE returned is what was written
+        path = tmp_path / "out" / "vae-sd" / data.output_names(i)[1]
+        moments = np.load(path)  # (8, 4, 4): mean, std
+        assert np.all(moments[:4] == sign) and np.all(moments[4:] == 0.5)
+
+
 def test_max_images_and_png_compression(tmp_path):
     """--max-images takes the first images in sorted order; compressed PNGs decode to the same
     pixels."""
@@ -180,7 +210,7 @@ def test_bad_source_is_a_clear_exit(tmp_path):
 def test_every_flag_has_help():
     """argparse help on every flag, and the defaults REPA's preprocessing uses."""
     actions = [a for a in data.build_parser()._actions if a.dest != "help"]
-    assert len(actions) == 9 and all(a.help and len(a.help) > 20 for a in actions)
+    assert len(actions) == 14 and all(a.help and len(a.help) > 20 for a in actions)
     args = data.parse_args(["--source", "s", "--dest", "d"])
     assert (
         args.resolution == 256

@@ -237,6 +237,61 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert rows[0]["bad_steps"] == 2 and "grad_norm" not in rows[0]
 
 
+def spy_on_clipping(monkeypatch):
+    """Per optimizer step, (norm of the true gradient, norm of the gradient the step sees, their
+    cosine). The true gradient is taken as backward leaves it, divided by the GradScaler's scale,
+    independently of train_step's unscale and clip."""
+    steps, real_build = [], train.build_run
+
+    def build_run(*args, **kwargs):
+        run = real_build(*args, **kwargs)
+        true, real_step = {}, run.opt.step
+
+        def keep(p):  # after backward filled p.grad, before anything else touches it
+            true[p] = p.grad.detach().clone() / run.scaler.get_scale()
+
+        for p in run.model.parameters():
+            if p.requires_grad:  # not the fixed sin-cos position table
+                p.register_post_accumulate_grad_hook(keep)
+
+        def step(*a, **k):
+            # float64: a float32 sum over the model's millions of squares is off by ~1e-4
+            raw = torch.cat([true[p].flatten() for p in true]).double()
+            seen = torch.cat([p.grad.flatten() for p in true]).double()
+            steps.append((raw.norm().item(), seen.norm().item(),
+                          (raw @ seen / raw.norm() / seen.norm()).item()))
+            true.clear()
+            return real_step(*a, **k)
+
+        run.opt.step = step
+        return run
+
+    monkeypatch.setattr(train, "build_run", build_run)
+    return steps
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_optimizer_sees_the_clipped_gradient_and_the_log_the_raw_norm(
+    tmp_path, monkeypatch, precision
+):
+    """--max-grad-norm M: the step sees the true gradient scaled to norm M when it is longer (as is,
+    else); metrics.jsonl's grad_norm is the true norm before clipping (fp16: unscaled)."""
+    steps = spy_on_clipping(monkeypatch)
+    limit = 3.0  # inside the true norms of these steps (2.2 to 3.9): both cases occur
+    run_dir = run(tmp_path, "--align", "repa", "--precision", precision, "--max-grad-norm",
+                  str(limit), "--max-steps", "6", "--log-every", "1", "--ckpt-every", "6")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    logged = [r["grad_norm"] for r in rows if "grad_norm" in r]  # the steps that were finite
+    assert len(steps) == len(logged) >= 4
+    clipped = [raw > limit for raw, _, _ in steps]
+    assert any(clipped) and not all(clipped), steps  # else pick another limit
+    for (raw, seen, cosine), norm in zip(steps, logged):
+        assert cosine == pytest.approx(1, abs=1e-9)  # scaled as a whole, direction kept
+        # clip_grad_norm_'s float32 norm is ~1e-4 off
+        assert seen == pytest.approx(min(raw, limit), rel=1e-3)
+        assert norm == pytest.approx(raw, rel=1e-3)
+
+
 def test_bad_components_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="--enc-type foo: ValueError: unknown encoder 'foo'"):
         run(tmp_path, "--align", "repa", "--enc-type", "foo")
@@ -426,6 +481,37 @@ def test_nan_rollback_survives_a_stop_before_during_and_after_the_burst(
     a, b = newest(straight), newest(resumed)
     assert a["rollbacks"] == b["rollbacks"] and a["batch"] == b["batch"] == 13
     assert_same_state(a, b)
+
+
+def test_resume_right_after_a_rollback_continues_exactly(tmp_path, monkeypatch):
+    """Killed just after the rollback re-saved checkpoint 4: the resume starts at batch 7 (the
+    first after the skipped 4..6) and ends as the uninterrupted run, weights and next batch."""
+    inject_non_finite(monkeypatch, lambda b: b in (5, 6))
+    straight = run(tmp_path / "a", *ROLLBACK, "--max-steps", "10")
+    real_roll_back = runs.roll_back
+
+    def killed_after(*args, **kwargs):
+        """The rollback writes its checkpoint, then the process dies."""
+        real_roll_back(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(runs, "roll_back", killed_after)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b", *ROLLBACK, "--max-steps", "10")
+    cut = run_folder(tmp_path / "b", *ROLLBACK)
+    resaved = newest(cut)
+    assert [runs.checkpoint_step(p) for p in runs.checkpoint_paths(cut)] == [2, 4]
+    skipped = dict(step=4, first_batch=4, last_batch=6)
+    assert resaved["step"] == 4 and resaved["rollbacks"] == [skipped]
+    assert resaved["batch"] == skipped["last_batch"] + 1 == 7 and resaved["bad_in_a_row"] == 0
+    resumed = run(tmp_path / "b", *ROLLBACK, "--max-steps", "10")
+    a, b = newest(straight), newest(resumed)
+    assert a["step"] == b["step"] == 10 and a["batch"] == b["batch"] == 13
+    assert a["rollbacks"] == b["rollbacks"] == [skipped]
+    assert_same_state(a, b)
+    rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4, 4, 6, 8, 10]
 
 
 def test_nan_bursts_stop_after_max_rollbacks(tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
     git clone https://github.com/sihyun-yu/REPA /tmp/REPA
     python tests/data/make_repa_reference.py --repa-dir /tmp/REPA
 
-Only tensors are written (REPA's outputs on a tiny SiT); none of REPA's code is stored here.
+Also writes repa_sampler_reference.pt (samplers.py on a tiny SiT) and repa_t2i_sampler_reference.pt
+(samplers_t2i.py on tests/helpers.py's TextVelocity). Only tensors are written (REPA's outputs);
+none of REPA's code is stored here.
 """
 
 import argparse
@@ -35,6 +37,11 @@ def parse_args(argv=None):
         "--sampler-out",
         default=os.path.join(os.path.dirname(__file__), "repa_sampler_reference.pt"),
         help="output file of the sampler references (test_sample.py)",
+    )
+    p.add_argument(
+        "--t2i-sampler-out",
+        default=os.path.join(os.path.dirname(__file__), "repa_t2i_sampler_reference.pt"),
+        help="output file of the text-to-image sampler references (test_t2i_sample.py)",
     )
     return p.parse_args(argv)
 
@@ -151,6 +158,57 @@ def sampler_reference(repa_sit, samplers, sample_seed):
     return dict(config=SAMPLER_TINY, state_dict=state, cases=cases, per_index=per_index)
 
 
+# (sampler, num_steps, heun, cfg, guidance_low, guidance_high, path_type): Table 4's ODE with 50
+# steps, with and without guidance 2.0, Heun and SDE with the interval, the cosine path's score.
+T2I_CASES = [
+    ("ode", 50, False, 1.0, 0.0, 1.0, "linear"),
+    ("ode", 50, False, 2.0, 0.0, 1.0, "linear"),
+    ("ode", 8, True, 2.0, 0.3, 0.7, "linear"),
+    ("sde", 20, False, 1.0, 0.0, 1.0, "linear"),
+    ("sde", 20, False, 2.0, 0.0, 1.0, "linear"),
+    ("sde", 8, False, 2.0, 0.3, 0.7, "cosine"),
+]
+
+
+def t2i_sampler_reference(text_velocity, samplers_t2i, sample_seed):
+    """REPA's samplers_t2i.py (euler_sampler, euler_maruyama_sampler) with a text context and the
+    null context repeated over the batch, as generate_t2i.py calls them, on a tiny TextVelocity.
+
+    Batch cases draw x, the contexts and the SDE noise from the global RNG seeded with 20 + case
+    index; the per-sample case runs each global index alone with the global RNG seeded as sample.py
+    seeds that index's own generator (noise first, then the SDE's).
+    """
+    torch.manual_seed(0)
+    net = text_velocity().eval()
+    g = torch.Generator().manual_seed(1)
+    null = torch.randn(1, 77, 16, generator=g)  # the empty caption's features
+    cases = []
+    for k, (name, steps, heun, cfg, low, high, path_type) in enumerate(T2I_CASES):
+        torch.manual_seed(20 + k)
+        x, context = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 16)
+        sampler = (samplers_t2i.euler_maruyama_sampler if name == "sde"
+                   else samplers_t2i.euler_sampler)
+        out = sampler(
+            net, x, context, null.repeat(3, 1, 1), num_steps=steps, heun=heun, cfg_scale=cfg,
+            guidance_low=low, guidance_high=high, path_type=path_type,
+        )
+        cases.append(dict(sampler=name, num_steps=steps, heun=heun, cfg=cfg, guidance_low=low,
+                          guidance_high=high, path_type=path_type, global_seed=20 + k, x=x,
+                          context=context, out=out))
+    seed, indices = 7, [0, 1, 2]
+    contexts = torch.randn(len(indices), 77, 16, generator=g)  # sample i's caption features
+    per_sample = []
+    for i in indices:
+        torch.manual_seed(sample_seed(seed, i))
+        x = torch.randn(1, 4, 8, 8)
+        per_sample.append(samplers_t2i.euler_maruyama_sampler(
+            net, x, contexts[i:i + 1], null, num_steps=6, cfg_scale=2.0, guidance_high=0.7
+        ))
+    per_index = dict(seed=seed, indices=indices, contexts=contexts, num_steps=6, cfg=2.0,
+                     guidance_low=0.0, guidance_high=0.7, out=torch.cat(per_sample))
+    return dict(state_dict=net.state_dict(), null=null, cases=cases, per_index=per_index)
+
+
 def main(args):
     """Import REPA from its checkout, compute the references, save them."""
     sys.path.insert(0, args.repa_dir)
@@ -165,6 +223,13 @@ def main(args):
 
     torch.save(sampler_reference(RepaSiT, samplers, sample_seed), args.sampler_out)
     print(f"wrote {args.sampler_out}")
+
+    import samplers_t2i  # REPA's samplers_t2i.py
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from helpers import TextVelocity  # tests/helpers.py: the stand-in MMDiT
+
+    torch.save(t2i_sampler_reference(TextVelocity, samplers_t2i, sample_seed), args.t2i_sampler_out)
+    print(f"wrote {args.t2i_sampler_out}")
 
 
 if __name__ == "__main__":
