@@ -95,9 +95,10 @@ def test_sample_grid_written(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_exact_resume_with_discriminator(tmp_path, precision):
-    flags = ["--align", "sara", "--precision", precision, "--disc-every", "2"]
+@pytest.mark.parametrize("precision,disc_bn", [("fp16", "joint"), ("bf16", "separate"),
+                                               ("bf16", "eval")])
+def test_exact_resume_with_discriminator(tmp_path, precision, disc_bn):
+    flags = ["--align", "sara", "--precision", precision, "--disc-every", "2", "--disc-bn", disc_bn]
     straight = run(tmp_path / "a", *flags, "--max-steps", "6")
     run(tmp_path / "b", *flags, "--max-steps", "3", "--ckpt-every", "3")  # stops at step 3 ...
     # ... and continues
