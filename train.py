@@ -108,6 +108,8 @@ def parse_args(argv=None):
     a("--disc-pretrained", **flag, help="1: ImageNet ResNet-18 trunk (the paper's); 0: random")
     a("--disc-weights", help="local torchvision ImageNet ResNet-18 file (resnet18-f37072fd.pth)")
     a("--disc-sync-bn", **flag, default=0, help="1: D's BatchNorm over the global batch (DDP)")
+    a("--disc-bn", choices=losses.DISC_BN,
+      help="D's BatchNorm: joint (real+fake one batch, default), separate, eval (fixed stats)")
     # Speed
     a("--tf32", **flag, default=1, help="TF32 matmuls on GPU")
     a("--compile", **flag, default=0, help="1: torch.compile the model")
@@ -320,7 +322,7 @@ def train_step(run, config, align, batch, step, rows):
     if run.disc is not None and align.adv_weight and is_disc_step(step, config["disc_every"]):
         with torch.autocast(**amp):
             d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0],
-                                                           out.h_dens[0])
+                                                           out.h_dens[0], align.disc_bn)
         run.disc_scaler.scale(d_loss).backward()
         run.disc_scaler.step(run.disc_opt)
         run.disc_scaler.update()
