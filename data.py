@@ -20,7 +20,10 @@ its relative path in sorted order (as REPA's preprocessing/dataset_tools.py numb
 symlinked folders are followed. Run as `python data.py ...` or on all GPUs with
 `torchrun --nproc_per_node=N data.py ...`: each rank takes every N-th image. Resumable: re-running
 the same command skips every image whose latent file exists; each file is written under a
-temporary name and then renamed, so an interrupted run leaves no half-written file behind.
+temporary name and then renamed, so an interrupted run leaves no half-written file behind. A
+source image that does not decode is skipped, logged once and listed in dest/bad_files.txt;
+`python data.py --verify DEST` reads every prepared file back and lists the bad ones there, and
+the next run makes exactly the listed and the missing files again.
 `--dataset coco` makes the COCO layout the same way.
 """
 
