@@ -680,7 +680,7 @@ def prepare(args):
         loader = DataLoader(CroppedImages(pending, args.resolution), batch_size=args.batch_size,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", disable=rank != 0)
-        with bar, cluster.disk_errors(args.dest):
+        with bar:
             for indices, images, reasons in loader:  # (B,), uint8 (B, 3, R, R), B strings
                 ok = [k for k, reason in enumerate(reasons) if not reason]
                 for k in (k for k, reason in enumerate(reasons) if reason):
@@ -997,14 +997,16 @@ def resumed_meta(dest, settings):
 
 
 def save_npy(path, array):
-    """np.save, atomically."""
-    write_atomic(path, lambda f: np.save(f, array))
+    """np.save, atomically; a full or failing disk is one line (cluster.disk_error)."""
+    with cluster.disk_errors(os.path.dirname(path)):
+        write_atomic(path, lambda f: np.save(f, array))
 
 
 def save_png(path, image, compress_level):
-    """uint8 (3, H, W) -> PNG file, atomically."""
+    """uint8 (3, H, W) -> PNG file, atomically; a full or failing disk is one line."""
     picture = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
-    write_atomic(path, lambda f: picture.save(f, format="png", compress_level=compress_level))
+    with cluster.disk_errors(os.path.dirname(path)):
+        write_atomic(path, lambda f: picture.save(f, format="png", compress_level=compress_level))
 
 
 @torch.no_grad()

@@ -431,9 +431,18 @@ def test_full_disk_is_one_line(tmp_path, fast_vae, monkeypatch):
         real(path, write)
 
     monkeypatch.setattr(data, "write_atomic", fill_up)
-    with pytest.raises(SystemExit, match=f"^data.py: error: the disk holding {dest} is full"):
+    with pytest.raises(SystemExit, match=f"^data.py: error: the disk holding {dest}/images/00000 "
+                                         "is full"):
         run(source, dest)
     monkeypatch.setattr(data, "write_atomic", real)
     redone = made(monkeypatch)
     run(source, dest)
     assert redone == [2, 3, 4]
+
+
+def test_verify_and_source_flags_are_one_line(tmp_path, capsys):
+    error = cli_error(capsys, data.parse_args, "--dest", "d")
+    assert error.endswith("required: --source, --dest (or --verify DEST)")
+    with pytest.raises(SystemExit, match=f"^data.py: error: --verify {tmp_path}: no images/ and "
+                                         "vae-sd/ folders there"):
+        data.main(data.parse_args(["--verify", str(tmp_path)]))
