@@ -935,6 +935,36 @@ class CocoDataset(Dataset):
         return torch.from_numpy(image), moments, torch.from_numpy(context).float()
 
 
+
+class StoredPrompts:
+    """sample.py's Prompts over a COCO split's stored caption features (no text encoder needed):
+    sample i conditions on image i's fixed caption (caption_index(i), a function of the seed) and
+    the null caption's features are the null condition. train.py's grids and --eval-every."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def context(self, indices, device):
+        """(B, 77, D) features of the samples' captions and the (B, 77, D) null features."""
+        d = self.dataset
+        rows = [np.load(os.path.join(d.folder, f"{i % d.size}_{d.caption_index(i % d.size)}.npy"))
+                for i in indices]
+        y = torch.from_numpy(np.stack(rows)).float().to(device)  # (B, 77, D)
+        return y, d.null_context.to(device).expand_as(y)
+
+
+def sampling_condition(config, dataset):
+    """sample.py keywords of train.py's grids and evaluations: none for class labels; for captions
+    the val split's (the train split's for grids when there is no val split) and Table 4's ODE."""
+    if not isinstance(dataset, CocoDataset):
+        return {}
+    val = os.path.isdir(os.path.join(config["data_dir"], "val"))
+    if config["eval_every"] and not val:
+        raise UserError(f"--eval-every scores val captions, but {config['data_dir']} has no val "
+                        "split: make it with data.py --dataset coco --splits val")
+    split = CocoDataset(config["data_dir"], "val", config["seed"]) if val else dataset
+    return dict(prompts=StoredPrompts(split), mode="ode")
+
 if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
