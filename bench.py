@@ -1,55 +1,55 @@
 """Benchmark training and sampling cost: step time, peak memory and FLOPs per alignment preset vs
 vanilla SiT.
 
-    python bench.py                                        # GPU: SiT-XL/2, 256 px, batch 32
-    (one GPU's share of 256)
-    python bench.py --peak-tflops 989                      # H100 SXM bf16/fp16 dense peak, for
-    the MFU column
-    python bench.py --threads 1 --encoder dinov2-vit-b     # shared CPU: the real DINOv2-B
-    architecture, random weights
-    python bench.py --fid                                  # fid.py: FID from stats vs
-    torch-fidelity, evaluation time
+    python bench.py                                  # GPU: SiT-XL/2, 256 px, batch 32 (one GPU's
+                                                     # share of 256)
+    python bench.py --gpu OUT_DIR                    # the prepared GPU run (at most 8 minutes):
+                                                     # OUT_DIR/table.md and results.json
+    python bench.py --threads 1 --encoder dinov2-vit-b   # shared CPU: the real DINOv2-B
+                                                         # architecture, random weights
+    python bench.py --fid                            # fid.py: FID from stats vs torch-fidelity
 
-Each preset is one train.py train_step (build_run, the same flags as train.py) on random data;
-each preset and the
-sampler run in a fresh child process, so the peak memory is theirs alone. Step time is the median
-over --steps
-after --warmup steps, so SARA's discriminator update (one step in --disc-every) is left out of it
-and of the FLOPs.
+Each preset is one train.py train_step (build_run, the same flags as train.py) on random data.
+Plain `bench.py` runs each preset and the sampler in a fresh child process, so the peak memory is
+theirs alone; `--gpu` runs every configuration in one process (the peak reset per configuration)
+to fit its time budget. Step time is the median over --steps after --warmup steps, so SARA's
+discriminator update (one step in --disc-every) is left out of it and of the FLOPs.
 """
 
 import argparse
+import contextlib
+import datetime
 import functools
 import gc
+import json
 import multiprocessing
 import os
+import platform
 import statistics
+import subprocess
 import tempfile
 import time
+import traceback
 
 import torch
 from torch.utils import flop_counter
 
 import analysis
+import cluster
 import fid
 import losses
+import runs
 import sample
 import train
+from cluster import at_least, write_atomic
 from encoders import FAMILIES, TINY_RANDOM, build_encoder, canonical_name
 
-# Defaults by device: the paper's model on a GPU; on CPU a size whose whole bench takes a few
-# minutes on 2 cores.
-GPU = torch.cuda.is_available()
-MODEL = "SiT-XL/2" if GPU else "SiT-S/2"
-BATCH_SIZE = 32 if GPU else 2
-ENCODER = "dinov2-vit-b" if GPU else TINY_RANDOM
-# train.py's imagenet256 recipe on GPU; CPU autocast fp16 is not a real path
-PRECISION = "fp16" if GPU else "fp32"
-WARMUP, STEPS = (5, 20) if GPU else (1, 5)  # the FLOP-counted first step warms up too
-SAMPLE_STEPS, SAMPLE_BATCH = (250, 64) if GPU else (10, 4)
-PEAK_TFLOPS = 312.0  # A100 dense bf16/fp16; H100 SXM is 989
 NUM_CLASSES = 1000  # ImageNet: the label table's size is part of the model
-DEVICE = torch.device("cuda" if GPU else "cpu")
+PEAK_TFLOPS = 790.0  # the H200 at hand, dense bf16, as issue 22 gives it (A100: 312)
+GPU_PRESETS = "none,repa,sara,sra2,repa+sra2"  # --gpu's: the papers' methods
+FIRST_COMPILE_S = 90.0  # --gpu's guess at torch.compile of SiT-XL/2 forward + backward
+# SRA^2 Table 5 (H100, batch 256 on 8 GPUs): per-batch training time over SiT-XL/2's
+PAPER_X_NONE = {"repa": 1.22, "sra2": 1.11}
 
 # torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's own
 # SDPA formulas.
@@ -60,93 +60,116 @@ flop_counter.flop_registry.setdefault(
 flop_counter.flop_registry.setdefault(aten._scaled_dot_product_flash_attention_for_cpu_backward,
                                       flop_counter.sdpa_backward_flop)
 
+# The device every measurement runs on (--device); use_device sets it in each process.
+DEVICE, GPU = torch.device("cpu"), False
+
+
+def use_device(name):
+    """Measure on device `name` ('cuda' or 'cpu') from here on, in this process."""
+    global DEVICE, GPU
+    DEVICE, GPU = torch.device(name), name == "cuda"
+
+
+use_device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_defaults(gpu):
+    """Flag defaults by device: the paper's model on a GPU; on CPU a size whose whole bench takes
+    a few minutes on 2 cores."""
+    if gpu:  # train.py's imagenet256 recipe
+        return dict(model="SiT-XL/2", batch_size=32, encoder="dinov2-vit-b", precision="fp16",
+                    warmup=3, steps=10, sample_steps=250, sample_batch=64,
+                    max_batch=2048, fid_images=1024, fid_batch=64, fid_pr_rows=10_000)
+    # CPU autocast fp16 is not a real training path; the first (FLOP-counted) step warms up too
+    return dict(model="SiT-S/2", batch_size=2, encoder=TINY_RANDOM, precision="fp32", warmup=1,
+                steps=5, sample_steps=10, sample_batch=4, max_batch=8,
+                fid_images=16, fid_batch=8, fid_pr_rows=2048)
+
+
+def comma_list(allowed, kind=str):
+    """argparse type: 'a,b' -> [kind(a), kind(b)], each one of allowed."""
+
+    def parse(text):
+        items = [kind(x) for x in text.split(",")]
+        if not items or any(x not in allowed for x in items):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a comma-separated list of {', '.join(map(str, allowed))}")
+        return items
+
+    return parse
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default (this machine's: they depend on the
-    GPU)."""
+    """The module docstring as written, and each flag's default (this device's)."""
 
 
 def parse_args(argv=None):
-    """Command line (argv=None reads sys.argv); defaults depend on whether a GPU is present."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    """Command line (argv=None reads sys.argv); defaults depend on --device."""
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cuda", "cpu"], default=DEVICE.type,
+                        help="where to measure (default: cuda when present)")
+    known, _ = device.parse_known_args(argv)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, parents=[device],
+                                formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--model", default=MODEL, help="SiT size, e.g. SiT-XL/2, SiT-B/2")
+    count, flag = at_least(1), dict(type=int, choices=[0, 1])
+    a("--model", help="SiT size, e.g. SiT-XL/2, SiT-B/2")
     a("--resolution", type=int, default=256, help="image resolution in pixels")
-    a("--batch-size", type=int, default=BATCH_SIZE, help="images per training step")
-    a(
-        "--precision",
-        choices=["fp16", "bf16", "fp32"],
-        default=PRECISION,
-        help="train.py --precision",
-    )
-    a(
-        "--encoder", default=ENCODER,
-        help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), tiny-random",
-    )
-    a(
-        "--random-weights",
-        type=int,
-        choices=[0, 1],
-        default=int(not GPU),
-        help="1: the encoder architectures with random weights (no download, the same cost); 0: "
-             "the pretrained ones",
-    )
-    a(
-        "--disc-pretrained",
-        type=int,
-        choices=[0, 1],
-        default=0,
-        help="1: SARA's discriminator with the ImageNet ResNet-18 trunk (download); 0: random "
-             "trunk, the same cost",
-    )
-    a("--presets", default=",".join(losses.PRESETS), help="comma-separated alignment presets")
-    a(
-        "--threads", type=int, default=torch.get_num_threads(),
-        help="CPU threads; on a shared machine use 1: OpenMP threads spin-wait whenever another "
-             "job holds a core, "
-        "so step times swing tenfold",
-    )
-    a("--warmup", type=int, default=WARMUP, help="untimed steps before the timed ones")
-    a("--steps", type=int, default=STEPS, help="timed steps; the median is reported")
-    a("--sample-steps", type=int, default=SAMPLE_STEPS, help="Euler-Maruyama steps of the sampler")
-    a("--sample-batch", type=int, default=SAMPLE_BATCH, help="samples per sampler call")
-    a(
-        "--cfg", type=float, default=1.8,
-        help="guidance scale of the CFG sampler row (guided at every step)",
-    )
-    a(
-        "--encoder-costs",
-        default="",
-        help="also time each encoder's forward (REPA names, comma-separated, or 'all': DINOv2 "
-             "B/L/g and every other "
-        "family's largest) on "
-        "--batch-size random images with random weights, beside the vanilla SiT step",
-    )
-    a(
-        "--peak-tflops", type=float, default=PEAK_TFLOPS,
-        help="the GPU's dense peak TFLOP/s at --precision, for MFU (A100 bf16/fp16: 312; H100 SXM: "
-             "989)",
-    )
-    a(
-        "--cknna-only", action="store_true",
-        help="time only analysis.py's CKNNA (no training or sampler tables)",
-    )
-    a(
-        "--cknna-samples", type=int, default=10000,
-        help="CKNNA timing: images (rows of each feature matrix)",
-    )
-    a(
-        "--cknna-blocks", type=int, default=28,
-        help="CKNNA timing: SiT blocks compared with the encoder (XL: 28)",
-    )
+    a("--batch-size", type=count, help="images per training step")
+    a("--precision", choices=["fp16", "bf16", "fp32"], help="train.py --precision")
+    a("--encoder", help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), "
+      "tiny-random")
+    a("--random-weights", **flag, help="1: the encoder architectures with random weights (no "
+      "download, the same cost); 0: the pretrained ones (default: 0 on a GPU without --gpu)")
+    a("--disc-pretrained", **flag, default=0, help="1: SARA's discriminator with the ImageNet "
+      "ResNet-18 trunk (download); 0: random trunk, the same cost")
+    a("--presets", help=f"comma-separated alignment presets (default: all; --gpu: {GPU_PRESETS})")
+    a("--threads", type=count, default=torch.get_num_threads(), help="CPU threads; on a shared "
+      "machine use 1: OpenMP threads spin-wait whenever another job holds a core, so step times "
+      "swing tenfold")
+    a("--warmup", type=at_least(0), help="untimed steps before the timed ones")
+    a("--steps", type=count, help="timed steps; the median is reported")
+    a("--sample-steps", type=count, help="Euler-Maruyama steps of the sampler")
+    a("--sample-batch", type=count, help="samples per sampler call")
+    a("--cfg", type=float, default=1.8, help="guidance scale of the CFG sampler row (guided at "
+      "every step)")
+    a("--encoder-costs", default="", help="also time each encoder's forward (REPA names, "
+      "comma-separated, or 'all': DINOv2 B/L/g and every other family's largest) on --batch-size "
+      "random images with random weights, beside the vanilla SiT step")
+    a("--peak-tflops", type=cluster.positive(), default=PEAK_TFLOPS, help="the chip's dense bf16 "
+      "peak TFLOP/s, for MFU (H200 as issue 22 gives it: 790; A100: 312)")
+    a("--gpu", metavar="OUT_DIR", help="the prepared GPU benchmark: every preset x --precisions x "
+      "--compile-modes at --batch-size and at the largest batch that fits, the per-part split, "
+      "the sampler and fid.py's Inception; writes OUT_DIR/table.md and results.json")
+    a("--budget", type=at_least(0.0, float), default=390.0, help="--gpu: seconds of measuring; a "
+      "job whose kind took longer so far than what is left is skipped and recorded as skipped")
+    a("--precisions", type=comma_list(["bf16", "fp16", "fp32"]), default=["bf16", "fp16"],
+      help="--gpu: the precisions measured, comma-separated")
+    a("--compile-modes", type=comma_list([0, 1], int), default=[0, 1],
+      help="--gpu: train.py --compile values measured, comma-separated")
+    a("--max-batch", type=count, help="--gpu: the largest batch the doubling search tries")
+    a("--init-on-device", **flag, default=1, help="--gpu: 1: build the networks directly on the "
+      "device (seconds instead of a minute for SiT-XL/2); 0: on the CPU, then moved, as train.py")
+    a("--cknna-only", action="store_true",
+      help="time only analysis.py's CKNNA (no training or sampler tables)")
+    a("--cknna-samples", type=int, default=10000,
+      help="CKNNA timing: images (rows of each feature matrix)")
+    a("--cknna-blocks", type=int, default=28,
+      help="CKNNA timing: SiT blocks compared with the encoder (XL: 28)")
     a("--cknna-dim", type=int, default=1152, help="CKNNA timing: SiT hidden size (XL: 1152)")
     a("--cknna-enc-dim", type=int, default=768, help="CKNNA timing: encoder width (DINOv2-B: 768)")
     add_fid_args(p)
-    return p.parse_args(argv)
+    p.set_defaults(enc_weights=None, **device_defaults(known.device == "cuda"))
+    args = p.parse_args(argv)
+    if args.random_weights is None:  # --gpu runs where there is no network
+        args.random_weights = int(args.device == "cpu" or bool(args.gpu))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
-# Measurements, each run in a fresh process
+# Measurements
 
 
 def timed(fn, *args, **kwargs):
@@ -189,16 +212,37 @@ def peak_memory():
     return torch.cuda.max_memory_allocated() if GPU else proc_status_bytes("VmHWM")
 
 
-def setup(args, align):
+def free_memory():
+    """Return what the last measurement held (an OOM's leftovers, a compiled model's graphs too)
+    to the device."""
+    torch._dynamo.reset()
+    gc.collect()
+    if GPU:
+        torch.cuda.empty_cache()
+
+
+def memory_note():
+    """What the peak memory column counts on this device."""
+    return ("torch.cuda.max_memory_allocated less what was allocated before building (weights, "
+            "EMA, AdamW state, encoders and activations)" if GPU else "peak resident set (VmHWM) "
+            "less the RSS before building, first-use library pages included")
+
+
+def device_name(args):
+    """The GPU's name, or the CPU threads in use."""
+    return torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
+
+
+def setup(args, align, **overrides):
     """Set this process up as train.main does (seed, TF32) with --threads; train.py's config of one
-    preset."""
-    flags = [
-        "--preset", "imagenet256", "--align", align, "--model", args.model, "--resolution",
-        str(args.resolution), "--batch-size", str(args.batch_size), "--precision", args.precision,
-        "--enc-type", args.encoder, "--disc-pretrained", str(args.disc_pretrained),
-    ]
-    flags += ["--enc-weights", args.enc_weights] if args.enc_weights else []
-    config = train.resolve_config(train.parse_args(flags))
+    preset, overrides (batch_size=64, compile=1, ...) replacing bench's flags."""
+    flags = dict(preset="imagenet256", align=align, model=args.model, resolution=args.resolution,
+                 batch_size=args.batch_size, precision=args.precision, enc_type=args.encoder,
+                 enc_weights=args.enc_weights or None, disc_pretrained=args.disc_pretrained)
+    flags.update(overrides)
+    config = train.resolve_config(train.parse_args(
+        [s for k, v in flags.items() if v is not None for s in (f"--{k.replace('_', '-')}", str(v))]
+    ))
     # as train.main
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])
@@ -206,41 +250,52 @@ def setup(args, align):
     return config
 
 
-def measure_preset(args, align):
-    """FLOPs of one step, median step time and peak memory of one alignment preset
-    (in a fresh process)."""
+def build(args, align, **overrides):
+    """setup, then train.py's build_run, its SiT in train mode."""
+    config = setup(args, align, **overrides)
+    if config["compile"]:
+        torch._dynamo.reset()  # a fresh compile: no cache limit reached, no earlier graphs reused
+    # On the device: random init of SiT-XL/2 on the CPU takes longer than most measurements
+    on_device = torch.device(DEVICE) if getattr(args, "init_on_device", 0) else None
+    with on_device or contextlib.nullcontext():
+        run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
+    run.model.train()
+    return config, run
+
+
+def random_batch(config):
+    """train_step's batch of config's size: uint8 images, latent moments (mean, std), labels."""
+    b, r = config["batch_size"], config["resolution"]
+    return [torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
+            torch.randn(b, 8, r // 8, r // 8, device=DEVICE),  # (B, 8, r/8, r/8)
+            torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)]
+
+
+def measure_step(args, align, count_flops=True, **overrides):
+    """One preset's train_step on random data: median seconds (wall, process CPU) and every timed
+    step's, peak memory, the timed steps skipped as non-finite (fp16) and FLOPs of one step."""
     # before anything is built: the interpreter and torch's libraries are not counted
     base = memory_now()
-    config = setup(args, align)
-    run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
-    run.model.train()
-    b, r = config["batch_size"], config["resolution"]
-    batch = [
-        torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
-        torch.randn(b, 8, r // 8, r // 8, device=DEVICE),
-        torch.randint(0, NUM_CLASSES, (b,), device=DEVICE),
-    ]
-    step = functools.partial(
-        train.train_step, run, config, losses.AlignConfig(**config["align_config"]), batch
-    )  # step(index, rows)
+    config, run = build(args, align, **overrides)
+    b = config["batch_size"]
+    step = functools.partial(train.train_step, run, config,
+                             losses.AlignConfig(**config["align_config"]), random_batch(config))
     reset_peak_memory()  # after building: loading encoder weights peaks above what training holds
-    with flop_counter.FlopCounterMode(display=False) as counter:
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter if count_flops else contextlib.nullcontext():
         step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
-    walls, cpus = zip(
-        *[timed(step, i, slice(0, b)) for i in range(args.warmup + args.steps)][args.warmup :]
-    )
-    return dict(
-        preset=align, sec=statistics.median(walls), cpu=statistics.median(cpus),
-        mem=peak_memory() - base,
-        flops=counter.get_total_flops(),
-    )
+    records = []
+    walls, cpus = zip(*[timed(lambda i=i: records.append(step(i, slice(0, b))))
+                        for i in range(args.warmup + args.steps)][args.warmup:])
+    return dict(preset=align, batch=b, sec=statistics.median(walls), cpu=statistics.median(cpus),
+                step_secs=list(walls), mem=peak_memory() - base,
+                flops=counter.get_total_flops() if count_flops else None,
+                bad_steps=int(sum(r["bad_steps"] for r in records[args.warmup:])))
 
 
-def measure_sampler(args):
-    """Samples/s of sample.py's sampler (Euler-Maruyama + guided_velocity) without and with CFG
-    (fresh process)."""
-    config = setup(args, "none")
-    ema = train.build_run(config, NUM_CLASSES, DEVICE, world=1).ema
+def measure_sampler(args, **overrides):
+    """Samples/s of sample.py's sampler (Euler-Maruyama + guided_velocity) without and with CFG."""
+    ema = build(args, "none", **overrides)[1].ema
     indices = list(range(args.sample_batch))
 
     d = sample.parse_args([])  # sample.py's defaults: mode, guidance interval, seed
@@ -255,19 +310,15 @@ def measure_sampler(args):
     return rows
 
 
-def measure_parts(args):
-    """Median seconds and FLOPs of each part of a SARA step (one D update included), in a fresh
-    process."""
-    config = setup(args, "sara")
-    run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
-    run.model.train()
+def measure_parts(args, **overrides):
+    """Median seconds and FLOPs of each part of a SARA step (one D update included), and the
+    median seconds of the whole train_step (no D update)."""
+    config, run = build(args, "sara", **overrides)
     align = losses.AlignConfig(**config["align_config"])
-    b, r = config["batch_size"], config["resolution"]
-    images = torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE)
-    labels = torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)
-    latent_shape = (run.model.in_channels, r // 8, r // 8)
-    noise = losses.draw_noise(b, latent_shape, align, config["class_dropout"], DEVICE, run.gen)
-    x0 = torch.randn(b, *latent_shape, device=DEVICE)  # (B, 4, r/8, r/8)
+    b = config["batch_size"]
+    batch = images, moments, labels = random_batch(config)
+    x0 = moments[:, :4]  # (B, 4, r/8, r/8): the latent means stand in for a drawn x0
+    noise = losses.draw_noise(b, x0.shape[1:], align, config["class_dropout"], DEVICE, run.gen)
     amp = train.autocast_args(config["precision"], DEVICE)
     z_encs, h_dens = [], []
 
@@ -299,31 +350,28 @@ def measure_parts(args):
             part()  # also the warmup
         walls = [timed(part)[0] for _ in range(args.warmup + args.steps)][args.warmup:]
         rows.append(dict(part=name, sec=statistics.median(walls), flops=counter.get_total_flops()))
-    batch = [images, x0.repeat(1, 2, 1, 1), labels]  # (B, 8, r/8, r/8) moments: mean x0, std x0
     # step 1: no D update
     step = [timed(train.train_step, run, config, align, batch, 1, slice(0, b))[0]
             for _ in range(args.warmup + args.steps)]
-    return rows, statistics.median(step[args.warmup:])
+    return dict(rows=rows, step_sec=statistics.median(step[args.warmup:]))
 
 
-def print_parts(args, rows, step_sec):
+def parts_table(args, rows, step_sec):
     """The per-part table: ms, share of a whole train_step, GFLOP, TFLOP/s and (GPU) MFU."""
-    print(
-        f"\nparts of a SARA step (median of {args.steps}; the discriminator step runs once per "
-        "--disc-every 5 "
-        f"steps; whole train_step, D update excluded: {step_sec * 1e3:.1f} ms)"
-    )
     header = ["part", "ms", "x step", "GFLOP", "TFLOP/s"] + (["MFU"] if GPU else [])
-    table = [
-        [
-            r["part"], f"{r['sec'] * 1e3:.2f}", f"{r['sec'] / step_sec:.2f}",
-            f"{r['flops'] * 1e-9:.3g}", f"{r['flops'] / r['sec'] / 1e12:.3g}",
-        ]
+    return header, [
+        [r["part"], f"{r['sec'] * 1e3:.2f}", f"{r['sec'] / step_sec:.2f}",
+         f"{r['flops'] * 1e-9:.3g}", f"{r['flops'] / r['sec'] / 1e12:.3g}"]
         + ([f"{r['flops'] / r['sec'] / 1e12 / args.peak_tflops:.1%}"] if GPU else [])
-        for r in rows
-    ]
-    print_table(header, table)
-    return table
+        for r in rows]
+
+
+def sampler_table(rows):
+    """The sampler table: samples/s without and with guidance."""
+    return ["guidance", "samples/s", "x no CFG"], [
+        [f"cfg {s['cfg']:g}" + (" (2x batch)" if s["cfg"] > 1 else ""),
+         f"{s['samples_per_sec']:.3f}", f"{s['samples_per_sec'] / rows[0]['samples_per_sec']:.2f}"]
+        for s in rows]
 
 
 def save_random_encoders(spec, resolution, folder):
@@ -339,6 +387,12 @@ def save_random_encoders(spec, resolution, folder):
     return ",".join(paths)
 
 
+def on_device(device, fn, *args):
+    """fn(*args) measured on device (a child process starts on the default one)."""
+    use_device(device)
+    return fn(*args)
+
+
 def isolated(fn, *args):
     """fn(*args) in a fresh child process, so its peak memory and allocator state are its own."""
     # CUDA does not survive fork. On CPU a fork server that imported bench (and torch) once forks
@@ -351,7 +405,7 @@ def isolated(fn, *args):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["bench"])
     with context.Pool(1) as pool:
-        return pool.apply(fn, args)
+        return pool.apply(on_device, (DEVICE.type, fn, *args))
 
 
 def encoder_cost_names(spec):
@@ -457,89 +511,303 @@ def print_table(header, rows):
 def main(args):
     """Measure every preset and the sampler, each in its own process, print the tables; returns
     header and rows."""
-    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
-    print(
-        f"bench.py: {name}, torch {torch.__version__}; {args.model} at {args.resolution} px, "
-        f"batch {args.batch_size}, {args.precision}; median of {args.steps} steps after "
-        f"{args.warmup} warmup"
-    )
+    use_device(args.device)
+    print(f"bench.py: {device_name(args)}, torch {torch.__version__}; {args.model} at "
+          f"{args.resolution} px, batch {args.batch_size}, {args.precision}; median of "
+          f"{args.steps} steps after {args.warmup} warmup")
     print(f"encoder: {args.encoder}; RANDOM: {'; '.join(random_parts(args))}")
-    print(
-        f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs "
-        "slow every row; "
-        "read the ratios)"
-    )
-    memory = (
-        "torch.cuda.max_memory_allocated"
-        if GPU
-        else "peak resident set (VmHWM) minus the RSS before building, first-use library pages "
-             "included"
-    )
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs "
+          "slow every row; read the ratios)")
     with tempfile.TemporaryDirectory() as folder:
         args.enc_weights = (isolated(save_random_encoders, args.encoder, args.resolution, folder)
                             if args.random_weights else None)
-        results = [isolated(measure_preset, args, p) for p in args.presets.split(",")]
+        presets = (args.presets or ",".join(losses.PRESETS)).split(",")
+        results = [isolated(measure_step, args, p) for p in presets]
         sampler = isolated(measure_sampler, args)
         parts = isolated(measure_parts, args)
     ref = next((r for r in results if r["preset"] == "none"), results[0])
     # (column, result key, unit scale, format), each followed by its ratio to none; CPU time only
-    # means something
-    # on CPU, where it is what a step costs even while other jobs keep it waiting for a core
-    columns = (
-        [("ms/step", "sec", 1e3, ".1f")]
-        + ([] if GPU else [("cpu ms/step", "cpu", 1e3, ".1f")])
-        + [("peak MiB", "mem", 2**-20, ".0f"), ("GFLOP/step", "flops", 1e-9, ".3g")]
-    )
-    header = (
-        ["preset"]
-        + [h for c in columns for h in (c[0], "x none")]
-        + ["TFLOP/s"]
-        + (["MFU"] if GPU else [])
-    )
+    # means something on CPU, where it is what a step costs even while other jobs keep it waiting
+    # for a core
+    columns = ([("ms/step", "sec", 1e3, ".1f")]
+               + ([] if GPU else [("cpu ms/step", "cpu", 1e3, ".1f")])
+               + [("peak MiB", "mem", 2**-20, ".0f"), ("GFLOP/step", "flops", 1e-9, ".3g")])
+    header = (["preset"] + [h for c in columns for h in (c[0], "x none")] + ["TFLOP/s"]
+              + (["MFU"] if GPU else []))
     rows = []
     for r in results:
         tflops = r["flops"] / r["sec"] / 1e12
-        rows.append(
-            [r["preset"]]
-            + [
-                cell
-                for _, key, scale, fmt in columns
-                for cell in (format(r[key] * scale, fmt), f"{r[key] / ref[key]:.2f}")
-            ]
-            + [f"{tflops:.3g}"]
-            + ([f"{tflops / args.peak_tflops:.1%}"] if GPU else [])
-        )
-    note = (
-        f"MFU against {args.peak_tflops:g} TFLOP/s"
-        if GPU
-        else "cpu ms: the process's CPU time, all threads"
-    )
-    print(
-        f"\ntraining step (peak memory: {memory}; FLOPs: FlopCounterMode over one forward + "
-        "backward, encoders "
-        f"included; {note})"
-    )
+        rows.append([r["preset"]]
+                    + [cell for _, key, scale, fmt in columns
+                       for cell in (format(r[key] * scale, fmt), f"{r[key] / ref[key]:.2f}")]
+                    + [f"{tflops:.3g}"] + ([f"{tflops / args.peak_tflops:.1%}"] if GPU else []))
+    note = (f"MFU against {args.peak_tflops:g} TFLOP/s" if GPU
+            else "cpu ms: the process's CPU time, all threads")
+    print(f"\ntraining step (peak memory: {memory_note()}; FLOPs: FlopCounterMode over one "
+          f"forward + backward, encoders included; {note})")
     print_table(header, rows)
-    print(
-        f"\nsampler: sample.py's Euler-Maruyama SDE, {args.sample_steps} steps, batch "
-        f"{args.sample_batch}, EMA model"
-    )
-    print_table(
-        ["guidance", "samples/s", "x no CFG"],
-        [
-            [
-                f"cfg {s['cfg']:g}" + (" (2x batch)" if s["cfg"] > 1 else ""),
-                f"{s['samples_per_sec']:.3f}",
-                f"{s['samples_per_sec'] / sampler[0]['samples_per_sec']:.2f}",
-            ]
-            for s in sampler
-        ],
-    )
+    print(f"\nsampler: sample.py's Euler-Maruyama SDE, {args.sample_steps} steps, batch "
+          f"{args.sample_batch}, EMA model")
+    print_table(*sampler_table(sampler))
     if args.encoder_costs:
         print_encoder_costs(args, ref)
-    print_parts(args, *parts)
+    print(f"\nparts of a SARA step (median of {args.steps}; the discriminator step runs once per "
+          f"--disc-every 5 steps; whole train_step, D update excluded: "
+          f"{parts['step_sec'] * 1e3:.1f} ms)")
+    print_table(*parts_table(args, parts["rows"], parts["step_sec"]))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepared GPU run (python bench.py --gpu OUT_DIR): every configuration in this one process,
+# most important first, within --budget seconds; OUT_DIR/table.md and results.json after every job,
+# so a run stopped from outside still leaves what it measured
+
+
+class Budget:
+    """--budget seconds from now; a job starts only while the longest job of its kind so far (a
+    first compile: FIRST_COMPILE_S) still fits in what is left."""
+
+    def __init__(self, seconds):
+        self.start = time.monotonic()
+        self.end, self.longest = self.start + seconds, {"compile": FIRST_COMPILE_S}
+
+    def run(self, kind, fn, *args, **kwargs):
+        """fn's result, or why there is none: 'skipped (time budget)', 'oom' or 'error: ...'."""
+        now = time.monotonic()
+        if now + self.longest.get(kind, 0.0) > self.end:
+            return "skipped (time budget)"
+        try:
+            result = fn(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            result = "oom"
+        except Exception as e:  # one failing configuration must not cost the rest of a GPU run
+            traceback.print_exc()
+            result = f"error: {type(e).__name__}: {runs.first_line(e)}"
+        free_memory()  # after the handler: the traceback's tensors are gone
+        self.longest[kind] = max(self.longest.get(kind, 0.0), time.monotonic() - now)
+        return result
+
+
+def fits(fn):
+    """Whether fn() ran without running out of device memory; what it held is freed either way."""
+    try:
+        fn()
+        ok = True
+    except torch.OutOfMemoryError:
+        ok = False
+    free_memory()
+    return ok
+
+
+def largest_batch(args, align, precision):
+    """The largest batch, doubling from --batch-size up to --max-batch, whose train steps (the first
+    with D's update, the second with AdamW's state) fit in device memory; None if none does."""
+    config, run = build(args, align, precision=precision)
+    align_config = losses.AlignConfig(**config["align_config"])
+    largest, b = None, args.batch_size
+    while b <= args.max_batch:
+        sized = {**config, "batch_size": b}
+
+        def two_steps():
+            batch = random_batch(sized)
+            for step in (0, 1):
+                train.train_step(run, sized, align_config, batch, step, slice(0, b))
+
+        if not fits(two_steps):
+            break
+        largest, b = b, 2 * b
+    return largest
+
+
+def training_row(budget, args, preset, precision, compile, kind, batch, flops_per_image):
+    """One training configuration of results.json, measured or with the reason it is not; batch is
+    a status instead when the search for the largest one ended without a batch."""
+    row = dict(preset=preset, precision=precision, compile=compile, batch_kind=kind)
+    if not isinstance(batch, int):
+        return {**row, "batch": None, "status": batch or "oom"}
+    count = not compile and preset not in flops_per_image  # an eager step's FLOPs, once per preset
+    result = budget.run("compile" if compile else "eager", measure_step, args, preset,
+                        count_flops=count, precision=precision, compile=compile, batch_size=batch)
+    if isinstance(result, str):
+        return {**row, "batch": batch, "status": result}
+    if count:
+        flops_per_image[preset] = result["flops"] / batch  # every term is per image
+    flops = flops_per_image[preset] * batch if preset in flops_per_image else None
+    tflops = flops / result["sec"] / 1e12 if flops else None
+    return {**row, "batch": batch, "status": "ok", "sec": result["sec"],
+            "step_secs": result["step_secs"], "img_per_sec": batch / result["sec"],
+            "peak_mem_bytes": result["mem"], "flops": flops, "tflops": tflops,
+            "mfu": tflops / args.peak_tflops if tflops else None, "bad_steps": result["bad_steps"]}
+
+
+def add_ratios(rows):
+    """x_none: each row's time per image over none's at the same precision, compile and batch kind;
+    paper_x_none: SRA^2 Table 5's ratio for the preset."""
+    def key(r):
+        return r["precision"], r["compile"], r["batch_kind"]
+
+    ref = {key(r): r["sec"] / r["batch"] for r in rows if r["preset"] == "none" and "sec" in r}
+    for r in rows:
+        r["x_none"] = r["sec"] / r["batch"] / ref[key(r)] if "sec" in r and key(r) in ref else None
+        r["paper_x_none"] = PAPER_X_NONE.get(r["preset"])
+
+
+def environment(args):
+    """Date, device, driver and library versions of this run."""
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=device_name(args), driver=nvidia_driver() if GPU else None,
+                torch=torch.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+                cpus=os.cpu_count())
+
+
+def nvidia_driver():
+    """The NVIDIA driver version as nvidia-smi reports it, or why it did not."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return out.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return f"unknown (nvidia-smi: {type(e).__name__})"
+
+
+def cell(value, spec):
+    """A table cell: value formatted, '-' for none."""
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table."""
+    return [f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"] + [
+        f"| {' | '.join(map(str, row))} |" for row in rows]
+
+
+def training_table(rows):
+    """The training rows of results.json as table cells."""
+    header = ["preset", "precision", "compile", "batch", "ms/step", "img/s", "peak GiB", "TFLOP/s",
+              "MFU", "x none", "paper x none", "skipped steps", "status"]
+    return header, [
+        [r["preset"], r["precision"], r["compile"],
+         cell(r["batch"], "d") + (" (largest)" if r["batch_kind"] == "largest" else ""),
+         cell(r.get("sec") and r["sec"] * 1e3, ".1f"), cell(r.get("img_per_sec"), ".1f"),
+         cell(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**30, ".2f"),
+         cell(r.get("tflops"), ".3g"), cell(r.get("mfu"), ".1%"), cell(r.get("x_none"), ".2f"),
+         cell(r["paper_x_none"], ".2f"), cell(r.get("bad_steps"), "d"), r["status"]]
+        for r in rows]
+
+
+def markdown(args, report):
+    """table.md: what was measured, how, and every table."""
+    s, env, parts = report["settings"], report["environment"], report["parts"]
+    sampler, inception = report["sampler"], report["inception"]
+    lines = [
+        f"# bench.py --gpu: {s['model']} at {s['resolution']} px on {env['device']}", "",
+        f"Measured {env['date']}: driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']},"
+        f" cuDNN {env['cudnn']}, Python {env['python']}; {report['elapsed_s']:.0f} s of measuring"
+        f" (budget {s['budget_s']:g} s).", "",
+        f"RANDOM (the cost is the same): {'; '.join(s['random'])}. Encoder: {s['encoder']}.", "",
+        f"- step time: median of {s['steps']} timed train.py `train_step`s after {s['warmup']} "
+        "warm-up steps and one FLOP-counted (or compiling) step, CUDA-synchronised on a GPU; "
+        "SARA's discriminator update (one step in 5) falls out of the median; img/s: batch / "
+        "step time",
+        f"- peak: {s['memory']}, reset per configuration",
+        "- FLOPs: FlopCounterMode over one eager step, encoders included, per image times the "
+        f"batch; MFU: those FLOPs per second over {s['peak_tflops']:g} TFLOP/s, the chip's dense "
+        "bf16 peak (--peak-tflops), for fp16 rows too",
+        "- x none: time per image over none's at the same precision, compile and batch kind; "
+        "paper: SRA^2 Table 5 (H100, batch 256 on 8 GPUs, per-batch time over SiT-XL/2's)",
+        "- compile 1: train.py --compile 1, the SiT under torch.compile (encoder and "
+        f"discriminator eager); largest: the largest batch found by doubling from "
+        f"{s['batch_size']} (up to {s['max_batch']}) whose steps fit, eager, {s['precisions'][0]}",
+        "- skipped steps: timed steps that fp16's GradScaler skipped as non-finite (no AdamW or "
+        "EMA update: faster than a real step)", "",
+        "## Training step", "", *markdown_table(*training_table(report["training"])), "",
+        f"## Parts of a SARA step (batch {parts['batch']}, {parts['precision']}, eager)", ""]
+    lines += (markdown_table(*parts_table(args, parts["rows"], parts["step_sec"])) + [
+        "", f"Whole train_step, D update excluded: {parts['step_sec'] * 1e3:.1f} ms; the "
+        "discriminator step runs once per 5 steps."] if parts["status"] == "ok"
+        else [parts["status"]])
+    lines += ["", f"## Sampler (sample.py's Euler-Maruyama SDE, {sampler['steps']} steps, batch "
+              f"{sampler['batch']}, fp32 with TF32 matmuls as sample.py)", ""]
+    lines += (markdown_table(*sampler_table(sampler["rows"])) if sampler["status"] == "ok"
+              else [sampler["status"]])
+    lines += ["", f"## fid.py Inception ({inception['images']} random 256 px images, batch "
+              f"{inception['batch']}, random weights)", ""]
+    lines += ([f"{inception['img_per_sec']:.1f} images/s"] if inception["status"] == "ok"
+              else [inception["status"]])
+    return "\n".join(lines) + "\n"
+
+
+def write_report(args, report):
+    """OUT_DIR/results.json and table.md, each written atomically."""
+    add_ratios(report["training"])
+    for name, text in (("results.json", json.dumps(report, indent=1) + "\n"),
+                       ("table.md", markdown(args, report))):
+        write_atomic(os.path.join(args.gpu, name), lambda f, text=text: f.write(text.encode()))
+
+
+def section(result, field=None, **info):
+    """A results.json section: info, then the result's fields (or the result as field), or the
+    reason there is no result."""
+    if isinstance(result, str):
+        return {**info, "status": result}
+    return {**info, "status": "ok", **(result if field is None else {field: result})}
+
+
+def gpu_bench(args):
+    """The prepared GPU benchmark (--gpu OUT_DIR); returns the report in results.json."""
+    use_device(args.device)
+    torch.set_num_threads(args.threads)
+    budget, flops_per_image, largest = Budget(args.budget), {}, {}
+    presets, first = (args.presets or GPU_PRESETS).split(","), args.precisions[0]
+    report = dict(
+        environment=environment(args), elapsed_s=0.0, training=[],
+        settings=dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size,
+                      max_batch=args.max_batch, warmup=args.warmup, steps=args.steps,
+                      budget_s=args.budget, peak_tflops=args.peak_tflops, encoder=args.encoder,
+                      memory=memory_note(),
+                      random=random_parts(args), presets=presets, precisions=args.precisions,
+                      compile_modes=args.compile_modes),
+        parts=dict(status="not run", batch=args.batch_size, precision=first),
+        sampler=dict(status="not run", steps=args.sample_steps, batch=args.sample_batch),
+        inception=dict(status="not run", images=args.fid_images, batch=args.fid_batch))
+    print(f"bench.py --gpu {args.gpu}: {report['environment']}")
+
+    def record(key, value):
+        """Keep a job's result, say it, write both files."""
+        report["training"].append(value) if key == "training" else report.__setitem__(key, value)
+        report["elapsed_s"] = time.monotonic() - budget.start
+        said = {k: v for k, v in value.items() if k not in ("rows", "step_secs", "mem")}
+        print(f"[{report['elapsed_s']:4.0f} s] {key}: {said}", flush=True)
+        write_report(args, report)
+
+    def train_rows(compile, kind, precisions):
+        for precision in precisions if compile in args.compile_modes else []:
+            for preset in presets:
+                batch = args.batch_size if kind == "paper" else largest[preset]
+                record("training", training_row(budget, args, preset, precision, compile, kind,
+                                                batch, flops_per_image))
+
+    with tempfile.TemporaryDirectory() as folder:
+        args.enc_weights = (save_random_encoders(args.encoder, args.resolution, folder)
+                            if args.random_weights else None)
+        train_rows(0, "paper", args.precisions)  # the papers' per-GPU batch, eager: the reference
+        record("parts", section(budget.run("parts", measure_parts, args, precision=first),
+                                batch=args.batch_size, precision=first))
+        record("sampler", section(budget.run("sampler", measure_sampler, args), "rows",
+                                  steps=args.sample_steps, batch=args.sample_batch))
+        record("inception", section(budget.run("inception", inception_images_per_sec, args),
+                                    "img_per_sec", images=args.fid_images, batch=args.fid_batch))
+        train_rows(1, "paper", [first])  # does torch.compile help?
+        for preset in presets:
+            largest[preset] = budget.run("search", largest_batch, args, preset, first)
+        train_rows(0, "largest", args.precisions)
+        train_rows(1, "paper", args.precisions[1:])
+        train_rows(1, "largest", args.precisions)
+    print("\n" + markdown(args, report))
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,11 +820,10 @@ def cknna_table(args):
     encoder; returns rows."""
     torch.set_num_threads(args.threads)
     n, blocks = args.cknna_samples, args.cknna_blocks
-    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
+    use_device(args.device)
     print(
-        f"bench.py: {name}, torch {torch.__version__}; CKNNA (k={analysis.TOPK}) of {blocks} "
-        "blocks "
-        f"({n} x {args.cknna_dim}) vs an encoder ({n} x {args.cknna_enc_dim}), fp32"
+        f"bench.py: {device_name(args)}, torch {torch.__version__}; CKNNA (k={analysis.TOPK}) of "
+        f"{blocks} blocks ({n} x {args.cknna_dim}) vs an encoder ({n} x {args.cknna_enc_dim}), fp32"
     )
     print(
         "RANDOM: Gaussian features stand in for pooled SiT and encoder features (the cost is the "
@@ -610,20 +877,10 @@ def add_fid_args(p):
         "--fid-repeats", type=int, default=3,
         help="timings per FID route, interleaved across routes; median shown",
     )
-    a(
-        "--fid-images",
-        type=int,
-        default=1024 if GPU else 16,
-        help="256 px images timed through Inception",
-    )
-    a(
-        "--fid-batch",
-        type=int,
-        default=64 if GPU else 8,
-        help="images per Inception forward (ADM: 64)",
-    )
-    a("--fid-pr-rows", type=int, default=10_000 if GPU else 2048,
-      help="rows per set of the timed precision/recall; larger sets are extrapolated by pair count")
+    a("--fid-images", type=int, help="256 px images timed through Inception")
+    a("--fid-batch", type=int, help="images per Inception forward (ADM: 64)")
+    a("--fid-pr-rows", type=int, help="rows per set of the timed precision/recall; larger sets "
+      "are extrapolated by pair count")
 
 
 def fid_features(rows, dim, seed, shift):
@@ -686,14 +943,19 @@ def time_fid_routes(args):
     return {name: (statistics.median(times[name]), values[name]) for name in routes}
 
 
-def time_evaluation(args):
-    """Inception images/s, precision/recall seconds at --fid-pr-rows per set, Inception Score
-    seconds per image."""
+def inception_images_per_sec(args):
+    """Images/s of fid.py's Inception (feature extraction, random weights) on --fid-images random
+    256 px images in batches of --fid-batch."""
     model = fid.FIDInception().eval().requires_grad_(False).to(DEVICE)  # random init: same cost
     images = torch.randint(0, 256, (args.fid_images, 256, 256, 3), dtype=torch.uint8).numpy()
     batches = [images[i : i + args.fid_batch] for i in range(0, len(images), args.fid_batch)]
     fid.extract_features(model, batches[:1], DEVICE)  # warm-up: allocator, cuDNN autotuning
-    inception_sec, _ = timed(fid.extract_features, model, batches, DEVICE)
+    return args.fid_images / timed(fid.extract_features, model, batches, DEVICE)[0]
+
+
+def time_evaluation(args):
+    """Inception images/s, precision/recall seconds at --fid-pr-rows per set, Inception Score
+    seconds per image."""
     pool = [fid_features(args.fid_pr_rows, fid.POOL_DIM, s, 0.3).float().to(DEVICE) for s in (3, 4)]
     pr_sec, _ = timed(fid.precision_recall, *pool)
     probs = torch.softmax(
@@ -701,7 +963,7 @@ def time_evaluation(args):
     ).numpy()
     is_sec, _ = timed(fid.inception_score, probs)
     return dict(
-        img_per_sec=args.fid_images / inception_sec,
+        img_per_sec=inception_images_per_sec(args),
         pr_sec=pr_sec,
         is_per_image=is_sec / FID_REF_IMAGES,
     )
@@ -710,10 +972,10 @@ def time_evaluation(args):
 def fid_bench(args):
     """Print the FID-from-statistics table and the whole-evaluation table; returns both tables'
     rows."""
+    use_device(args.device)
     torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name() if GPU else f"CPU, {args.threads} of {os.cpu_count()} cores"
     print(
-        f"bench.py --fid: {name}, torch {torch.__version__}; load average at start: "
+        f"bench.py --fid: {device_name(args)}, torch {torch.__version__}; load average at start: "
         f"{os.getloadavg()[0]:.1f}"
     )
     print("RANDOM: Inception weights (seeded; the same cost as the real ones), features and images")
@@ -768,4 +1030,6 @@ def fid_bench(args):
 
 if __name__ == "__main__":
     cli_args = parse_args()
-    (cknna_table if cli_args.cknna_only else fid_bench if cli_args.fid else main)(cli_args)
+    mode = gpu_bench if cli_args.gpu else cknna_table if cli_args.cknna_only else fid_bench if (
+        cli_args.fid) else main
+    mode(cli_args)

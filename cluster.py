@@ -1,5 +1,5 @@
 """What every script needs to run on a cluster: torchrun process groups, preemption signals, durable
-atomic writes, and one way to stop on bad input.
+atomic writes, output locations checked before the work, and one way to stop on bad input.
 
 train.py, sample.py, data.py and analysis.py use it; fid.py keeps its own small copies so that it
 stays a self-contained evaluator.
@@ -8,11 +8,14 @@ stays a self-contained evaluator.
 import argparse
 import contextlib
 import datetime
+import errno
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -106,6 +109,15 @@ def host_all_reduce(values, op, world):
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t, op=op, group=_host_group)
     return t.tolist()
+
+
+def host_all_gather(items, world):
+    """Every rank's list of picklable items, concatenated in rank order, on the host (gloo)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items), group=_host_group)
+    return [item for part in parts for item in part]
 
 
 INTERRUPT = "INT"  # Ctrl-C: always a stop request in training, and ignored by loader workers
@@ -218,6 +230,92 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):  # write() failed: drop the partial file
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output locations: prove a folder takes files and has room before the work, so that a read-only,
+# misspelt or full destination is one line up front, not a traceback after hours of work
+
+
+def format_bytes(n):
+    """1234567 -> '1.2 MB' (decimal units, as df -H and disk vendors count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _existing(folder):
+    """folder, or its nearest existing parent (where a folder still to be made will live)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def free_bytes(folder):
+    """Bytes free to this user on the file system that holds (or will hold) folder."""
+    return shutil.disk_usage(_existing(folder)).free
+
+
+def disk_error(exc, folder):
+    """The one-line UserError for an OSError that a disk fault raised while writing into folder
+    (full, quota, I/O error, read-only, no permission, a file in the way); None for other errors.
+
+    Around a write, disk_errors(folder) does this.
+    """
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{format_bytes(free_bytes(folder))} free"
+        except OSError:
+            free = "no space left"
+        return UserError(f"the disk holding {folder} is full ({free}): free space there or "
+                         "write to another folder, then run the same command again")
+    if code == errno.EIO:
+        return UserError(f"input/output error writing to {folder}: the disk or network file "
+                         "system is failing; write to another folder")
+    if code == errno.EROFS:
+        return UserError(f"{folder} is on a read-only file system: give a writable folder")
+    if code in (errno.EACCES, errno.EPERM):
+        return UserError(f"no permission to write to {folder}: give a folder you can write to")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"{folder} is not a folder (a file is in the way): give another path")
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(folder):
+    """Inside, an OSError from a disk fault (see disk_error) becomes its one-line UserError."""
+    try:
+        yield
+    except OSError as e:
+        error = disk_error(e, folder)
+        if error is None:
+            raise
+        raise error from e
+
+
+def check_writable(folder):
+    """Create folder if needed and prove it takes a file (a temporary one, created and removed);
+    UserError naming the folder if it cannot (read-only, no permission, a file in the way)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder} is not a folder (a file is in the way): give another path")
+    with disk_errors(folder):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-check-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+
+
+def require_space(folder, needed_bytes, what):
+    """UserError unless the disk holding folder has needed_bytes free for `what` (e.g. 'a
+    checkpoint'); the message names the folder, the space free and the space needed."""
+    free = free_bytes(folder)
+    if free < needed_bytes:
+        raise UserError(f"not enough space in {folder} for {what}: {format_bytes(free)} free, "
+                        f"{format_bytes(needed_bytes)} needed; free space there or write to "
+                        "another folder, then run the same command again")
 
 
 # ----------------------------------------------------------------------------------------------

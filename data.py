@@ -78,6 +78,32 @@ def load_image(path):
     return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
+class BadSample(ValueError):
+    """A sample file that does not read as training data: path says which, reason why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_checked(path, shape, dtype, read):
+    """read(path) as an array of the given shape and dtype (np.uint8 images, np.floating moments,
+    finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
+    try:
+        array = read(path)
+    except ValueError as e:  # np.load of garbage or of pickled objects, which it never runs
+        raise BadSample(path, "not an array file (garbage or pickled data)") from e
+    except (OSError, EOFError, SyntaxError) as e:  # truncated or undecodable images, I/O errors
+        raise BadSample(path, f"unreadable ({type(e).__name__}: {e})") from e
+    if not np.issubdtype(array.dtype, dtype):
+        raise BadSample(path, f"dtype {array.dtype}, expected {dtype.__name__}")
+    if tuple(array.shape) != tuple(shape):
+        raise BadSample(path, f"shape {tuple(array.shape)}, expected {tuple(shape)}")
+    if dtype is np.floating and not np.isfinite(array).all():
+        raise BadSample(path, "non-finite values")
+    return array
+
+
 class LatentImageDataset(Dataset):
     """data_dir/images/** paired by sorted order with data_dir/vae-sd/** moments, labels from
     vae-sd/dataset.json."""
@@ -112,9 +138,8 @@ class LatentImageDataset(Dataset):
                 "for smoke runs and tests only",
                 self.features_dir,
             )
-        image = load_image(os.path.join(self.images_dir, self.image_fnames[0]))
+        image, moments = self.first_readable()
         self.resolution = image.shape[-2]
-        moments = np.load(os.path.join(self.features_dir, self.feature_fnames[0]), mmap_mode="r")
         expected = (8, self.resolution // 8, image.shape[-1] // 8)
         if image.shape[0] != 3 or tuple(moments.shape) != expected:
             raise ValueError(
@@ -122,7 +147,7 @@ class LatentImageDataset(Dataset):
                 f"{tuple(image.shape)} image; SD-VAE posterior [mean, std] is {expected} for RGB: "
                 f"re-run data.py"
             )
-        self.latent_size = expected[1]
+        self.latent_size, self.shapes = expected[1], (tuple(image.shape), expected)
 
     def read_labels(self):
         """(labels in feature order, number of classes, VAE name or None) from vae-sd/dataset.json.
@@ -157,13 +182,27 @@ class LatentImageDataset(Dataset):
             )
         return labels.astype(np.int64), num_classes, meta.get("vae")  # vae: written by data.py only
 
+    def first_readable(self):
+        """(image, moments) of the first pair whose files decode: their shapes set the layout."""
+        for image_name, feature_name in zip(self.image_fnames, self.feature_fnames):
+            try:
+                return (load_image(os.path.join(self.images_dir, image_name)),
+                        np.load(os.path.join(self.features_dir, feature_name), mmap_mode="r"))
+            except (ValueError, OSError, EOFError, SyntaxError):  # a bad file: BadSample later
+                continue
+        raise ValueError(f"no image and latent file under {self.images_dir} and "
+                         f"{self.features_dir} decodes: re-run data.py")
+
     def __len__(self):
         return len(self.feature_fnames)
 
     def __getitem__(self, idx):
-        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar) of pair idx."""
-        image = load_image(os.path.join(self.images_dir, self.image_fnames[idx]))
-        moments = np.load(os.path.join(self.features_dir, self.feature_fnames[idx]))
+        """(image uint8 (3, H, W), moments float32 (8, h, w), label int64 scalar) of pair idx;
+        BadSample when one of its files does not read as one."""
+        image = read_checked(os.path.join(self.images_dir, self.image_fnames[idx]),
+                             self.shapes[0], np.uint8, load_image)
+        moments = read_checked(os.path.join(self.features_dir, self.feature_fnames[idx]),
+                               self.shapes[1], np.floating, np.load)
         return (
             torch.from_numpy(image),
             torch.from_numpy(moments).float(),
@@ -331,20 +370,94 @@ class GlobalBatchSampler(Sampler):
             step += 1
 
 
-def global_batches(dataset, config, rank, world, start_batch, device):
-    """The DataLoader of this rank's share of every global batch from start_batch on."""
-    sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world, config["seed"],
-                                 start_batch, keyed=getattr(dataset, "keyed", False))
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=config["num_workers"],
-        pin_memory=device.type == "cuda",
-        persistent_workers=config["num_workers"] > 0,
-        # private: iterating never touches the global RNG
-        generator=torch.Generator(),
-        worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]),
-    )
+class StandIns(Dataset):
+    """dataset[i] plus a note: "" when sample i read, else "path<TAB>reason" of its bad file and the
+    next readable sample in index order (i + 1, i + 2, ..., wrapping) instead: a function of the
+    files alone, so the same on every rank and on every resume."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        """key: an index, or (index, step) for a keyed dataset (the step stays)."""
+        idx, *step = key if isinstance(key, tuple) else (key,)
+        bad = None
+        for k in range(len(self.dataset)):
+            try:
+                nxt = (idx + k) % len(self.dataset)
+                sample = self.dataset[(nxt, *step) if step else nxt]
+                return (*sample, f"{bad.path}\t{bad.reason}" if bad else "")
+            except BadSample as e:
+                bad = bad or e
+        raise bad  # not one readable sample left
+
+
+BAD_SAMPLES = "bad_samples.txt"  # in the run folder: a "path<TAB>reason" line per unreadable file
+
+
+class TrainingBatches:
+    """This rank's share of every global batch from start_batch on, on the device, each unreadable
+    sample replaced (StandIns): logged once with its path and reason, counted in the metrics rows
+    (bad_samples) and listed in the run folder (if given); past --max-bad-samples files (none
+    without that key; with --strict-data 1 at the first) the run stops."""
+
+    def __init__(self, dataset, config, rank, world, start_batch, device, run_dir=None):
+        sampler = GlobalBatchSampler(len(dataset), config["batch_size"], rank, world,
+                                     config["seed"], start_batch,
+                                     keyed=getattr(dataset, "keyed", False))
+        self.loader = DataLoader(
+            StandIns(dataset), batch_sampler=sampler, num_workers=config["num_workers"],
+            pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
+            generator=torch.Generator(),  # private: iterating never touches the global RNG
+            worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))
+        self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.path = os.path.join(run_dir, BAD_SAMPLES) if run_dir else None
+        self.listed = {}  # path -> reason, kept across resumes in bad_samples.txt
+        if self.path and os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.listed = dict(line.rstrip("\n").split("\t", 1) for line in f if line.strip())
+        self.seen = []  # notes of this rank's replaced samples since the last update
+
+    def __iter__(self):
+        """(images, moments, labels) on the device."""
+        for *batch, notes in self.loader:
+            for note in filter(None, notes):
+                self.note(note)
+            yield [x.to(self.device, non_blocking=True) for x in batch]
+
+    def repair(self):
+        return f"repair with python data.py --verify {self.config['data_dir']}"
+
+    def note(self, note):
+        """A replaced sample: said once (on the rank that read it), or the stop of --strict-data."""
+        path, reason = note.split("\t")
+        if self.config.get("strict_data"):
+            raise UserError(f"unreadable sample {path} ({reason}) and --strict-data 1: "
+                            f"{self.repair()}, or --strict-data 0 to train on with stand-ins")
+        if path not in self.listed and note not in self.seen:
+            log.warning("unreadable sample %s (%s): the next readable one stands in for it", path,
+                        reason)
+        self.seen.append(note)
+
+    def update(self, row=None):
+        """On every rank at once (a log step, the end): row's bad_samples (replaced since the last
+        row, all ranks), the new files listed, and the stop past --max-bad-samples."""
+        seen, self.seen = cluster.host_all_gather(self.seen, self.world), []
+        if row is not None:
+            row["bad_samples"] = len(seen)
+        new = {p: r for p, r in (n.split("\t") for n in seen) if p not in self.listed}
+        self.listed.update(new)
+        if new and self.rank == 0 and self.path:
+            text = "".join(f"{p}\t{r}\n" for p, r in sorted(self.listed.items()))
+            write_atomic(self.path, lambda f: f.write(text.encode()))
+        if new and len(self.listed) > self.config.get("max_bad_samples", 0):
+            names = ", ".join(sorted(self.listed)[:3]) + (", ..." if len(self.listed) > 3 else "")
+            raise UserError(f"{len(self.listed)} unreadable samples, more than --max-bad-samples "
+                            f"{self.config['max_bad_samples']} ({names}; all in {self.path}): "
+                            f"{self.repair()}, or raise --max-bad-samples")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,7 +690,7 @@ def prepare(args):
 
 COCO_SPLITS = ("train", "val")
 COCO_HINT = "run data.py --dataset coco --source <COCO 2014 folder> --dest <data dir>"
-UVIT_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # U-ViT's FrozenCLIPEmbedder
+UVIT_TEXT_ENCODER = encoders.CLIP_TEXT  # U-ViT's FrozenCLIPEmbedder: CLIP ViT-L/14
 MOMENTS = ("mean-std", "mean-logvar")  # conventions of stored posterior moments
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers, U-ViT and REPA clamp logvar to this before exp
 LATENT_FILE, IMAGE_FILE, CAPTION_FILE = (
@@ -896,23 +1009,34 @@ class CocoDataset(Dataset):
         self.null_context = torch.from_numpy(np.load(null)).float()  # (77, D)
         self.text_encoder, self.text_dim = self.meta["text_encoder"], self.null_context.shape[-1]
         self.moments, self.vae = self.meta["moments"], self.meta.get("vae")
-        image = load_image(os.path.join(self.folder, "0.png"))
+        i, image, moments, context = self.first_readable()
         self.resolution, self.latent_size = image.shape[-2], image.shape[-2] // 8
-        moments = np.load(os.path.join(self.folder, "0.npy"), mmap_mode="r")
-        context = np.load(os.path.join(self.folder, "0_0.npy"), mmap_mode="r")
         if tuple(moments.shape) != (8, self.latent_size, image.shape[-1] // 8):
-            raise UserError(f"{self.folder}/0.npy holds moments of shape {moments.shape} for a "
+            raise UserError(f"{self.folder}/{i}.npy holds moments of shape {moments.shape} for a "
                             f"{image.shape} image: re-run data.py")
         if context.shape != self.null_context.shape:
-            raise UserError(f"{self.folder}/0_0.npy holds text features of shape {context.shape} "
-                            f"but the null caption's are {tuple(self.null_context.shape)}: "
-                            "re-run data.py")
+            raise UserError(f"{self.folder}/{i}_0.npy holds text features of shape "
+                            f"{context.shape} but the null caption's are "
+                            f"{tuple(self.null_context.shape)}: re-run data.py")
+        self.shapes = image.shape, moments.shape, context.shape
         path = os.path.join(self.folder, "captions.json")
         self.captions = [c for *_, c in read_json(path)] if os.path.isfile(path) else None
         for part, name in (("text encoder", self.text_encoder), ("VAE", self.vae)):
             if name == encoders.TINY_RANDOM:
                 log.warning("data: %s was made with the TINY RANDOM %s: for smoke runs and tests "
                             "only", data_dir, part)
+
+    def first_readable(self):
+        """(index, image, moments, first caption's features) of the first image whose files
+        decode: their shapes set the layout (a damaged file is a BadSample when it is drawn)."""
+        for i in range(self.size):
+            try:
+                return (i, load_image(os.path.join(self.folder, f"{i}.png")),
+                        *(np.load(os.path.join(self.folder, n), mmap_mode="r")
+                          for n in (f"{i}.npy", f"{i}_0.npy")))
+            except (ValueError, OSError, EOFError, SyntaxError):
+                continue
+        raise UserError(f"no image of {self.folder} has files that decode: re-run data.py")
 
     def __len__(self):
         return self.size
@@ -924,15 +1048,17 @@ class CocoDataset(Dataset):
 
     def __getitem__(self, key):
         """(image uint8 (3, H, W), moments float32 (8, h, w) [mean, std], text (77, D) float32) of
-        key = index or (index, step)."""
+        key = index or (index, step); BadSample when one of its files does not read as one."""
         idx, step = key if isinstance(key, tuple) else (key, None)
         if not 0 <= idx < self.size:
             raise IndexError(f"index {idx} out of range for {self.size} images")
         k = self.caption_index(idx, step)
-        image = load_image(os.path.join(self.folder, f"{idx}.png"))
-        moments = mean_std(np.load(os.path.join(self.folder, f"{idx}.npy")), self.moments)
-        context = np.load(os.path.join(self.folder, f"{idx}_{k}.npy"))
-        return torch.from_numpy(image), moments, torch.from_numpy(context).float()
+        path = functools.partial(os.path.join, self.folder)
+        image = read_checked(path(f"{idx}.png"), self.shapes[0], np.uint8, load_image)
+        moments = read_checked(path(f"{idx}.npy"), self.shapes[1], np.floating, np.load)
+        context = read_checked(path(f"{idx}_{k}.npy"), self.shapes[2], np.floating, np.load)
+        return (torch.from_numpy(image), mean_std(moments, self.moments),
+                torch.from_numpy(context).float())
 
 
 

@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
+import encoders
+
 RESNET18_WEIGHTS = "IMAGENET1K_V1"  # torchvision's ImageNet ResNet-18, checksummed by torchvision
 
 
@@ -20,10 +22,13 @@ class Discriminator(nn.Module):
         """pretrained: torchvision's ImageNet weights (downloaded once), or the same file given as
         weights."""
         super().__init__()
-        download = pretrained and weights is None
-        trunk = torchvision.models.resnet18(
-            weights=torchvision.models.ResNet18_Weights[RESNET18_WEIGHTS] if download else None
-        )
+        hub = torchvision.models.ResNet18_Weights[RESNET18_WEIGHTS]
+        download = hub if pretrained and weights is None else None
+        if download:  # offline, torch.hub's download would fail only after a while
+            encoders.check_download(
+                download.url, "the ResNet-18 trunk",
+                f"download {download.url} elsewhere and pass --disc-weights FILE")
+        trunk = torchvision.models.resnet18(weights=download)
         # torchvision's resnet18-f37072fd.pth, for machines without network access
         if weights is not None:
             trunk.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

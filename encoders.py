@@ -22,10 +22,19 @@ sample.py
 decode with it. The latent convention is REPA's: images in [-1, 1], posterior [mean, std] stored
 per image, and
 the diffusion model sees x0 = (mean + std * eps) * 0.18215.
+
+Text encoder (at the very end, text-to-image only): CLIP ViT-L/14's text transformer through
+transformers, captions -> (B, 77, 768) token features, the empty caption's as the null condition;
+a tiny random one (byte-level tokenizer) for smoke runs and tests.
 """
 
+import contextlib
+import functools
 import logging
 import os
+import socket
+import urllib.parse
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -34,10 +43,89 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from cluster import UserError
+
 # smoke runs and tests only: randomly initialised, never a real encoder or VAE
 TINY_RANDOM = "tiny-random"
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline machines: one short connection attempt finds out that a download server is unreachable;
+# the pretrained parts then read local caches only, and a part that is not there fails at once in
+# one line naming the flag of a local file (the hub clients would retry for a minute, with warnings)
+
+CONNECT_TIMEOUT = 2.0  # seconds: a reachable server answers a TCP connect far sooner
+
+
+@functools.cache
+def reachable(url, timeout=CONNECT_TIMEOUT):
+    """Whether url's host takes a TCP connection within timeout seconds (one try, once a process).
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout
+        ).close()
+        return True
+    except OSError:  # no DNS, refused, unreachable, timed out
+        return False
+
+
+def hub_reachable():
+    """Whether the Hugging Face hub can be asked (not HF_HUB_OFFLINE=1, its host answers)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT)
+
+
+HUB_LOGGERS = ("huggingface_hub", "timm", "diffusers", "transformers")
+
+
+@contextlib.contextmanager
+def hub_cache_only():
+    """Inside, huggingface_hub, timm, diffusers and transformers read their local caches only: no
+    request, no retry (huggingface_hub's offline mode, which they all consult per call), and their
+    warnings about the failed lookups stay unsaid (the caller says what failed, once)."""
+    from huggingface_hub import constants
+
+    loggers = [logging.getLogger(n) for n in HUB_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def from_hub(load, what, todo):
+    """load() (a hub download); with the hub unreachable, load() from the local caches only, and a
+    UserError 'cannot load what ...: todo' at once when they do not hold it."""
+    if hub_reachable():
+        return load()
+    try:
+        with hub_cache_only():
+            return load()
+    except Exception as e:  # the clients' cache misses share no base class
+        log.debug("offline load of %s failed: %r", what, e)
+        raise UserError(f"cannot load {what}: the Hugging Face hub is unreachable (no network?) "
+                        f"and the local cache does not hold it; {todo}") from None
+
+
+def check_download(url, what, todo):
+    """UserError at once when torch.hub would have to download url (not in its cache) and url's
+    server is unreachable; torch.hub itself would fail later, or hang where packets are dropped."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(cached) and not reachable(url):
+        host = urllib.parse.urlsplit(url).hostname
+        raise UserError(f"cannot download {what}: {host} is unreachable (no network?); {todo}")
 
 
 class Family(NamedTuple):
@@ -212,7 +300,11 @@ class ViTEncoder(FrozenEncoder):
             )
         elif pretrained:
             try:
-                model = timm.create_model(tname, pretrained=True, **kwargs)
+                model = from_hub(lambda: timm.create_model(tname, pretrained=True, **kwargs),
+                                 f"the pretrained weights of encoder {name} ({tname})",
+                                 f"download {hint} elsewhere and pass it as --enc-weights FILE")
+            except UserError:
+                raise
             # hub errors come in many types; all mean the same thing to the user
             except Exception as e:
                 raise RuntimeError(
@@ -401,8 +493,11 @@ def load_vae(name, device="cpu"):
             layers_per_block=1, norm_num_groups=4, latent_channels=4,
         )  # 3 downsamplings: the same 8x spatial reduction as SD-VAE
     else:
+        hub_id = VAES.get(name, name)
         try:
-            vae = AutoencoderKL.from_pretrained(VAES.get(name, name))
+            vae = AutoencoderKL.from_pretrained(hub_id) if os.path.isdir(hub_id) else from_hub(
+                lambda: AutoencoderKL.from_pretrained(hub_id), f"the SD-VAE {name!r} ({hub_id})",
+                "save it elsewhere (AutoencoderKL.save_pretrained) and pass that folder as --vae")
         except OSError as e:  # diffusers' message spans lines; keep the first and say what to do
             raise OSError(
                 f"cannot load the SD-VAE {name!r} ({VAES.get(name, name)}): "
@@ -443,3 +538,128 @@ def decode(vae, latents, rounding=False):
     return to_uint8(
         vae.decode(latents.to(vae.device, torch.float32) / LATENT_SCALE).sample, rounding
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The text encoder (text-to-image): CLIP ViT-L/14's text transformer, as REPA's T2I features
+#
+# REPA's MS-COCO features come from U-ViT's FrozenCLIPEmbedder (libs/clip.py): the transformers
+# CLIPTokenizer and CLIPTextModel of openai/clip-vit-large-patch14, every caption padded to 77
+# tokens ("max_length", the pad token being end-of-text) and truncated there, input_ids only (no
+# attention mask: the causal mask already keeps padding from earlier tokens), last_hidden_state.
+
+CLIP_TEXT = "openai/clip-vit-large-patch14"
+TEXT_TOKENS = 77  # CLIP's context length: every caption becomes this many tokens
+
+
+class TextEncoder(nn.Module):
+    """A frozen tokenizer + text transformer: captions -> (B, 77, dim) token features."""
+
+    def __init__(self, name, tokenizer, model, pretrained):
+        super().__init__()
+        self.name, self.tokenizer, self.model, self.pretrained = name, tokenizer, model, pretrained
+        self.dim = model.config.hidden_size
+        self.truncation_said = False  # a caption over 77 tokens is reported once per encoder
+        self.requires_grad_(False)
+
+    def train(self, mode=True):
+        """Stay in eval mode whatever the caller asks: the features are a fixed condition."""
+        return super().train(False)
+
+    def warn_truncation(self, captions):
+        """Say once that captions longer than 77 tokens lose their tail (CLIP sees no more)."""
+        if self.truncation_said:
+            return
+        ids = self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        long = [(len(i), c) for i, c in zip(ids, captions) if len(i) > TEXT_TOKENS]
+        if long:
+            self.truncation_said = True
+            log.warning(
+                "text encoder %s: a caption of %d tokens (start and end included) is truncated "
+                "to %d (CLIP's context), e.g. %r; said once, later ones are truncated silently",
+                self.name, long[0][0], TEXT_TOKENS, long[0][1][:60] + "...",
+            )
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """list of B captions -> float32 last_hidden_state (B, 77, dim) on the encoder's device."""
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise ValueError("encode takes a list of caption strings, e.g. encode(['a red bus'])")
+        captions = list(captions)
+        self.warn_truncation(captions)
+        ids = self.tokenizer(
+            captions, truncation=True, max_length=TEXT_TOKENS, padding="max_length",
+            return_tensors="pt",
+        )["input_ids"]  # (B, 77), end-of-text after the caption up to 77
+        device = next(self.model.parameters()).device
+        return self.model(input_ids=ids.to(device)).last_hidden_state.float()  # (B, 77, dim)
+
+    def null_context(self):
+        """The empty caption's features (1, 77, dim): the null condition of guidance (REPA's
+        y_null, U-ViT's empty_context)."""
+        return self.encode([""])
+
+
+def tiny_text_encoder(dim=32, seed=0):
+    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code (every byte one token,
+    no merges) and a 2-layer random CLIPTextModel, the same weights every time."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    log.warning(
+        "text encoder tiny-random: a TINY RANDOMLY INITIALISED CLIP text model with a byte-level "
+        "vocabulary, NOT CLIP; its text conditioning is meaningless outside smoke runs and tests"
+    )
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # global RNG untouched
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    return TextEncoder(TINY_RANDOM, tokenizer, model.eval(), pretrained=False)
+
+
+def load_text_encoder(name=CLIP_TEXT, path=None, device="cpu", random=False):
+    """The frozen text encoder by hub name, from a local folder (path: a saved copy of the hub
+    repository, for offline machines), or the tiny random one (random=True or name 'tiny-random').
+    """
+    if random or name == TINY_RANDOM:
+        return tiny_text_encoder().to(device)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if path is not None and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"text encoder folder {path} does not exist: give a local copy of the {name} hub "
+            "repository (its tokenizer and config files and weights)"
+        )
+    source = path or name
+
+    def load():
+        return (CLIPTextModel.from_pretrained(source, dtype=torch.float32),
+                CLIPTokenizer.from_pretrained(source))
+
+    try:
+        model, tokenizer = load() if os.path.isdir(source) else from_hub(
+            load, f"the text encoder {name!r}", "save a copy of its hub repository elsewhere and "
+            "pass that folder as --text-encoder-path")
+    except OSError as e:  # transformers' message spans lines; keep the first and say what to do
+        raise OSError(
+            f"cannot load the text encoder {name!r} from {source}: {str(e).splitlines()[0]} "
+            "Check the network or the Hugging Face cache, or pass a local copy of the repository "
+            "as the text encoder's folder"
+        ) from e
+    # transformers builds a near-empty tokenizer when the folder has no tokenizer files
+    if len(tokenizer) != model.config.vocab_size:
+        raise OSError(
+            f"text encoder {source}: the tokenizer has {len(tokenizer)} tokens but the model "
+            f"{model.config.vocab_size}: the folder lacks CLIP's tokenizer files (vocab.json, "
+            "merges.txt) or mixes two models"
+        )
+    return TextEncoder(name, tokenizer, model.eval(), pretrained=True).to(device)

@@ -26,12 +26,16 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import itertools
 import json
 import os
+import shutil
+import socket
 import sys
 import tempfile
+import urllib.parse
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +81,55 @@ def write_atomic(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def check_output(path, flag):
+    """Before any work: path's folder exists or is made, takes a file, and path is no folder;
+    ValueError naming flag otherwise (a read-only, misspelt or non-folder destination)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: give a file path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close((probe := tempfile.mkstemp(dir=folder, prefix=".tmp-"))[0])
+        os.unlink(probe[1])
+    except OSError as err:
+        reason = {errno.ENOTDIR: "a file is in the way", errno.EEXIST: "a file is in the way"}.get(
+            err.errno, err.strerror)
+        raise ValueError(f"cannot write {flag} {path} into {folder} ({reason}): give a "
+                         "writable folder") from None
+
+
+def format_bytes(n):
+    """1234567 -> '1.2 MB'."""
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
+
+
+def save_checked(path, write, needed):
+    """write_atomic, first checking the disk has `needed` bytes free; a full disk is one line
+    naming the folder, the space free and the space needed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        try:
+            return write_atomic(path, write)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            free = shutil.disk_usage(folder).free
+    raise ValueError(f"not enough space in {folder} for {path}: {format_bytes(free)} free, "
+                     f"{format_bytes(needed)} needed; free space there or give another path, then "
+                     "run the same command again")
+
+
+def reachable(url, timeout=2.0):
+    """Whether url's host takes a TCP connection within timeout seconds (one try)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout).close()
+        return True
+    except OSError:  # no DNS, refused, unreachable, timed out
+        return False
 
 
 def sha256_of(path):
@@ -340,10 +393,19 @@ class FIDInception(nn.Module):
         return pool, spatial, logits
 
 
-def hub_weights_path():
-    """The published weights in the torch.hub cache, downloaded (and hash-checked) on first use."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+def default_weights_path():
+    """The published weights file in the current folder (where the README keeps it), else in the
+    torch.hub cache, downloaded (and hash-checked) on first use."""
+    name = os.path.basename(WEIGHTS_URL)
+    if os.path.isfile(name):
+        return name
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.exists(path):
+        if not reachable(WEIGHTS_URL):  # fail at once, not after urllib's wait
+            raise ValueError(
+                f"the Inception weights {name} are neither in the current folder nor in {path}, "
+                f"and {urllib.parse.urlsplit(WEIGHTS_URL).hostname} is unreachable (no network?): "
+                f"fetch {WEIGHTS_URL} elsewhere and pass --weights PATH, or put it in either place")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:  # the full digest as hash_prefix: stricter than the 8-hex suffix check_hash would use
             torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_SHA256)
@@ -361,14 +423,15 @@ def hub_weights_path():
 def load_inception(weights=None, sha256=WEIGHTS_SHA256, device="cpu"):
     """The network with weights from `weights` (default: torch.hub cache), sha256-checked; returns
     (model, digest)."""
-    path = weights or hub_weights_path()
+    path = weights or default_weights_path()
     if not os.path.isfile(path):
         raise ValueError(f"weights file not found: {path}")
     digest = sha256_of(path)
     if sha256 and not digest.startswith(sha256.lower()):
         raise ValueError(
             f"weights file {path} has sha256 {digest[:16]}..., expected {sha256[:16]}...: wrong or "
-            "corrupt file"
+            "corrupt file; to evaluate with another file on purpose pass --weights-sha256 '' (its "
+            "numbers are then not ADM's)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -954,11 +1017,13 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON results path; unset: SAMPLES with .eval.json")
     p.add_argument(
         "--weights",
-        help="Inception weights file; unset: the torch.hub cache, downloaded if missing",
+        help=f"Inception weights file; unset: {os.path.basename(WEIGHTS_URL)} in the current "
+        "folder, else the torch.hub cache, downloaded if missing",
     )
     p.add_argument(
         "--weights-sha256", default=WEIGHTS_SHA256,
-        help="expected sha256 (or prefix) of the weights file; '' skips the check",
+        help="expected sha256 (or prefix) of the weights file; '' skips the check, to evaluate "
+        "with another file (a stand-in; the numbers are then not ADM's)",
     )
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
@@ -1028,6 +1093,7 @@ def write_reference(args, rank=0, world=1):
     """Build an ADM reference batch: stats over every image of the source, arr_0 a seeded random
     subset."""
     (source,) = _open_sets(args, 1)
+    check_output(args.write_ref, "--write-ref")
     keep = np.sort(
         np.random.default_rng(args.seed).choice(
             len(source), min(args.ref_images, len(source)), False
@@ -1059,7 +1125,8 @@ def write_reference(args, rank=0, world=1):
         ]
     arrays = dict(arr_0=np.concatenate(kept), mu=feats.pool_stats[0], sigma=feats.pool_stats[1])
     arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
-    write_atomic(args.write_ref, lambda f: np.savez(f, **arrays))
+    save_checked(args.write_ref, lambda f: np.savez(f, **arrays),
+                 sum(a.nbytes for a in arrays.values()) + (1 << 20))  # + zip headers
     print(
         f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over {len(source)} "
         "images"
@@ -1075,6 +1142,10 @@ def evaluate(args, rank=0, world=1):
         raise ValueError(
             f"REF must be an ADM npz (build one with --write-ref), got folder {ref.path}"
         )
+    stem = os.path.splitext(samples.path)[0] if samples.is_npz else os.path.normpath(samples.path)
+    out = args.out or stem + ".eval.json"
+    if rank == 0:
+        check_output(out, "--out")  # before hours of features, not after
     model, digest = load_inception(args.weights, args.weights_sha256, args.device)
     io = dict(
         batch_size=args.batch_size, workers=args.workers, device=args.device, rank=rank, world=world
@@ -1100,9 +1171,8 @@ def evaluate(args, rank=0, world=1):
     for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid")):
         print(f"{label}: {results[key]}")
     print(f"Precision: {results['precision']}\nRecall: {results['recall']}")
-    stem = os.path.splitext(samples.path)[0] if samples.is_npz else os.path.normpath(samples.path)
-    out = args.out or stem + ".eval.json"
-    write_atomic(out, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+    text = json.dumps(results, indent=2).encode() + b"\n"
+    save_checked(out, lambda f: f.write(text), len(text))
     return results
 
 
@@ -1131,6 +1201,10 @@ def main(args):
         return write_reference(args, rank, world) if args.write_ref else evaluate(args, rank, world)
     except (ValueError, OSError) as err:
         raise SystemExit(f"fid.py: error: {err}") from err
+    except KeyboardInterrupt:  # Ctrl-C: the reference cache, once written, is kept
+        print("\nfid.py: interrupted before the results were written; run the same command "
+              "again (the reference activations, if cached, are reused)", file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's "interrupted"
     finally:
         if world > 1:
             dist.destroy_process_group()

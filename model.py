@@ -193,6 +193,30 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Alignment heads (mmdit.py builds the same ones)
+
+
+def check_taps(depth, encoder_depth, sra_depth):
+    """ValueError unless each head taps a block of the model (0: no such head)."""
+    for name, tap in (("encoder_depth", encoder_depth), ("sra_depth", sra_depth)):
+        if not 0 <= tap <= depth:
+            raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
+
+
+def projectors(hidden_size, projector_dim, z_dims):
+    """REPA projector, one per encoder: H -> 2048 -> 2048 -> D_enc with SiLU (keys
+    projectors.K.{0,2,4})."""
+    return nn.ModuleList(mlp([hidden_size, projector_dim, projector_dim, z]) for z in z_dims)
+
+
+def sra_head(hidden_size, patch_size, channels, layers=5, width=None):
+    """SRA^2 head P(.): per-token MLP H -> width (2H unless given) x (layers-1) -> p*p*C, to be
+    unpatchified to the latent."""
+    width = width or 2 * hidden_size
+    return mlp([hidden_size] + [width] * (layers - 1) + [patch_size**2 * channels])
+
+
+# ----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -229,12 +253,7 @@ class SiT(nn.Module):
                 "qk_norm=True is not supported (REPA's published checkpoints use qk_norm=False)"
             )
         z_dims = [d for d in z_dims if d > 0]  # REPA writes z_dims=[0] for "no encoder"
-        for name, tap in (
-            ("encoder_depth", encoder_depth if z_dims else 0),
-            ("sra_depth", sra_depth),
-        ):
-            if not 0 <= tap <= depth:
-                raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
+        check_taps(depth, encoder_depth if z_dims else 0, sra_depth)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -259,17 +278,10 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(
             SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
-        # REPA projector, one per encoder: H -> 2048 -> 2048 -> D_enc with SiLU (keys
-        # projectors.K.{0,2,4}).
-        self.projectors = nn.ModuleList(
-            mlp([hidden_size, projector_dim, projector_dim, z]) for z in z_dims
-        )
+        self.projectors = projectors(hidden_size, projector_dim, z_dims)
         if sra_depth:
-            # SRA^2 head P(.): per-token MLP H -> width x (layers-1) -> p*p*C, unpatchified to the
-            # latent.
-            width = sra_hidden_dim or 2 * hidden_size
-            self.sra_head = mlp(
-                [hidden_size] + [width] * (sra_mlp_layers - 1) + [patch_size**2 * in_channels]
+            self.sra_head = sra_head(
+                hidden_size, patch_size, in_channels, sra_mlp_layers, sra_hidden_dim
             )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()

@@ -23,23 +23,12 @@ from tqdm import tqdm
 
 import cluster
 from cluster import UserError, at_least, write_atomic
+from encoders import hub_reachable
 
 WEIGHTS = "yuvalkirstain/PickScore_v1"
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 log = logging.getLogger(__name__)
-
-
-def hub_reachable(timeout=5):
-    """One request to the Hugging Face hub, without the hub client's minutes of retries."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-        return True
-    except Exception:  # the client's transport errors (no DNS, refused, timeout) share no base
-        return False
 
 
 def from_pretrained(cls, name, flag, what):

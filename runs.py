@@ -36,7 +36,7 @@ import cluster
 import losses
 from cluster import UserError, write_atomic
 from data import SYNTHETIC
-from encoders import TINY_RANDOM
+from encoders import CLIP_TEXT, TINY_RANDOM
 from model import SIZES, SiT, size_config
 
 log = logging.getLogger("train")
@@ -48,7 +48,7 @@ RESUMABLE_CHANGES = {
     "num_workers", "compile", "tf32", "grad_checkpointing", "max_bad_steps", "max_rollbacks",
     "preempt_signals", "out", "run_name", "data_dir", "world_size", "vae", "sample_steps",
     "eval_every", "eval_ref", "eval_samples", "eval_cfg", "eval_steps", "eval_weights",
-    "enc_weights", "disc_weights", "wandb", "tensorboard",
+    "enc_weights", "disc_weights", "wandb", "tensorboard", "max_bad_samples", "strict_data",
 }
 METRICS, LOSS_CURVES = "metrics.jsonl", "losses.png"
 RUNS = "runs"  # train.py's default --out: where a bare `python sample.py` looks for a run
@@ -140,47 +140,32 @@ def check_eval(config, world):
 
 
 def is_text_model(name):
-    """Whether --model names a text-to-image network (MMDiT-24, ...) rather than a SiT."""
+    """Whether --model names a text-to-image network (MMDiT, MMDiT-T) rather than a SiT."""
     return str(name).startswith("MMDiT")
 
 
 def model_size(name):
-    """The size dict of --model (depth, widths, patch size, default taps): SiT-XL/2 from model.py,
-    MMDiT-24 from mmdit.py; ValueError for an unknown name."""
+    """The size dict of --model (depth, patch size, default taps, SiT's widths): SiT-XL/2 from
+    model.py, MMDiT (REPA's depth 24) or MMDiT-T from mmdit.py; ValueError for an unknown name."""
     if is_text_model(name):
         import mmdit  # text-to-image only
 
-        return mmdit.size_config(name)
+        if name not in mmdit.MMDIT_SIZES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(mmdit.MMDIT_SIZES)}"
+                             f" (text) or a SiT, e.g. SiT-XL/2")
+        return dict(mmdit.MMDIT_SIZES[name], patch_size=2)  # REPA's MMDiT: 2 x 2 patches
     return size_config(name)
 
 
-class CaptionDropout(torch.nn.Module):
-    """A text model's training forward: where the step's dropout mask says, the null caption's
-    features replace the caption's (REPA's CFGDataset, drawn here from the step's generator as
-    label dropout is), then the model's own forward. No parameters: checkpoints keep the bare
-    model's keys."""
-
-    def __init__(self, model, null_context):
-        super().__init__()
-        self.model = model
-        self.register_buffer("null_context", null_context.float(), persistent=False)  # (77, D)
-
-    def forward(self, x, t, context, align=True, drop=None):
-        if drop is not None:
-            null = self.null_context.to(context.dtype)  # (77, D)
-            context = torch.where(drop[:, None, None], null, context)  # (B, 77, D)
-        return self.model(x, t, context, align=align)
-
-
 def build_network(config, dataset, z_dims):
-    """(model, its training forward) of a resolved config: a SiT on class labels, an MMDiT on COCO
-    caption features (its text encoder recorded in config for sample.py). dataset: the training
-    data, or its number of classes (bench.py, tests)."""
+    """The network of a resolved config: a SiT on class labels, an MMDiT on COCO caption features
+    (the null caption's features its dropout condition, its text encoder recorded in config for
+    sample.py). dataset: the training data, or its number of classes (bench.py, tests)."""
     text = getattr(dataset, "text_encoder", None) is not None
     if text != is_text_model(config["model"]):
         raise UserError(
             f"--model {config['model']} does not fit --data-dir {config['data_dir']}, which holds "
-            + ("COCO captions: train an MMDiT (--model MMDiT-24, or --preset coco256)" if text else
+            + ("COCO captions: train an MMDiT (--model MMDiT, or --preset coco256)" if text else
                "class labels: train a SiT (--model SiT-XL/2), or give a COCO folder (data.py "
                "--dataset coco)"))
     size = {k: v for k, v in model_size(config["model"]).items()
@@ -202,13 +187,13 @@ def build_network(config, dataset, z_dims):
             raise UserError(f"--text-encoder {config['text_encoder']} needs COCO caption features, "
                             f"but --data-dir {config['data_dir']} holds class labels")
         classes = dataset if isinstance(dataset, int) else dataset.num_classes
-        model = SiT(num_classes=classes, class_dropout_prob=config["class_dropout"], **common)
-        return model, model
+        return SiT(num_classes=classes, class_dropout_prob=config["class_dropout"], **common)
     import mmdit
 
     config["text_encoder"] = dataset.text_encoder  # runs.text_encoder_of reads it
     model = mmdit.MMDiT(context_dim=dataset.text_dim, **common)
-    return model, CaptionDropout(model, dataset.null_context)
+    model.set_null_context(dataset.null_context)  # caption dropout: losses' drop mask swaps it in
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,21 +409,23 @@ def require_loggers(config):
 
 
 class Metrics:
-    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png."""
+    """Rank 0's metrics.jsonl, its optional TensorBoard / W&B mirrors (every key) and losses.png;
+    on the other ranks every method does nothing, so that the loop needs no rank test."""
 
-    def __init__(self, run_dir, config, step):
+    def __init__(self, run_dir, config, step, rank=0):
         """Drop rows past the resumed step and open the mirrors asked for."""
         self.path, self.png = os.path.join(run_dir, METRICS), os.path.join(run_dir, LOSS_CURVES)
-        self.trim(step)
         self.tensorboard = self.wandb = None
-        if config["tensorboard"]:
+        self.writes = rank == 0
+        self.trim(step)
+        if config["tensorboard"] and self.writes:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events it is about to write again
             self.tensorboard = SummaryWriter(
                 os.path.join(run_dir, "tensorboard"), purge_step=step + 1
             )
-        if config.get("wandb"):
+        if config.get("wandb") and self.writes:
             import wandb
 
             id_path = os.path.join(run_dir, "wandb-id.txt")  # one W&B run per run folder
@@ -451,13 +438,15 @@ class Metrics:
 
     def trim(self, step):
         """Drop rows past step (a resumed or rolled-back run writes them again)."""
-        if os.path.exists(self.path):
+        if self.writes and os.path.exists(self.path):
             rows = read_metrics(os.path.dirname(self.path))
             text = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
             write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def write(self, row):
         """Log row (a dict of numbers with a "step"), append it everywhere, redraw the curves."""
+        if not self.writes:
+            return
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items()))
         with open(self.path, "a") as f:
@@ -623,10 +612,6 @@ def is_state_dict(obj):
     )
 
 
-# REPA's train_t2i.py trains on U-ViT's features of this text encoder and stores no name for it
-REPA_TEXT_ENCODER = "openai/clip-vit-large-patch14"
-
-
 def text_encoder_of(ckpt):
     """The text encoder a text-to-image checkpoint conditions on; None for a class-conditional one.
 
@@ -639,7 +624,7 @@ def text_encoder_of(ckpt):
         return config.get("text_encoder") or None
     state = ckpt if is_state_dict(ckpt) else ckpt.get("ema", ckpt.get("model"))
     mmdit = isinstance(state, dict) and any(str(k).startswith("joint_blocks.") for k in state)
-    return REPA_TEXT_ENCODER if mmdit else None
+    return CLIP_TEXT if mmdit else None  # REPA trains on U-ViT's CLIP ViT-L/14 features
 
 
 def infer_config(state, args=None):

@@ -32,11 +32,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import cluster
-import encoders
 import losses
 import runs
 from cluster import UserError, at_least, fraction, write_atomic
-from encoders import decode, load_vae, to_uint8
+from encoders import TINY_RANDOM, decode, load_text_encoder, load_vae, to_uint8
 
 LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map linearly to uint8
 
@@ -509,8 +508,8 @@ def load_prompts(args, text_encoder, run_config, rank, device):
                 else read_captions(args.prompts) if args.prompts else args.prompt)
     path = args.text_encoder_path or run_config.get("text_encoder_path")
     with cluster.failing(f"text encoder {text_encoder}" + (f" from {path}" if path else "")):
-        encoder = encoders.load_text_encoder(name=text_encoder, path=path, device=device,
-                                             random=text_encoder == encoders.TINY_RANDOM)
+        encoder = load_text_encoder(name=text_encoder, path=path, device=device,
+                                    random=text_encoder == TINY_RANDOM)
     if rank:
         encoder.truncation_said = True  # rank 0 says it
     else:

@@ -28,7 +28,7 @@ import losses
 import runs
 import sample
 from cluster import UserError, at_least, fraction, positive
-from data import SYNTHETIC, build_dataset, global_batches, sampling_condition
+from data import SYNTHETIC, TrainingBatches, build_dataset, sampling_condition
 from discriminator import build_discriminator, is_disc_step
 from encoders import TINY_RANDOM, load_encoders, load_vae, sample_latent
 
@@ -43,7 +43,7 @@ PRESETS = {
                         vae="ema", batch_size=256, max_steps=400_000, ckpt_every=50_000,
                         sample_every=10_000, log_every=100, resolution=256, num_workers=8,
                         precision="fp16", sample_steps=250, disc_pretrained=1),
-    "coco256":     dict(model="MMDiT-24", data_dir="data/coco256", enc_type="dinov2-vit-b",
+    "coco256":     dict(model="MMDiT", data_dir="data/coco256", enc_type="dinov2-vit-b",
                         vae="mse", batch_size=256, max_steps=150_000, ckpt_every=50_000,
                         sample_every=10_000, log_every=100, resolution=256, num_workers=8,
                         precision="fp16", sample_steps=50, disc_pretrained=1,
@@ -66,11 +66,13 @@ def parse_args(argv=None):
     flag = dict(type=int, choices=[0, 1])
     a("--preset", default="imagenet256", choices=list(PRESETS), help="the preset flags override")
     a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (losses.py)")
-    a("--model", help="SiT-XL/2, SiT-B/2, ... (T: tiny); MMDiT-24 (MMDiT-2: tiny) on COCO data")
+    a("--model", help="SiT-XL/2, SiT-B/2, ... (T: tiny); on COCO data MMDiT (MMDiT-T: tiny)")
     a("--data-dir", help=f"REPA-layout folder from data.py, '{SYNTHETIC}', or a COCO folder")
     a("--text-encoder", help="COCO data: the text encoder its features must be of (unset: any)")
     a("--synthetic-images", type=count, default=256, help="images of the synthetic data")
     a("--synthetic-classes", type=count, default=10, help="classes of the synthetic data")
+    a("--max-bad-samples", type=natural, default=100, help="unreadable samples replaced, at most")
+    a("--strict-data", **flag, default=0, help="1: stop at the first unreadable sample")
     a("--resolution", type=cluster.multiple_of(8), help="image side in pixels")
     a("--enc-type", help="encoder(s), REPA's names, comma-separated; or tiny-random")
     a("--enc-weights", help="local encoder checkpoint(s), comma-separated, instead of downloading")
@@ -210,8 +212,7 @@ def build_run(config, dataset, device, world):
         with cluster.failing("--enc-type " + config["enc_type"]):
             encoders = load_encoders(config["enc_type"], device, config["resolution"],
                                      config.get("enc_weights"))
-    model, net = runs.build_network(config, dataset, [e.embed_dim for e in encoders])
-    net.to(device)  # the model and its training forward (text: caption dropout around it)
+    model = runs.build_network(config, dataset, [e.embed_dim for e in encoders]).to(device)
 
     def wrap(module):
         """DDP under torchrun (gradient all-reduce), the bare module otherwise."""
@@ -229,7 +230,7 @@ def build_run(config, dataset, device, world):
                               weight_decay=config["weight_decay"], fused=device.type == "cuda"),
         scaler=torch.amp.GradScaler(device.type, enabled=fp16),
         gen=torch.Generator(device).manual_seed(config["seed"]), encoders=encoders,
-        forward_model=torch.compile(wrap(net)) if config["compile"] else wrap(net),
+        forward_model=torch.compile(wrap(model)) if config["compile"] else wrap(model),
     )
     if align.adv_weight:
         with cluster.failing("the discriminator's ResNet-18 trunk (--disc-pretrained 1; offline: "
@@ -371,11 +372,11 @@ def train(args, stop):
         cluster.close(world)
         return run_dir
     runs.write_config(run_dir, config, rank)  # and the stand-ins, loudly
-    metrics = runs.Metrics(run_dir, config, pos.step) if rank == 0 else None
+    metrics = runs.Metrics(run_dir, config, pos.step, rank)
     cluster.barrier(world)  # rank 0 has trimmed metrics.jsonl to the resumed step
 
     # Data: global batch i is a fixed slice of a per-epoch seeded permutation, from pos.batch on
-    loader = global_batches(dataset, config, rank, world, pos.batch, device)
+    loader = TrainingBatches(dataset, config, rank, world, pos.batch, device, run_dir)
     local = config["batch_size"] // world
     rows = slice(rank * local, (rank + 1) * local)  # this rank's share of each global draw
     align = losses.AlignConfig(**config["align_config"])
@@ -392,8 +393,7 @@ def train(args, stop):
             break
 
         # One step; a burst of non-finite steps rolls back to the newest checkpoint before it
-        record = train_step(run, config, align, [x.to(device, non_blocking=True) for x in batch],
-                            pos.step, rows)
+        record = train_step(run, config, align, batch, pos.step, rows)
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.bad_in_a_row = pos.bad_in_a_row + 1 if record["bad_steps"] else 0
         bar.update(1)
@@ -408,8 +408,8 @@ def train(args, stop):
         if pos.step % config["log_every"] == 0 or pos.step == config["max_steps"]:
             row, t_last = runs.metrics_row(stats, pos.step, config, t_last, world), time.time()
             stats = {}
-            if rank == 0:
-                metrics.write(row)
+            loader.update(row)  # unreadable samples: counted, listed, a stop past the bound
+            metrics.write(row)
         if config["sample_every"] and pos.step % config["sample_every"] == 0 and rank == 0:
             sample.write_grid(os.path.join(run_dir, "samples", f"{pos.step:07d}.png"), run.ema, vae,
                               seed=config["seed"], num_steps=config["sample_steps"], device=device,
@@ -424,8 +424,8 @@ def train(args, stop):
                      "command to continue", stop.signal or "another rank's signal", pos.step)
             break
     bar.close()
-    if metrics is not None:
-        metrics.close()
+    loader.update()
+    metrics.close()
     cluster.close(world)
     return run_dir
 

@@ -1,6 +1,10 @@
-"""Helpers the tests share: stand-in weights that need no download, a folder snapshot."""
+"""Helpers the tests share: stand-in weights that need no download, a folder snapshot, Ctrl-C."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -66,3 +70,19 @@ def snapshot(dest):
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, dest)] = (fh.read(), os.stat(p).st_mtime_ns)
     return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def interrupted(code, marker, timeout=300):
+    """Run `python -c code` in the repository until it creates the file marker, then press Ctrl-C
+    (SIGINT); its (exit status, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(timeout), proc.stderr.read()

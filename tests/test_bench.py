@@ -1,9 +1,42 @@
 """bench.py: a one-step run of every preset prints a row each, with vanilla SiT as the reference;
---fid times fid.py."""
+--gpu's prepared run on CPU at tiny sizes; --fid times fid.py."""
+
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --gpu at the smallest sizes on the CPU: doubling the batch from 2 stops at --max-batch 4
+TINY = ["--device", "cpu", "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2",
+        "--max-batch", "4", "--encoder", "tiny-random", "--warmup", "0", "--steps", "1",
+        "--sample-steps", "1", "--sample-batch", "1", "--fid-images", "2", "--fid-batch", "2",
+        "--threads", "1"]
+PRESETS, PRECISIONS = bench.GPU_PRESETS.split(","), ["bf16", "fp16"]
+CONFIGS = set(itertools.product(PRESETS, PRECISIONS, (0, 1), ("paper", "largest")))
+# bench.py as a script with what the GPU machine's image lacks unimportable, and torch.compile on
+# its eager backend: the --compile 1 path through dynamo without minutes of CPU inductor builds
+SCRIPT = """import functools, runpy, sys, torch
+for name in ("diffusers", "matplotlib", "tensorboard", "torch.utils.tensorboard", "transformers"):
+    sys.modules[name] = None  # import name: ImportError
+torch.compile = functools.partial(torch.compile, backend="eager")
+sys.argv[0] = "bench.py"
+runpy.run_path("bench.py", run_name="__main__")
+"""
+
+
+def table_rows(markdown, section):
+    """The body rows of the markdown table under '## section' as lists of cells."""
+    lines = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("| ")][2:]  # header and rule dropped
 
 
 def test_one_step_table(capsys):
@@ -80,3 +113,98 @@ def test_fid_tables(capsys):
     assert [r[0] for r in eval_rows] == ["10000 samples", "50000 samples"]
     assert float(eval_rows[1][-1]) > float(eval_rows[0][-1]) > 0
     assert "EXTRAPOLATED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_mode_on_cpu(tmp_path):
+    """--gpu forced to the CPU, without diffusers, matplotlib, tensorboard or transformers: every
+    configuration measured with consistent numbers in results.json and table.md, none's ratio 1,
+    the papers' ratios beside."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "--gpu", str(out), *TINY], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    rows = report["training"]
+    assert len(rows) == len(CONFIGS) == 40
+    assert {(r["preset"], r["precision"], r["compile"], r["batch_kind"]) for r in rows} == CONFIGS
+    for r in rows:
+        assert r["status"] == "ok" and r["batch"] == (2 if r["batch_kind"] == "paper" else 4)
+        assert r["sec"] == statistics.median(r["step_secs"]) > 0
+        assert r["img_per_sec"] == pytest.approx(r["batch"] / r["sec"])
+        assert r["mfu"] == pytest.approx(r["flops"] / r["sec"] / 790e12) and r["flops"] > 0
+        # bytes; on CPU an RSS difference in one process (freed pages are reused), of any sign
+        assert isinstance(r["peak_mem_bytes"], int) and r["bad_steps"] == 0
+        assert (r["x_none"] == 1.0) == (r["preset"] == "none") and r["x_none"] > 0
+        assert r["paper_x_none"] == {"repa": 1.22, "sra2": 1.11}.get(r["preset"])
+    per_image = {r["preset"]: r["flops"] / r["batch"] for r in rows}  # the same at every batch
+    assert len({round(r["flops"] / r["batch"] / per_image[r["preset"]], 9) for r in rows}) == 1
+    assert per_image["none"] < per_image["sra2"] < per_image["repa+sra2"]
+    assert per_image["repa"] < per_image["repa+sra2"]  # heads cost
+    parts = report["parts"]
+    assert [p["part"] for p in parts["rows"]] == ["encoder", "SiT forward+backward",
+                                                  "discriminator step", "AdamW step", "EMA"]
+    assert parts["step_sec"] > 0 and all(p["sec"] > 0 for p in parts["rows"])
+    assert [s["cfg"] for s in report["sampler"]["rows"]] == [1.0, 1.8]
+    assert all(s["samples_per_sec"] > 0 for s in report["sampler"]["rows"])
+    assert report["inception"]["img_per_sec"] > 0 and report["inception"]["images"] == 2
+    env = report["environment"]
+    assert env["device"].startswith("CPU") and env["torch"] == torch.__version__ and env["date"]
+
+    markdown = (out / "table.md").read_text()
+    assert "RANDOM" in markdown and "SRA^2 Table 5" in markdown
+    table = table_rows(markdown, "Training step")
+    assert len(table) == 40 and {tuple(r[:3]) for r in table} == {
+        (p, q, str(c)) for p, q, c, _ in CONFIGS}
+    for cells, r in zip(table, rows):  # in results.json's order
+        assert cells[4] == f"{r['sec'] * 1e3:.1f}" and cells[9] == f"{r['x_none']:.2f}"
+        assert cells[-1] == "ok"
+        assert cells[3].endswith("(largest)") == (r["batch_kind"] == "largest")
+    assert [r[0] for r in table_rows(markdown, "Parts")] == [p["part"] for p in parts["rows"]]
+    assert len(table_rows(markdown, "Sampler")) == 2 and "images/s" in markdown
+
+
+def test_gpu_mode_budget_spent(tmp_path):
+    """--budget 0: every configuration and section is recorded as skipped, both files written."""
+    report = bench.gpu_bench(bench.parse_args(["--gpu", str(tmp_path), *TINY, "--budget", "0"]))
+    rows = report["training"]
+    assert {(r["preset"], r["precision"], r["compile"], r["batch_kind"]) for r in rows} == CONFIGS
+    assert {r["status"] for r in rows} == {"skipped (time budget)"}
+    assert all(r["x_none"] is None for r in rows)
+    assert {report[k]["status"] for k in ("parts", "sampler", "inception")} == {
+        "skipped (time budget)"}
+    assert json.loads((tmp_path / "results.json").read_text())["training"] == rows
+    table = table_rows((tmp_path / "table.md").read_text(), "Training step")
+    assert len(table) == 40 and {r[-1] for r in table} == {"skipped (time budget)"}
+
+
+def test_largest_batch_and_budget(monkeypatch):
+    """The doubling search keeps the last batch before the first out-of-memory error, stops at
+    --max-batch, gives None when the first fails; Budget turns failures into statuses."""
+    real_step = bench.train.train_step
+    limit = {}
+
+    def step(run, config, align, batch, *rest):
+        if len(batch[0]) > limit["fits"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(run, config, align, batch, *rest)
+
+    monkeypatch.setattr(bench.train, "train_step", step)
+    args = bench.parse_args([*TINY, "--batch-size", "1", "--max-batch", "16"])
+    for fits, largest in [(5, 4), (100, 16), (0, None)]:
+        limit["fits"] = fits
+        assert bench.largest_batch(args, "none", "bf16") == largest
+
+    budget = bench.Budget(120)
+
+    def fail(error):
+        raise error
+
+    assert budget.run("eager", fail, torch.OutOfMemoryError("out of memory")) == "oom"
+    assert budget.run("eager", fail, ValueError("bad\nmore")) == "error: ValueError: bad"
+    assert budget.run("eager", lambda: 7) == 7
+    # a first compile is assumed to take FIRST_COMPILE_S (90 s): it fits in 120 s ...
+    assert budget.run("compile", lambda: 7) == 7
+    budget.longest["compile"] = 121  # ... one that took 121 s does not
+
+    assert budget.run("compile", lambda: 7) == "skipped (time budget)"

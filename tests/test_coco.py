@@ -2,9 +2,12 @@
 moments, one feature file per caption, the null caption), read back as [mean, std] with one
 caption per image per step drawn from (seed, step, index); resume and bad input."""
 
+import io
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -15,10 +18,11 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 import data
 import encoders
 from cluster import UserError
-from data import CocoDataset, GlobalBatchSampler
+from data import BadSample, CocoDataset, GlobalBatchSampler
 from helpers import snapshot
 
 TOKENS, DIM = 77, 8
+LOAD_TEXT_ENCODER = encoders.load_text_encoder  # the real one, before the stub replaces it
 
 
 class StubText:
@@ -219,8 +223,8 @@ def test_caption_choice_is_a_function_of_seed_step_index(prepared):
     assert all(step == s for s, batch in enumerate(batches) for _, step in batch)
     resumed = iter(GlobalBatchSampler(3, 2, 0, 1, seed=0, start_step=3, keyed=True))
     assert [next(resumed), next(resumed)] == batches[3:]
-    loader = data.global_batches(a, {"batch_size": 2, "seed": 0, "num_workers": 0,
-                                     "preempt_signals": ()}, 0, 1, 3, torch.device("cpu"))
+    loader = data.TrainingBatches(a, {"batch_size": 2, "seed": 0, "num_workers": 0,
+                                      "preempt_signals": ()}, 0, 1, 3, torch.device("cpu"))
     images, moments, context = next(iter(loader))  # (2, 3, 32, 32), (2, 8, 4, 4), (2, 77, D)
     expected = [a[key] for key in batches[3]]
     assert torch.equal(context, torch.stack([e[2] for e in expected]))
@@ -390,3 +394,47 @@ def test_build_dataset_picks_coco(prepared):
         data.build_dataset({**config, "text_encoder": "clip"})
     with pytest.raises(UserError, match="32 px images but --resolution is 256"):
         data.build_dataset({**config, "resolution": 256})
+
+
+def test_damaged_file_is_a_bad_sample(tmp_path):
+    """A truncated caption file or PNG is a BadSample naming it (the training side skips it), not
+    a crash; the rest of the split still reads."""
+    source, dest = write_coco(tmp_path / "src", (("val", VAL),)), str(tmp_path / "out")
+    run(source, dest, "--splits", "val")
+    ds = CocoDataset(dest, "val")
+    k = ds.caption_index(0, 2)
+    path = os.path.join(dest, "val", f"0_{k}.npy")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(BadSample, match=f"0_{k}.npy"):
+        ds[(0, 2)]
+    other = next(s for s in range(3, 50) if ds.caption_index(0, s) != k)
+    assert ds[(0, other)][2].shape == (TOKENS, DIM)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(tmp_path, monkeypatch):
+    """torchrun with 2 gloo ranks and the real tiny random text encoder writes what one process
+    writes: PNGs, json and text features to the byte, moments to float rounding."""
+    monkeypatch.setattr(encoders, "load_text_encoder", LOAD_TEXT_ENCODER)
+    source, dest = write_coco(tmp_path / "src"), str(tmp_path / "ddp")
+    tiny_text = ["--text-encoder", "tiny-random"]
+    run(source, str(tmp_path / "single"), *tiny_text)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "data.py",
+               "--source", source, "--dest", dest, *TINY, *tiny_text]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train: 3 images; rank 0 of 2: 2 to do" in result.stderr  # images 0 and 2
+    single, ddp = snapshot(tmp_path / "single"), snapshot(dest)
+    # dataset.json, empty_context.npy; train: PNGs, moments, captions, captions.json; val: the same
+    assert single.keys() == ddp.keys() and len(single) == 2 + (3 + 3 + 16 + 1) + (1 + 1 + 5 + 1)
+    for k in single:
+        if k.endswith(".npy") and "_" not in os.path.basename(k) and "empty" not in k:
+            np.testing.assert_allclose(
+                *(np.load(io.BytesIO(s[k][0])) for s in (single, ddp)), rtol=1e-5, atol=1e-6)
+        else:
+            assert single[k][0] == ddp[k][0], k
+    ds = CocoDataset(dest)
+    assert ds.text_encoder == "tiny-random" and ds.text_dim == 32

@@ -4,7 +4,10 @@ loading, and parity with REPA's own code (random weights: no network)."""
 
 import logging
 import os
+import socket
 import sys
+import time
+import warnings
 
 import pytest
 import timm
@@ -12,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+import discriminator
 import encoders
+from cluster import UserError
 from encoders import FAMILIES, build_encoder, canonical_name, load_encoders, timm_name
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
@@ -167,6 +172,7 @@ def test_download_failure_is_a_clear_error(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(encoders, "hub_reachable", lambda: True)  # online, and the download fails
     with pytest.raises(
         RuntimeError, match=r"dinov2-vit-b \(vit_base_patch14_dinov2.lvd142m\).*weights="
     ) as err:
@@ -329,6 +335,7 @@ def test_download_failure_names_the_official_file(name, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(encoders, "hub_reachable", lambda: True)
     with pytest.raises(
         RuntimeError,
         match=rf"{name} \({timm_name(name)}\).*\(facebookresearch|openai.*--enc-weights",
@@ -358,3 +365,89 @@ def test_several_families_give_the_projector_widths():
     assert [e.name for e in encs] == ["clip-vit-l", "mae-vit-l", "jepa-vit-h", "mocov3-vit-s"]
     # train.py: z_dims=[e.embed_dim for e in encoders]
     assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]
+
+
+def test_reachable_is_one_short_connection_attempt():
+    """A listening port is reachable; a closed one is not, at once (no retries)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert encoders.reachable.__wrapped__(f"http://127.0.0.1:{port}/x")
+    server.close()
+    start = time.monotonic()
+    assert not encoders.reachable.__wrapped__(f"http://127.0.0.1:{port}/x")
+    assert not encoders.reachable.__wrapped__("https://no-such-host.invalid/")
+    assert time.monotonic() - start < 2 * encoders.CONNECT_TIMEOUT
+
+
+def hub_offline_timm(cached):
+    """timm.create_model as huggingface_hub's offline mode makes it: the cache or a miss at once;
+    noisy as the hub clients are."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def create_model(name, pretrained=False, **kwargs):
+        assert constants.HF_HUB_OFFLINE  # never a request, hence no retries
+        warnings.warn("hub warning spam")
+        logging.getLogger("huggingface_hub").warning("more hub spam")
+        if not cached:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the local cache")
+        model = torch.nn.Identity()
+        model.embed_dim = 8
+        return model
+    return create_model
+
+
+def test_offline_encoder_fails_at_once_in_one_line_naming_the_flag(monkeypatch, caplog, recwarn):
+    """No network: one line naming the official file and --enc-weights, nothing else said."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(encoders, "reachable", lambda url: False)
+    monkeypatch.setattr(timm, "create_model", hub_offline_timm(cached=False))
+    offline = constants.HF_HUB_OFFLINE
+    with pytest.raises(UserError) as err:
+        load_encoders("dinov2-vit-b", "cpu", 256)
+    assert str(err.value) == (
+        "cannot load the pretrained weights of encoder dinov2-vit-b (vit_base_patch14_dinov2."
+        "lvd142m): the Hugging Face hub is unreachable (no network?) and the local cache does not "
+        "hold it; download dinov2_vitb14_pretrain.pth (facebookresearch/dinov2) elsewhere and "
+        "pass it as --enc-weights FILE")
+    assert constants.HF_HUB_OFFLINE == offline  # restored
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING] and not len(recwarn)
+
+
+def test_offline_encoder_in_the_hub_cache_loads(monkeypatch):
+    monkeypatch.setattr(encoders, "reachable", lambda url: False)
+    monkeypatch.setattr(timm, "create_model", hub_offline_timm(cached=True))
+    assert build_encoder("dinov2-vit-b").embed_dim == 8
+
+
+def test_offline_vae_and_text_encoder_name_their_flags(monkeypatch):
+    from diffusers.models import AutoencoderKL
+    from huggingface_hub import constants
+
+    def from_pretrained(*args, **kwargs):
+        assert constants.HF_HUB_OFFLINE
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(encoders, "reachable", lambda url: False)
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    with pytest.raises(UserError, match=r"^cannot load the SD-VAE 'mse' \(stabilityai/sd-vae-ft-"
+                                        r"mse\): the Hugging Face hub is unreachable .* as --vae$"):
+        encoders.load_vae("mse")
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", from_pretrained)
+    with pytest.raises(UserError, match=r"text encoder .* unreachable .*--text-encoder-path$"):
+        encoders.load_text_encoder()
+
+
+def test_offline_discriminator_trunk_names_disc_weights(monkeypatch, tmp_path):
+    """Not in torch.hub's cache and the server unreachable: one line at once, --disc-weights."""
+    monkeypatch.setattr(encoders, "reachable", lambda url: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match=r"^cannot download the ResNet-18 trunk: download.pytorch."
+                                        r"org is unreachable .*resnet18-f37072fd.pth elsewhere "
+                                        r"and pass --disc-weights FILE$"):
+        discriminator.build_discriminator(32, pretrained=True)

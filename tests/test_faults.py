@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from test_train import ROOT, TINY, assert_same_state, newest, no_loss_plots, run, run_folder
 
 import cluster
+import data
 import runs
 from cluster import UserError
 
@@ -125,14 +128,19 @@ def torchrun(*flags):
 
 
 @pytest.mark.slow
-def test_under_torchrun_an_error_and_a_finished_run_are_said_once(tmp_path):
+def test_under_torchrun_an_error_and_a_finished_run_are_said_once(prepared, tmp_path):
     code, output = torchrun("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path))
     assert code == 1 and output.count("train.py: error: data dir") == 1, output
     assert "<NO_OTHER_FAILURES>" in output  # torchrun's summary names rank 0 only
-    flags = ["--align", "none", "--max-steps", "2", "--out", str(tmp_path)]
+    root, png, npy = damage(prepared, tmp_path)  # the ranks agree on the bad samples too
+    flags = ["--data-dir", str(root), "--align", "none", "--max-steps", "4", "--out", str(tmp_path)]
     assert torchrun(*flags)[0] == 0
     code, output = torchrun(*flags)
-    assert code == 0 and output.count("is already complete at step 2: give a higher") == 1, output
+    assert code == 0 and output.count("is already complete at step 4: give a higher") == 1, output
+    run_dir = run_folder(tmp_path, *flags[:-2])
+    assert sum(r.get("bad_samples", 0) for r in runs.read_metrics(run_dir)) == 2
+    listed = open(os.path.join(run_dir, data.BAD_SAMPLES)).read().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [png, npy]
 
 
 def test_resume_refusal_names_the_flag_typed(tmp_path):
@@ -178,6 +186,7 @@ def test_failed_starts_leave_no_run_folder(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_a_copied_run_folder_resumes_with_a_note(tmp_path, capsys):
     straight = run(tmp_path / "a", "--align", "none", "--max-steps", "4")
     first = run(tmp_path / "b", "--align", "none", "--max-steps", "2")
@@ -187,3 +196,101 @@ def test_a_copied_run_folder_resumes_with_a_note(tmp_path, capsys):
     assert f"resuming run {os.path.basename(first)!r} in folder {copy} (the folder was copied or " \
         "renamed)" in capsys.readouterr().err
     assert_same_state(newest(straight), newest(copy))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad samples: replaced by the next readable one, said once, counted, listed, bounded
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 16-image REPA-layout folder made by data.py (tiny random VAE, 32 px, 2 classes)."""
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        folder = root / "raw" / f"n{i % 2:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    data.main(data.parse_args(["--source", str(root / "raw"), "--dest", str(root / "data"),
+                               "--resolution", "32", "--vae", "tiny-random", "--workers", "0"]))
+    return root / "data"
+
+
+def damage(prepared, tmp_path):
+    """A copy of prepared with a truncated PNG (sample 3) and a garbage latent (sample 9)."""
+    copy = shutil.copytree(prepared, tmp_path / "data")
+    png = copy / "images/00000/img00000003.png"
+    npy = copy / "vae-sd/00000/img-mean-std-00000009.npy"
+    png.write_bytes(png.read_bytes()[:200])
+    npy.write_bytes(b"garbage" * 40)
+    return copy, str(png), str(npy)
+
+
+def test_unreadable_files_are_bad_samples_that_the_next_readable_one_replaces(prepared, tmp_path):
+    root, png, npy = damage(prepared, tmp_path)
+    dataset = data.LatentImageDataset(str(root))
+    latent = root / "vae-sd/00000/img-mean-std-00000005.npy"
+    for bad, reason in [(np.zeros((8, 4, 3), np.float32), r"shape \(8, 4, 3\), expected \(8, 4, 4"),
+                        (np.zeros((8, 4, 4), np.int32), "dtype int32, expected floating"),
+                        (np.full((8, 4, 4), np.nan, np.float32), "non-finite values")]:
+        np.save(latent, bad)
+        with pytest.raises(data.BadSample, match=reason):
+            dataset[5]
+    os.remove(latent)  # a vanished file
+    with pytest.raises(data.BadSample, match="unreadable .FileNotFoundError"):
+        dataset[5]
+    stand_ins = data.StandIns(dataset)
+    for i, path, reason in [(3, png, "unreadable (OSError: "), (9, npy, "not an array file")]:
+        *sample, note = stand_ins[i]
+        assert note.startswith(f"{path}\t{reason}")
+        assert all(torch.equal(a, b) for a, b in zip(sample, dataset[i + 1]))  # the next one
+    assert stand_ins[4][3] == "" and stand_ins[15][2] == dataset[15][2]
+
+
+def old_getitem(self, idx):
+    """LatentImageDataset.__getitem__ before bad samples were checked (issue 19)."""
+    image = data.load_image(os.path.join(self.images_dir, self.image_fnames[idx]))
+    moments = np.load(os.path.join(self.features_dir, self.feature_fnames[idx]))
+    return (torch.from_numpy(image), torch.from_numpy(moments).float(),
+            torch.tensor(self.labels[idx]))
+
+
+@pytest.mark.slow
+def test_clean_data_trains_bit_identically_with_and_without_the_checks(prepared, tmp_path,
+                                                                      monkeypatch):
+    flags = ["--data-dir", str(prepared), "--align", "repa", "--max-steps", "4"]
+    checked = run(tmp_path / "checked", *flags)
+    monkeypatch.setattr(data.LatentImageDataset, "__getitem__", old_getitem)
+    monkeypatch.setattr(data.StandIns, "__getitem__", lambda self, i: (*self.dataset[i], ""))
+    assert_same_state(newest(run(tmp_path / "plain", *flags)), newest(checked))
+    assert [r["bad_samples"] for r in runs.read_metrics(checked)] == [0, 0]
+    assert not os.path.exists(os.path.join(checked, data.BAD_SAMPLES))
+
+
+@pytest.mark.slow
+def test_bad_samples_are_said_once_counted_listed_and_resume_exactly(prepared, tmp_path):
+    root, png, npy = damage(prepared, tmp_path)
+    flags = ["--data-dir", str(root), "--align", "repa", "--log-every", "4", "--max-steps", "8"]
+    straight = run(tmp_path / "a", *flags)  # two epochs of 4 batches: each bad file read twice
+    assert [r["bad_samples"] for r in runs.read_metrics(straight)] == [2, 2]
+    listed = open(os.path.join(straight, data.BAD_SAMPLES)).read().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [png, npy]
+    assert listed[0].split("\t")[1].startswith("unreadable (OSError: image file is truncated")
+    log = open(os.path.join(straight, "log.txt")).read()
+    assert log.count(f"unreadable sample {png} (") == log.count(f"unreadable sample {npy} (") == 1
+    run(tmp_path / "b", *flags[:-2], "--max-steps", "5")  # stopped inside the second epoch ...
+    resumed = run(tmp_path / "b", *flags)  # ... and resumed
+    assert_same_state(newest(straight), newest(resumed))
+    assert open(os.path.join(resumed, data.BAD_SAMPLES)).read().splitlines() == listed
+
+
+def test_too_many_bad_samples_or_strict_data_stop_with_the_repair(prepared, tmp_path):
+    root, png, npy = damage(prepared, tmp_path)
+    flags = ["--data-dir", str(root), "--align", "none", "--max-steps", "4", "--log-every", "4"]
+    with pytest.raises(SystemExit, match=rf"2 unreadable samples, more than --max-bad-samples 1 "
+                       rf"\({png}, {npy}; all in .*{data.BAD_SAMPLES}\): repair with python "
+                       rf"data.py --verify {root}, or raise --max-bad-samples"):
+        run(tmp_path, *flags, "--max-bad-samples", "1")
+    with pytest.raises(SystemExit, match=r"unreadable sample .*(img00000003.png|00000009.npy) "
+                       rf"\(.*\) and --strict-data 1: repair with python data.py --verify {root}"):
+        run(tmp_path, *flags, "--strict-data", "1", "--run-name", "strict")

@@ -4,8 +4,10 @@ input.
 Everything runs on CPU with seeded random Inception weights; nothing touches the network.
 """
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 
 import fid
-from helpers import cli_error, random_inception
+from helpers import cli_error, interrupted, random_inception
 
 # ------------------------------------------------------------------------------------------
 # Fixtures
@@ -441,6 +443,8 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(fid, "reachable", lambda url: True)  # the server answers, the fetch fails
+    monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
     with pytest.raises(SystemExit) as exit_info:
         fid.main(
@@ -453,6 +457,71 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
         text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
     )
     assert fid.WEIGHTS_URL in text and reason in text and "--weights PATH" in text
+
+
+def test_offline_without_the_weights_file_fails_at_once(tmp_path, monkeypatch):
+    """No network, no file: one line naming --weights, without trying the download."""
+    monkeypatch.setattr(fid, "reachable", lambda url: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", None)  # calling it would fail
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^the Inception weights pt_inception-2015-12-05-6726825d"
+                                         r".pth are neither .* github.com is unreachable .* pass "
+                                         r"--weights PATH, or put it in either place$"):
+        fid.load_inception()
+
+
+def test_weights_file_in_the_current_folder_is_used_and_another_one_needs_the_flag(
+    weights_file, tmp_path, monkeypatch
+):
+    """The README's offline machine: the file beside you, no --weights; a stand-in file is refused
+    with the flag that takes it."""
+    path, digest = weights_file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fid, "reachable", None)  # never asked: the file is here
+    monkeypatch.chdir(tmp_path)
+    os.symlink(path, tmp_path / os.path.basename(fid.WEIGHTS_URL))
+    assert fid.load_inception(None, digest)[1] == digest
+    with pytest.raises(ValueError, match=r"wrong or corrupt file; to evaluate with another file on "
+                                         r"purpose pass --weights-sha256 ''"):
+        fid.load_inception(None)
+    assert fid.load_inception(None, "")[1] == digest
+
+
+def test_full_disk_is_one_line_naming_folder_free_and_needed(tmp_path, monkeypatch):
+    usage = shutil._ntuple_diskusage
+    monkeypatch.setattr(fid.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2_000_000,
+                                                                  2_000_000))
+    out = tmp_path / "ref.npz"
+    with pytest.raises(ValueError) as err:
+        fid.save_checked(str(out), lambda f: f.write(b"x"), 3_500_000)
+    assert str(err.value) == (f"not enough space in {tmp_path} for {out}: 2.0 MB free, 3.5 MB "
+                              "needed; free space there or give another path, then run the same "
+                              "command again")
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ValueError, match="2.0 MB free, 0.0 MB needed"):
+        fid.save_checked(str(out), full, 10)  # the estimate was short: the disk filled anyway
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
+    np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
+    marker = tmp_path / "working"
+    code = (
+        "import time, fid\n"
+        "fid.load_inception = lambda *a: (None, '0' * 64)\n"
+        f"fid.features_of = lambda *a, **k: open({str(marker)!r}, 'w') and time.sleep(60)\n"
+        f"fid.main(fid.parse_args([{str(tmp_path / 'set.npz')!r}] * 2 + ['--min-images', '4', "
+        "'--device', 'cpu']))\n"
+    )
+    status, err = interrupted(code, marker)
+    assert status == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "fid.py: interrupted before the results were written; run the same command again (the "
+        "reference activations, if cached, are reused)")
 
 
 def test_image_set_streams_npz_and_png_tree_identically_and_shards_by_batch(tmp_path):
@@ -680,6 +749,11 @@ def bad_input_cases(tmp_path):
     wrong = tmp_path / "wrong.pth"
     wrong.write_bytes(b"\0" * 64)
     cases.append(([good, good, "--weights", wrong], "sha256"))
+    cases.append(([good, good, "--weights", wrong], "pass --weights-sha256 ''"))
+    # every output location before any work
+    cases.append(([good, good, "--out", tmp_path], f"--out {tmp_path} is a folder"))
+    cases.append(([good, good, "--out", good / "x.json"], "(a file is in the way): give a"))
+    cases.append(([good, "--write-ref", good / "s" / "r.npz"], "cannot write --write-ref"))
     return cases
 
 

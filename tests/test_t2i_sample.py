@@ -158,21 +158,6 @@ def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
 # sample.py on a text-to-image checkpoint
 
 
-class TinyEncoder:
-    """Until encoders.load_text_encoder is in the tree: captions -> seeded (B, 77, 32) features."""
-
-    def __init__(self):
-        self.truncation_said = False
-
-    def warn_truncation(self, captions):
-        self.truncation_said = True
-
-    def encode(self, captions):
-        seeds = [int.from_bytes(c.encode()[:6] or b"0", "little") for c in captions]
-        return torch.stack([torch.randn(77, 32, generator=torch.Generator().manual_seed(s))
-                            for s in seeds])
-
-
 @pytest.fixture
 def text_ckpt(tmp_path, monkeypatch):
     """Path of a text-to-image checkpoint of a TextVelocity (config: text encoder tiny-random);
@@ -190,9 +175,6 @@ def text_ckpt(tmp_path, monkeypatch):
         return built.eval()
 
     monkeypatch.setattr(runs, "build_model", build)
-    if not hasattr(encoders, "load_text_encoder"):
-        monkeypatch.setattr(encoders, "load_text_encoder", lambda **kw: TinyEncoder(),
-                            raising=False)
     return path
 
 
@@ -217,6 +199,21 @@ def test_prompt_grid_holds_the_prompts_samples(text_ckpt, tmp_path):
                                    prompts=prompts)  # the text defaults: ODE, guidance 2.0
     assert np.array_equal(grid, np.concatenate(list(tiles), axis=1))
     assert not np.array_equal(tiles[0], tiles[1])
+
+
+def test_a_long_prompt_is_truncated_and_said_once(text_ckpt, tmp_path, caplog):
+    """A prompt over 77 tokens is said once for the run, though every batch encodes it; its tail
+    past 77 tokens changes nothing."""
+    long = " ".join(["word"] * 40)  # the tiny encoder: 4 tokens a word, 162 with start and end
+    flags = ["--ckpt", text_ckpt, "--num-steps", "2", "--vae", "none", "--batch-size", "1",
+             "--grid-size", "3", "--prompt", "a cat", "--prompt"]
+    with caplog.at_level("WARNING"):
+        run(*flags, long, "--out", tmp_path / "long.png")
+    said = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(said) == 1 and "a caption of 162 tokens" in said[0]
+    run(*flags, long + " and a different tail", "--out", tmp_path / "tail.png")
+    grids = [np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("long", "tail")]
+    assert np.array_equal(*grids)
 
 
 def test_prompt_samples_write_their_captions_and_resume_only_with_them(text_ckpt, tmp_path):

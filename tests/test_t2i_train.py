@@ -1,6 +1,6 @@
 """train.py on the COCO layout: an MMDiT trains on caption features with the ImageNet code path
 (Table 4's rows, caption dropout, exact resume, preemption, DDP, online evaluation), its checkpoint
-samples with sample.py --prompt, and bad input is one line. mmdit.py's stand-in until it exists."""
+samples with sample.py --prompt, and bad input is one line. Tiny MMDiT, tiny random text encoder."""
 
 import json
 import os
@@ -8,60 +8,41 @@ import signal
 import subprocess
 import sys
 
-import mmdit_stub
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_coco import StubText, write_coco
+from test_coco import write_coco
 from test_train import ROOT, assert_same_state, newest
 
 import data
 import encoders
 import fid
 import losses
+import mmdit
 import runs
 import sample
 import train
 from helpers import random_inception
 
-mmdit_stub.install()  # a no-op once mmdit.py exists
-
-TEXT = StubText.name  # the data's text encoder
+TEXT = encoders.TINY_RANDOM  # the data's text encoder (32-wide features)
 # 8 train images (a global batch of 4 fits twice), 2 val images, 2 to 3 captions each
 TRAIN = {100 + i: ((40 + 3 * i, 36 + 2 * i), [f"train {i} caption {k}" for k in range(2 + i % 2)])
          for i in range(8)}
 VAL = {200 + i: ((48, 40), [f"a val photo {i}", f"val image {i}"]) for i in range(2)}
-FLAGS = ["--preset", "smoke", "--model", "MMDiT-2", "--resolution", "32", "--batch-size", "4",
+FLAGS = ["--preset", "smoke", "--model", "MMDiT-T", "--resolution", "32", "--batch-size", "4",
          "--projector-dim", "32", "--sample-every", "0", "--log-every", "2", "--ckpt-every", "2",
          "--align", "none"]  # later flags override
 
 
-class Text(StubText):
-    """test_coco's stub text encoder with the rest of encoders.TextEncoder's API sample.py uses."""
-
-    truncation_said = False
-
-    def warn_truncation(self, captions):
-        pass
-
-
-@pytest.fixture(autouse=True)
-def stub_text(monkeypatch):
-    """Every text encoder is the stub: no download, no CLIP."""
-    monkeypatch.setattr(encoders, "load_text_encoder", lambda **kw: Text(), raising=False)
-
-
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    """A tiny COCO layout made by data.py (32 px, tiny random VAE, the stub's 8-wide features)."""
+    """A tiny COCO layout made by data.py (32 px, tiny random VAE and text encoder)."""
     root = tmp_path_factory.mktemp("coco")
     source = write_coco(root / "src", (("train", TRAIN), ("val", VAL)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(encoders, "load_text_encoder", lambda **kw: Text(), raising=False)
-        data.main(data.parse_args(["--dataset", "coco", "--source", source, "--dest",
-                                   str(root / "data"), "--resolution", "32", "--vae",
-                                   "tiny-random", "--workers", "0", "--batch-size", "4"]))
+    data.main(data.parse_args(["--dataset", "coco", "--source", source, "--dest",
+                               str(root / "data"), "--resolution", "32", "--vae", TEXT,
+                               "--text-encoder", TEXT, "--workers", "0", "--batch-size", "4"]))
     return str(root / "data")
 
 
@@ -85,55 +66,39 @@ def test_table4_rows_train_an_mmdit_on_caption_features(tmp_path, coco, align):
     run_dir = run(tmp_path, coco, "--align", align, "--max-steps", "2")
     ckpt = newest(run_dir)
     config = ckpt["config"]
-    assert runs.text_encoder_of(ckpt) == TEXT and config["model"] == "MMDiT-2"
-    assert config["model_config"]["context_dim"] == StubText.dim
+    assert runs.text_encoder_of(ckpt) == TEXT and config["model"] == "MMDiT-T"
+    assert config["model_config"]["context_dim"] == 32  # the tiny text encoder's width
+    assert any(k.startswith("joint_blocks.") for k in ckpt["ema"])  # REPA's MMDiT keys
     expected = {"none": {"velocity"}, "repa": {"velocity", "patch"}, "sra2": {"velocity", "sra"}}
     assert {"velocity", "patch", "struc", "adv", "sra"} & set(rows(run_dir)[0]) == expected[align]
     assert ("encoder (tiny-random)" in config["random_components"]) == (align == "repa")
-    assert "text features (tiny-random text encoder)" not in config["random_components"]
+    assert "text features (tiny-random text encoder)" in config["random_components"]
     assert np.isfinite(rows(run_dir)[-1]["velocity"])
-
-
-def test_caption_dropout_is_the_null_caption_where_the_step_mask_says():
-    """CaptionDropout swaps exactly the masked rows for the null caption's features, passes the
-    rest unchanged, and the mask is the step's draw_noise one (a function of the seed)."""
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, x, t, context, align=True):
-            seen.append(context)
-            return (x,)
-
-    null = torch.randn(77, 8)
-    context = torch.randn(5, 77, 8)
-    drop = torch.tensor([True, False, False, True, False])
-    runs.CaptionDropout(Recorder(), null)(torch.zeros(5, 4, 2, 2), torch.rand(5), context,
-                                          drop=drop)
-    assert torch.equal(seen[0][drop], null.expand(2, 77, 8))
-    assert torch.equal(seen[0][~drop], context[~drop])
-    align = losses.align_config("none")
-    draws = [losses.draw_noise(1000, (4, 2, 2), align, 0.1, generator=torch.Generator()
-                               .manual_seed(0)).drop for _ in range(2)]
-    assert torch.equal(*draws) and 70 < int(draws[0].sum()) < 130  # 10% of 1000, seeded
 
 
 def test_the_training_forward_sees_the_null_caption_at_the_dropout_rate(tmp_path, coco,
                                                                         monkeypatch):
-    """Through train.py: every --class-dropout 1 caption is the null caption; at 0 none is."""
+    """Through train.py: the model's null context is the data's empty caption, the drop mask is
+    the step's draw_noise one (a function of the seed: all at 0.99 here, none at 0), and the
+    training forward swaps exactly the dropped rows."""
     seen = []
-    real = runs.CaptionDropout.forward
+    real = mmdit.MMDiT.forward
 
     def recording(self, x, t, context, align=True, drop=None):
-        out = real(self, x, t, context, align, drop)
-        seen.append((context, drop, self.null_context))
-        return out
+        seen.append((context, drop, self.null_condition(context)))
+        return real(self, x, t, context, align, drop)
 
-    monkeypatch.setattr(runs.CaptionDropout, "forward", recording)
-    run(tmp_path / "a", coco, "--align", "none", "--max-steps", "1", "--class-dropout", "0.99")
-    run(tmp_path / "b", coco, "--align", "none", "--max-steps", "1", "--class-dropout", "0")
+    monkeypatch.setattr(mmdit.MMDiT, "forward", recording)
+    run(tmp_path / "a", coco, "--max-steps", "1", "--class-dropout", "0.99")
+    run(tmp_path / "b", coco, "--max-steps", "1", "--class-dropout", "0")
     null = torch.from_numpy(np.load(os.path.join(coco, "empty_context.npy")))
-    assert torch.equal(seen[0][2], null) and seen[0][1].all() and not seen[1][1].any()
-    assert not torch.equal(seen[1][0][0], null)  # real captions when nothing is dropped
+    (context, drop, nulls), (kept, none, _) = seen
+    assert torch.equal(nulls[0], null) and drop.all() and not none.any()
+    assert not torch.equal(kept[0], null)  # real captions when nothing is dropped
+    align = losses.align_config("none")
+    draws = [losses.draw_noise(1000, (4, 2, 2), align, 0.1, generator=torch.Generator()
+                               .manual_seed(0)).drop for _ in range(2)]
+    assert torch.equal(*draws) and 70 < int(draws[0].sum()) < 130  # 10% of 1000, seeded
 
 
 @pytest.mark.slow
@@ -161,8 +126,7 @@ def test_text_run_resumes_exactly_and_after_a_preemption(tmp_path, coco, monkeyp
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path, coco):
     flags = [*FLAGS, "--data-dir", coco, "--align", "repa", "--max-steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": mmdit_stub.stub_path(str(tmp_path / "stub"))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29531", os.path.join(ROOT, "train.py"), *flags, "--out",
                            str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True,
@@ -215,7 +179,7 @@ def test_sample_py_prompt_on_the_smoke_checkpoint(tmp_path, coco):
                                    "two dogs", "--out", out]))
     grid = np.asarray(Image.open(out))
     model = runs.load_model(runs.checkpoint_paths(run_dir)[-1])
-    prompts = sample.Prompts(Text(), ["a red bus", "two dogs"])
+    prompts = sample.Prompts(encoders.load_text_encoder(name=TEXT), ["a red bus", "two dogs"])
     expected = sample.generate_images(model, encoders.load_vae("tiny-random"), [0, 1],
                                       prompts=prompts, mode="ode", num_steps=50, cfg=2.0)
     assert np.array_equal(grid, sample.tile(expected))
