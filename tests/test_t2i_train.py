@@ -173,7 +173,9 @@ def test_online_eval_samples_the_val_captions_with_the_ode(tmp_path, coco, monke
 def test_sample_py_prompt_on_the_smoke_checkpoint(tmp_path, coco):
     """python sample.py --ckpt RUN --prompt 'a red bus': the grid of the run's EMA, the run's text
     encoder and VAE, Table 4's ODE with guidance 2.0."""
-    run_dir = run(tmp_path, coco, "--align", "sra2", "--max-steps", "2", "--lr", "0.01")
+    run_dir = run(tmp_path, coco, "--align", "sra2", "--max-steps", "2", "--lr", "0.01",
+                  "--sample-every", "2", "--sample-steps", "2")
+    assert Image.open(os.path.join(run_dir, "samples", "0000002.png")).size == (4 * 32, 4 * 32)
     out = str(tmp_path / "bus.png")
     sample.main(sample.parse_args(["--ckpt", run_dir, "--prompt", "a red bus", "--prompt",
                                    "two dogs", "--out", out]))
