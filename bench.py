@@ -148,7 +148,7 @@ def parse_args(argv=None):
     a("--compile-modes", type=comma_list([0, 1], int), default=[0, 1],
       help="--gpu: train.py --compile values measured, comma-separated")
     a("--max-batch", type=count, help="--gpu: the largest batch the doubling search tries")
-    a("--init-on-device", **flag, default=1, help="--gpu: 1: build the networks directly on the "
+    a("--init-on-device", **flag, default=1, help="1: build the networks directly on the "
       "device (seconds instead of a minute for SiT-XL/2); 0: on the CPU, then moved, as train.py")
     a("--cknna-only", action="store_true",
       help="time only analysis.py's CKNNA (no training or sampler tables)")
@@ -256,7 +256,7 @@ def build(args, align, **overrides):
     if config["compile"]:
         torch._dynamo.reset()  # a fresh compile: no cache limit reached, no earlier graphs reused
     # On the device: random init of SiT-XL/2 on the CPU takes longer than most measurements
-    on_device = torch.device(DEVICE) if getattr(args, "init_on_device", 0) else None
+    on_device = torch.device(DEVICE) if args.init_on_device else None
     with on_device or contextlib.nullcontext():
         run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
     run.model.train()
@@ -284,9 +284,10 @@ def measure_step(args, align, count_flops=True, **overrides):
     counter = flop_counter.FlopCounterMode(display=False)
     with counter if count_flops else contextlib.nullcontext():
         step(1, slice(0, b))  # not a discriminator step, like the steps the median picks
-    records = []
-    walls, cpus = zip(*[timed(lambda i=i: records.append(step(i, slice(0, b))))
-                        for i in range(args.warmup + args.steps)][args.warmup:])
+    records, times = [], []  # train_step's logged values, (wall, CPU) seconds
+    for i in range(args.warmup + args.steps):
+        times.append(timed(lambda: records.append(step(i, slice(0, b)))))
+    walls, cpus = zip(*times[args.warmup:])
     return dict(preset=align, batch=b, sec=statistics.median(walls), cpu=statistics.median(cpus),
                 step_secs=list(walls), mem=peak_memory() - base,
                 flops=counter.get_total_flops() if count_flops else None,
@@ -767,9 +768,8 @@ def gpu_bench(args):
         settings=dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size,
                       max_batch=args.max_batch, warmup=args.warmup, steps=args.steps,
                       budget_s=args.budget, peak_tflops=args.peak_tflops, encoder=args.encoder,
-                      memory=memory_note(),
-                      random=random_parts(args), presets=presets, precisions=args.precisions,
-                      compile_modes=args.compile_modes),
+                      memory=memory_note(), random=random_parts(args), presets=presets,
+                      precisions=args.precisions, compile_modes=args.compile_modes),
         parts=dict(status="not run", batch=args.batch_size, precision=first),
         sampler=dict(status="not run", steps=args.sample_steps, batch=args.sample_batch),
         inception=dict(status="not run", images=args.fid_images, batch=args.fid_batch))
@@ -777,9 +777,12 @@ def gpu_bench(args):
 
     def record(key, value):
         """Keep a job's result, say it, write both files."""
-        report["training"].append(value) if key == "training" else report.__setitem__(key, value)
+        if key == "training":
+            report["training"].append(value)
+        else:
+            report[key] = value
         report["elapsed_s"] = time.monotonic() - budget.start
-        said = {k: v for k, v in value.items() if k not in ("rows", "step_secs", "mem")}
+        said = {k: v for k, v in value.items() if k not in ("rows", "step_secs")}
         print(f"[{report['elapsed_s']:4.0f} s] {key}: {said}", flush=True)
         write_report(args, report)
 

@@ -50,6 +50,8 @@ def main_errors(script):
         rank = int(os.environ.get("RANK", 0))
         if rank:  # its own error (rank 0 did not fail), or torchrun ends this process first
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # rank 0 has said it
+            if StopRequest.stopping:  # torchrun's SIGTERM came during training: the same
+                os._exit(0)
             time.sleep(RANK_ERROR_DELAY)
         where = f" (rank {rank})" if rank else ""
         raise SystemExit(f"{script}: error{where}: {e}") from None
@@ -130,6 +132,8 @@ class StopRequest:
     """Remembers that one of the given signals (SIGTERM, SIGUSR1, SIGINT, ...) reached this
     process."""
 
+    stopping = False  # any stop signal reached this process (main_errors asks)
+
     def __init__(self):
         self.signal, self.since = None, 0.0
 
@@ -143,6 +147,7 @@ class StopRequest:
             raise SystemExit(130)
         if self.signal is None:
             self.signal, self.since = name, now
+            StopRequest.stopping = True
             if ctrl_c:
                 logging.getLogger("train").info(  # rank 0 only: the others log warnings only
                     "Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at "

@@ -243,19 +243,51 @@ def set_rng_state(state, gen, device):
 
 def save_checkpoint(run_dir, config, run, pos, device, rank, world):
     """Rank 0 writes everything a resume needs, atomically, and keeps the newest --keep-ckpts
-    (and every multiple of --keep-every)."""
+    (and every multiple of --keep-every); a full or failing disk stops every rank with one line,
+    the previous checkpoint intact."""
+    error = None
     if rank == 0:  # every rank holds the same random states: one copy resumes them all
         ckpt = {key: getattr(run, key).state_dict() for key in CHECKPOINTED
                 if getattr(run, key) is not None}
         ckpt.update(step=pos.step, batch=pos.batch, rollbacks=pos.rollbacks,
                     bad_in_a_row=pos.bad_in_a_row, rng=rng_state(run.gen, device), config=config)
         path = os.path.join(run_dir, "checkpoints", f"{pos.step:07d}.pt")
+        try:
+            write_checkpoint(path, ckpt, checkpoint_paths(run_dir))
+        except UserError as e:
+            error = e
+        else:
+            for old in checkpoint_paths(run_dir)[: -config["keep_ckpts"]]:
+                if not (config["keep_every"] and checkpoint_step(old) % config["keep_every"] == 0):
+                    os.remove(old)
+            log.info("saved %s", path)
+    if cluster.host_all_reduce([error is not None], dist.ReduceOp.MAX, world)[0]:
+        raise error or UserError("rank 0 could not write the checkpoint (its error says why)")
+
+
+def write_checkpoint(path, ckpt, previous):
+    """torch.save ckpt to path atomically, if the disk has room for one more checkpoint as large
+    as the newest of previous (or as ckpt's tensors); UserError naming the folder, the space free
+    and the space needed when it has not, or when the write fails for a disk fault."""
+    folder = os.path.dirname(path)
+    needed = os.path.getsize(previous[-1]) if previous else tensor_bytes(ckpt)
+    cluster.require_space(folder, needed, "a checkpoint")
+    try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
-        for old in checkpoint_paths(run_dir)[: -config["keep_ckpts"]]:
-            if not (config["keep_every"] and checkpoint_step(old) % config["keep_every"] == 0):
-                os.remove(old)
-        log.info("saved %s", path)
-    cluster.barrier(world)
+    except OSError as e:  # ENOSPC, EIO, a read-only file system, ...
+        raise cluster.disk_error(e, folder) or e
+    except RuntimeError:  # a full disk inside torch.save: "[enforce fail ...] unexpected pos"
+        cluster.require_space(folder, tensor_bytes(ckpt), "a checkpoint")
+        raise
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested dict / list (a checkpoint's size, near enough)."""
+    if torch.is_tensor(obj):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def changed_flag(stored, config, given):
@@ -392,8 +424,10 @@ def roll_back(run_dir, run, config, pos, metrics, device, rank, world):
 # Metrics: metrics.jsonl, its TensorBoard / W&B mirrors, the loss-curve plot
 
 
-def require_loggers(config):
-    """A UserError when --wandb or --tensorboard 1 is asked for and its package is missing."""
+def check_outputs(config):
+    """Before any work: --out takes files, and --wandb's or --tensorboard 1's package is there
+    (UserError saying which is not)."""
+    cluster.check_writable(config["out"])
     wanted = (
         [("--tensorboard 1", "torch.utils.tensorboard", "tensorboard")]
         if config["tensorboard"]

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import zipfile
 
 import numpy as np
@@ -225,7 +226,8 @@ def write_grid(path, model, vae, num_images=16, batch_size=64, progress=False, *
     batches = [range(i, min(i + batch_size, num_images)) for i in range(0, num_images, batch_size)]
     images = np.concatenate([generate_images(model, vae, list(b), **sampling)
                              for b in tqdm(batches, "grid", disable=not progress)])
-    write_atomic(path, lambda f: Image.fromarray(tile(images)).save(f, format="PNG"))
+    with cluster.disk_errors(os.path.dirname(os.path.abspath(path))):
+        write_atomic(path, lambda f: Image.fromarray(tile(images)).save(f, format="PNG"))
 
 
 
@@ -256,7 +258,8 @@ def check_settings(folder, settings, rank):
                 f"{folder} holds samples made with other settings ({', '.join(changed)}); "
                 "use another --out or delete it"
             )
-    elif os.listdir(folder):  # never mix our PNGs into (or count) someone else's files
+    # never mix our PNGs into (or count) someone else's files; .tmp: a write an interrupt cut
+    elif any(not f.endswith(".tmp") for f in os.listdir(folder)):
         raise UserError(f"{folder} already holds files not written by sample.py; use another --out")
     elif rank == 0:
         write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
@@ -271,6 +274,9 @@ def write_npz(folder, num_samples, out):
     """Stack folder's PNGs 0..N-1 into out's arr_0 (N, H, W, C) uint8 via a disk memmap, then zip
     it."""
     first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")))  # (H, W, C)
+    # arr_0.npy, then its copy in the zip; a memmap that hits a full disk dies of SIGBUS
+    cluster.require_space(folder, npz_bytes(num_samples, first.shape), f"the npz of "
+                          f"{num_samples} samples (PNGs kept: run the same command again)")
     npy = os.path.join(folder, "arr_0.npy")
     arr = np.lib.format.open_memmap(
         npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape)
@@ -288,6 +294,11 @@ def write_npz(folder, num_samples, out):
     write_atomic(out, zip_npy)
     os.remove(npy)
     print(f"wrote {out} [arr_0: {num_samples} x {' x '.join(map(str, first.shape))} uint8]")
+
+
+def npz_bytes(num_samples, shape):
+    """Disk space write_npz needs: the (N, H, W, C) uint8 array twice (its .npy and the zip)."""
+    return 2 * num_samples * math.prod(shape)
 
 
 def write_samples(out, num_samples, settings, model, vae, batch_size, rank, world, sampling,
@@ -310,14 +321,15 @@ def write_samples(out, num_samples, settings, model, vae, batch_size, rank, worl
     todo = sorted(set(range(num_samples)) - written_indices(folder))
     cluster.barrier(world)  # every rank listed the folder before any rank writes into it
     mine = todo[rank::world]
-    bar = tqdm(total=len(mine), desc=f"sampling (rank 0 of {world})", disable=rank != 0)
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
-        for i, image in zip(batch, generate_images(model, vae, batch, **sampling)):
-            png = os.path.join(folder, f"{i:06d}.png")
-            write_atomic(png, lambda f: Image.fromarray(image).save(f, format="PNG"))
-        bar.update(len(batch))
-    bar.close()
+    # closed on the way out of an interrupt too, so its last line comes before the message
+    with tqdm(total=len(mine), desc=f"sampling (rank 0 of {world})", disable=rank != 0) as bar:
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start:start + batch_size]
+            for i, image in zip(batch, generate_images(model, vae, batch, **sampling)):
+                png = os.path.join(folder, f"{i:06d}.png")
+                with cluster.disk_errors(folder):
+                    write_atomic(png, lambda f: Image.fromarray(image).save(f, format="PNG"))
+            bar.update(len(batch))
     cluster.barrier(world)  # all shares are on disk
     if rank == 0:
         write_npz(folder, num_samples, out)
@@ -518,9 +530,33 @@ def load_prompts(args, text_encoder, run_config, rank, device):
 
 
 def main(args):
-    """Load the model (and VAE), then write a grid or num_samples images plus their npz."""
+    """Load the model (and VAE), then write a grid or num_samples images plus their npz; Ctrl-C
+    says what is kept and how to go on, exit status 130."""
     with cluster.main_errors("sample.py"):
-        run_sampling(args)
+        try:
+            run_sampling(args)
+        except KeyboardInterrupt:
+            folder = args.out and args.num_samples and os.path.splitext(args.out)[0]
+            kept = (f"{len(written_indices(folder))} of {args.num_samples} samples are in "
+                    f"{folder}; run the same command again to make the rest"
+                    if folder and os.path.isdir(folder) else "nothing was written; run the same "
+                    "command again")
+            print(f"\nsample.py: interrupted: {kept}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+def check_outputs(args, sample_shape):
+    """Before any sampling: --out is no folder, its folder (and the PNG folder) take files, and the
+    disk has room for the npz; one line naming the folder otherwise."""
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder: give a file path")
+    cluster.check_writable(os.path.dirname(os.path.abspath(args.out)))
+    if args.num_samples:
+        folder = os.path.splitext(args.out)[0]
+        cluster.check_writable(folder)
+        # the PNGs are written one by one (a full disk then stops with one line); the npz at once
+        cluster.require_space(folder, npz_bytes(args.num_samples, sample_shape),
+                              f"the npz of {args.num_samples} samples")
 
 
 def run_sampling(args):
@@ -554,12 +590,15 @@ def run_sampling(args):
         if args.cfg > 1 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
             raise UserError("--cfg > 1 needs a null class, but the model was trained without "
                             "label dropout; use --cfg 1")
+    side, channels = model.config["input_size"], model.config["in_channels"]
+    if rank == 0:
+        check_outputs(args, (side, side, channels) if args.vae == "none" else
+                      (8 * side, 8 * side, 3))
     model = model.to(device)
     if args.compile:
         model = torch.compile(model)
     with cluster.failing(f"--vae {args.vae}"):
         vae = None if args.vae == "none" else load_vae(args.vae, device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sampling = {k: getattr(args, k) for k in SAMPLING} | dict(
         quantize=args.quantize, device=device, prompts=prompts or None)
     if args.num_samples is None:

@@ -115,6 +115,8 @@ def parse_args(argv=None):
     a("--disc-pretrained", **flag, help="1: ImageNet ResNet-18 trunk (the paper's); 0: random")
     a("--disc-weights", help="local torchvision ImageNet ResNet-18 file (resnet18-f37072fd.pth)")
     a("--disc-sync-bn", **flag, default=0, help="1: D's BatchNorm over the global batch (DDP)")
+    a("--disc-bn", choices=losses.DISC_BN,
+      help="D's BatchNorm: joint (real+fake one batch, default), separate, eval (fixed stats)")
     # Speed
     a("--tf32", **flag, default=1, help="TF32 matmuls on GPU")
     a("--compile", **flag, default=0, help="1: torch.compile the model")
@@ -301,7 +303,7 @@ def train_step(run, config, align, batch, step, rows):
     if run.disc is not None and align.adv_weight and is_disc_step(step, config["disc_every"]):
         with torch.autocast(**amp):
             d_loss, d_acc = losses.discriminator_step_loss(run.forward_disc, z_encs[0],
-                                                           out.h_dens[0])
+                                                           out.h_dens[0], align.disc_bn)
         run.disc_scaler.scale(d_loss).backward()
         run.disc_scaler.step(run.disc_opt)
         run.disc_scaler.update()
@@ -345,7 +347,7 @@ def train(args, stop):
     runs.setup_logging(rank)
     config = resolve_config(args, world)
     run_dir = os.path.join(config["out"], config["run_name"])
-    runs.require_loggers(config)
+    runs.check_outputs(config)  # --out writable, logger packages installed
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(config)

@@ -1,6 +1,7 @@
 """Faults a real week brings to training (issue 19): Ctrl-C, a bad sample, a full disk, a finished
 run, a typo, a copied run folder, a garbage checkpoint, an error under torchrun."""
 
+import errno
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from test_train import ROOT, TINY, assert_same_state, newest, no_loss_plots, run
 import cluster
 import data
 import runs
+import train
 from cluster import UserError
 
 assert no_loss_plots  # the autouse fixture of test_train, here too
@@ -60,6 +62,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resumes_exactly(tmp_path):
 
 
 def test_a_second_ctrl_c_a_second_later_quits_at_once(monkeypatch, capsys):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)  # restored after the test
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     stop = cluster.StopRequest()
@@ -78,7 +81,8 @@ def test_a_second_ctrl_c_a_second_later_quits_at_once(monkeypatch, capsys):
     assert later.signal == "SIGTERM"
 
 
-def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it():
+def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it(monkeypatch):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped:
         with cluster.stop_signals(("TERM",)) as stop:
@@ -103,6 +107,7 @@ def test_ctrl_c_is_a_stop_request_that_exits_130_and_workers_ignore_it():
 # Errors and refusals: said once, naming what the user typed
 
 def test_errors_under_torchrun_are_said_once_by_rank_0(monkeypatch):
+    monkeypatch.setattr(cluster.StopRequest, "stopping", False)
     sleeps = []
     monkeypatch.setattr(time, "sleep", sleeps.append)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
@@ -113,6 +118,12 @@ def test_errors_under_torchrun_are_said_once_by_rank_0(monkeypatch):
         assert stop.value.code == said
     # rank 1 waited first: torchrun ends it once rank 0 has failed, before it repeats the line
     assert sleeps == [cluster.RANK_ERROR_DELAY]
+    exits = []  # torchrun's SIGTERM during training, then the error: rank 0 says it, not rank 1
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or sys.exit("exited"))
+    monkeypatch.setattr(cluster.StopRequest, "stopping", True)
+    with pytest.raises(SystemExit, match="exited"), cluster.main_errors("x.py"):
+        raise UserError("bad")
+    assert exits == [0]
 
 
 def torchrun(*flags):
@@ -294,3 +305,69 @@ def test_too_many_bad_samples_or_strict_data_stop_with_the_repair(prepared, tmp_
     with pytest.raises(SystemExit, match=r"unreadable sample .*(img00000003.png|00000009.npy) "
                        rf"\(.*\) and --strict-data 1: repair with python data.py --verify {root}"):
         run(tmp_path, *flags, "--strict-data", "1", "--run-name", "strict")
+
+
+# ----------------------------------------------------------------------------------------------
+# The disk: an unwritable --out before any work, a full disk at a checkpoint
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(train, "build_run", lambda *args: built.append(args))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'file'} is not a folder"):
+        run(tmp_path / "file", "--align", "none")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real = os.makedirs
+
+    def refused(path, *args, **kwargs):  # root ignores chmod: a read-only file system instead
+        if str(path).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refused)
+    with pytest.raises(SystemExit, match=f"{read_only / 'runs'} is on a read-only file system"):
+        run(read_only / "runs", "--align", "none")
+    assert built == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path,
+                                                                           monkeypatch):
+    run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
+    size = os.path.getsize(runs.checkpoint_paths(run_dir)[-1])
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    folder = os.path.join(run_dir, "checkpoints")
+    with pytest.raises(SystemExit, match=rf"not enough space in {folder} for a checkpoint: "
+                       rf".* free, {size / 1e6:.1f} MB needed"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+    monkeypatch.undo()
+    monkeypatch.setattr(runs, "plot_metrics", lambda *paths: None)
+    real_save = torch.save
+
+    def enospc(obj, f):
+        if isinstance(obj, dict) and "model" in obj:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(SystemExit, match=rf"the disk holding {folder} is full \(.* free\)"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+    assert os.listdir(folder) == ["0000002.pt"]  # intact, no temporary left
+    full = []  # torch.save's own error when the disk fills during the write
+
+    def enforce_fail(obj, f):
+        full.append(f.write(b"half a checkpoint"))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2907392")
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: usage._replace(free=17) if full else usage)
+    with pytest.raises(SystemExit, match=rf"not enough space in {folder} for a checkpoint: 17 B"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+    assert os.listdir(folder) == ["0000002.pt"] and newest(run_dir)["step"] == 2
+    monkeypatch.undo()
+    monkeypatch.setattr(runs, "plot_metrics", lambda *paths: None)
+    assert newest(run(tmp_path, "--align", "none", "--max-steps", "4"))["step"] == 4

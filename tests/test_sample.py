@@ -3,7 +3,9 @@ loading."""
 
 import argparse
 import datetime
+import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import cluster
 import runs
 import sample
 from cluster import UserError
-from helpers import cli_error
+from helpers import cli_error, interrupted
 from model import SiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -434,6 +437,87 @@ def test_bad_options_exit_with_a_message(ckpt, tmp_path, capsys):
                 "3,99",
             ]
         )
+
+
+def never_sample(monkeypatch):
+    """generate_images that fails the test: an output fault must stop sample.py before it."""
+    monkeypatch.setattr(sample, "generate_images", lambda *a, **k: pytest.fail("sampled"))
+
+
+def test_unwritable_out_is_one_line_before_any_sampling(ckpt, tmp_path, monkeypatch):
+    never_sample(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.npz").mkdir()
+    common = ["--ckpt", ckpt, "--vae", "none"]
+    for out, flags, message in [
+        (tmp_path / "file" / "g.png", [], f"^sample.py: error: {tmp_path / 'file'} is not a fo"),
+        (tmp_path / "dir.npz", ["--num-samples", "2"], f"--out {tmp_path / 'dir.npz'} is a folder"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            run(common + flags + ["--out", str(out)])
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cluster.tempfile, "mkstemp", read_only)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'ro'} is on a read-only file system"):
+        run(common + ["--num-samples", "2", "--out", str(tmp_path / "ro" / "s.npz")])
+
+
+def test_full_disk_is_one_line_naming_folder_free_and_needed(ckpt, tmp_path, monkeypatch):
+    """Too little room for the npz: refused before sampling; a disk that fills while the PNGs are
+    written: one line, the PNGs so far kept."""
+    usage = shutil._ntuple_diskusage
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 999, 999))
+    out = tmp_path / "s.npz"
+    common = ["--ckpt", ckpt, "--vae", "none", "--num-steps", "2", "--batch-size", "2"]
+    with pytest.raises(SystemExit) as e:
+        run(common + ["--num-samples", "4", "--out", str(out)])
+    # 4 samples of (8, 8, 4) uint8, twice (the .npy and its zip)
+    assert str(e.value) == (f"sample.py: error: not enough space in {tmp_path / 's'} for the npz "
+                            "of 4 samples: 999 B free, 2.0 kB needed; free space there or write "
+                            "to another folder, then run the same command again")
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    real = sample.write_atomic
+
+    def fill_up(path, write):
+        if len(os.listdir(tmp_path / "s")) > 2:  # settings.json and two PNGs fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(sample, "write_atomic", fill_up)
+    with pytest.raises(SystemExit, match=f"^sample.py: error: the disk holding {tmp_path / 's'} "
+                                         "is full"):
+        run(common + ["--num-samples", "4", "--out", str(out)])
+    assert sorted(os.listdir(tmp_path / "s")) == ["000000.png", "000001.png", "settings.json"]
+
+
+def test_ctrl_c_keeps_the_samples_and_a_rerun_makes_the_rest(ckpt, tmp_path, monkeypatch):
+    out, marker = tmp_path / "s.npz", tmp_path / "working"
+    common = ["--ckpt", ckpt, "--vae", "none", "--num-steps", "2", "--batch-size", "2",
+              "--num-samples", "6", "--out", str(out)]
+    code = (
+        "import time, sample\n"
+        "real = sample.generate_images\n"
+        "def stall(model, vae, indices, **kw):\n"
+        "    if indices[0] >= 4:\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        time.sleep(60)\n"
+        "    return real(model, vae, indices, **kw)\n"
+        "sample.generate_images = stall\n"
+        f"sample.main(sample.parse_args({common!r}))\n"
+    )
+    status, err = interrupted(code, marker)
+    assert status == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"sample.py: interrupted: 4 of 6 samples are in {tmp_path / 's'}; run the same command "
+        "again to make the rest")
+    done = []
+    real = sample.generate_images
+    monkeypatch.setattr(sample, "generate_images",
+                        lambda m, v, idx, **kw: done.extend(idx) or real(m, v, idx, **kw))
+    run(common)
+    assert done == [4, 5] and np.load(out)["arr_0"].shape == (6, 8, 8, 4)
 
 
 # Out-of-range values of every numeric flag, and one good value each.
