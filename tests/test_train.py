@@ -183,8 +183,9 @@ def test_global_batches_do_not_depend_on_world_size():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(tmp_path):
-    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
+@pytest.mark.parametrize("until", [[], ["--align-until", "2"]])  # the heads leave DDP's graph
+def test_ddp_two_processes_equal_one(tmp_path, until):
+    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3", *until]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
@@ -194,7 +195,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
         ],
         check=True, cwd=ROOT, env=env, capture_output=True,
     )
-    one = run(tmp_path / "one", "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3")
+    one = run(tmp_path / "one", *flags[len(TINY):])
     a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
     assert b["config"]["world_size"] == 2
     for k, v in a["model"].items():
