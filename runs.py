@@ -334,6 +334,10 @@ def load_run_checkpoint(paths, config, world, given=()):
         kind = {True: "text-to-image", False: "class-conditional"}
         raise UserError(f"{path} is a {kind[was]} checkpoint but this run trains {kind[now]} "
                         f"({config['model']} on {config['data_dir']}): use another --run-name")
+    if now and stored.get("text_encoder") != config["text_encoder"]:
+        raise UserError(f"{path} was trained on {stored.get('text_encoder')!r} text features but "
+                        f"{config['data_dir']} holds {config['text_encoder']!r} ones: resume with "
+                        "the run's data, or use another --run-name")
     k, n = changed_flag(stored, config, given)
     if k is not None:
         more = f", and {n - 1} more" if n > 1 else ""
