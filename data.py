@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import numpy as np
 import PIL.Image
@@ -470,12 +471,18 @@ def build_parser():
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
-        "--source", required=True,
+        "--verify", metavar="DEST", default=None,
+        help="instead of preparing: read back every image and latent file of DEST in parallel "
+        "(decode, shape, dtype, finite; resumable) and list the bad ones in DEST/bad_files.txt, "
+        "which the next preparation run makes again",
+    )
+    p.add_argument(
+        "--source",
         help="ImageNet-style folder: one sub-folder of images per class (--dataset coco: the COCO "
         "2014 folder with train2014/, val2014/ and annotations/captions_*2014.json)",
     )
     p.add_argument(
-        "--dest", required=True,
+        "--dest",
         help="output data dir (gets images/ and vae-sd/); train.py --data-dir",
     )
     p.add_argument(
@@ -516,7 +523,11 @@ def build_parser():
 
 def parse_args(argv=None):
     """Command-line flags of data.py (sys.argv when argv is None)."""
-    return build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not args.verify and not (args.source and args.dest):
+        p.error("the following arguments are required: --source, --dest (or --verify DEST)")
+    return args
 
 
 def center_crop_dhariwal(image, size):
@@ -587,7 +598,8 @@ def output_names(idx):
 
 
 class CroppedImages(Dataset):
-    """(index, center-cropped uint8 image (3, R, R)) for a list of (index, source path) pairs."""
+    """(index, center-cropped uint8 image (3, R, R), "") for a list of (index, source path) pairs;
+    (index, zeros, reason) for a source that does not decode (truncated, not an image)."""
 
     def __init__(self, items, resolution, crop=center_crop_dhariwal):
         """items: (index, source path) pairs; resolution: side of the crop; crop(PIL, side)."""
@@ -597,11 +609,17 @@ class CroppedImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        """(index, uint8 (3, R, R)) of the i-th pending image."""
+        """(index, uint8 (3, R, R), reason or "") of the i-th pending image."""
         idx, path = self.items[i]
-        with PIL.Image.open(path) as image:
-            array = self.crop(image.convert("RGB"), self.resolution)  # (R, R, 3)
-        return idx, torch.from_numpy(array).permute(2, 0, 1)
+        try:
+            with PIL.Image.open(path) as image:
+                array = self.crop(image.convert("RGB"), self.resolution)  # (R, R, 3)
+        # PIL: UnidentifiedImageError / OSError ("image file is truncated"), SyntaxError, ...
+        except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            return idx, torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8), (
+                f"{type(e).__name__}: {first}")
+        return idx, torch.from_numpy(array).permute(2, 0, 1), ""
 
 
 def write_json(path, meta):
@@ -616,54 +634,211 @@ def write_json(path, meta):
 
 
 def main(args):
-    """data.py: a bad source or VAE ends in one line, `data.py: error: ...`."""
+    """data.py: a bad source or VAE ends in one line, `data.py: error: ...`; Ctrl-C keeps every
+    file written and says how to go on (exit status 130)."""
     with cluster.main_errors("data.py"):
-        prepare_coco(args) if args.dataset == "coco" else prepare(args)
+        try:
+            if args.verify:
+                verify(args.verify, args.workers)
+            else:
+                prepare_coco(args) if args.dataset == "coco" else prepare(args)
+        except KeyboardInterrupt:
+            print("\ndata.py: interrupted: every file written so far is kept; run the same "
+                  "command again to continue", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def prepare(args):
-    """Crop, encode and write this rank's share of the images, then (rank 0) the label files."""
+    """Crop, encode and write this rank's share of the images, then (rank 0) the label files.
+
+    A source image that does not decode is skipped, said once and listed in dest/bad_files.txt; the
+    images listed there by --verify are made again, with the missing ones."""
     paths, labels, classes = list_source(args.source, args.max_images)
     # a resumed run can leave one rank hours of work behind the others: the final barrier must wait
     # that long
     rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")
+    remake = {i for i in listed_bad(args.dest)[1] if i < len(paths)}  # found by --verify
     mine = range(rank, len(paths), world)  # strided shard: every rank gets a spread of classes
     pending = [(i, os.path.join(args.source, paths[i])) for i in mine
-               if not os.path.exists(os.path.join(latents_dir, output_names(i)[1]))]
+               if i in remake or not os.path.exists(os.path.join(latents_dir, output_names(i)[1]))]
     if rank == 0:
         log.info("%d images in %d classes; rank 0 of %d: %d to do, %d already written",
                  len(paths), len(classes), world, len(pending), len(mine) - len(pending))
+        for folder in (images_dir, latents_dir):
+            cluster.check_writable(folder)
+    if pending and args.png_compress == 0:  # uncompressed PNGs: the space needed is known
+        r = args.resolution
+        cluster.require_space(args.dest, len(pending) * world * (3 * r * r + 32 * (r // 8) ** 2
+                                                                 + 4096), "the images and latents")
+    bad = []  # (index, source path, reason) of this rank's sources that do not decode
     if pending:
         with cluster.failing(f"--vae {args.vae}"):
             vae = encoders.load_vae(args.vae, device)
         loader = DataLoader(CroppedImages(pending, args.resolution), batch_size=args.batch_size,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="img", disable=rank != 0)
-        for indices, images in loader:  # (B,), uint8 (B, 3, R, R)
-            for i, image in zip(indices.tolist(), images):
-                png = os.path.join(images_dir, output_names(i)[0])
-                if not os.path.exists(png):  # a run stopped between the two files left the PNG only
-                    save_png(png, image, args.png_compress)
-            # (B, 8, R/8, R/8) float32
-            moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()
-            # after the PNGs: a latent file implies its image
-            for i, m in zip(indices.tolist(), moments):
-                save_npy(os.path.join(latents_dir, output_names(i)[1]), m)
-            bar.update(len(indices))
-        bar.close()
+        with bar, cluster.disk_errors(args.dest):
+            for indices, images, reasons in loader:  # (B,), uint8 (B, 3, R, R), B strings
+                ok = [k for k, reason in enumerate(reasons) if not reason]
+                for k in (k for k, reason in enumerate(reasons) if reason):
+                    bad.append((int(indices[k]), pending_path(pending, int(indices[k])),
+                                reasons[k]))
+                    log.warning("skipping source image %s: %s (listed in %s)", bad[-1][1],
+                                reasons[k], os.path.join(args.dest, BAD_FILES))
+                indices, images = indices[ok].tolist(), images[ok]
+                for i, image in zip(indices, images):
+                    png = os.path.join(images_dir, output_names(i)[0])
+                    # a run stopped between the two files left the PNG only
+                    if i in remake or not os.path.exists(png):
+                        save_png(png, image, args.png_compress)
+                if indices:  # (B, 8, R/8, R/8) float32
+                    moments = encoders.encode_moments(vae, images.to(device)).cpu().numpy()
+                # after the PNGs: a latent file implies its image
+                for i, m in zip(indices, moments if indices else []):
+                    save_npy(os.path.join(latents_dir, output_names(i)[1]), m)
+                bar.update(len(reasons))
+    bad = cluster.host_all_gather(bad, world)
     cluster.barrier(world)  # every shard on disk before the labels name them
     if rank == 0:
-        names = [output_names(i) for i in range(len(paths))]
+        write_bad_list(args.dest, sorted((path, reason) for _, path, reason in bad))
+        skipped = {i for i, *_ in bad}
+        names = [(output_names(i), y) for i, y in enumerate(labels) if i not in skipped]
         # extra keys; REPA reads "labels"
         meta = {"num_classes": len(classes), "classes": classes, "vae": args.vae}
-        for d, k in ((images_dir, 0), (latents_dir, 1)):
-            write_json(
-                os.path.join(d, "dataset.json"),
-                {"labels": [[n[k], y] for n, y in zip(names, labels)], **meta},
-            )
-        log.info("wrote %d images and latents to %s", len(paths), args.dest)
+        with cluster.disk_errors(args.dest):
+            for d, k in ((images_dir, 0), (latents_dir, 1)):
+                write_json(os.path.join(d, "dataset.json"),
+                           {"labels": [[n[k], y] for n, y in names], **meta})
+        log.info("wrote %d images and latents to %s%s", len(names), args.dest,
+                 f"; {len(bad)} unreadable source images skipped, listed in "
+                 f"{os.path.join(args.dest, BAD_FILES)}" if bad else "")
     cluster.close(world)
+
+
+def pending_path(pending, idx):
+    """The source path of image idx among the pending (index, path) pairs."""
+    return next(path for i, path in pending if i == idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# The list of bad files, and `data.py --verify DEST`: every prepared file read back in parallel
+
+BAD_FILES = "bad_files.txt"  # in dest: "path<TAB>reason" per unreadable source or prepared file
+PREPARED = re.compile(r"(images|vae-sd)/\d{5}/img(?:-mean-std-)?(\d{8})\.(?:png|npy)")
+
+
+def listed_bad(dest):
+    """(entries [(path, reason)], indices of the prepared files among them) of dest's bad list."""
+    path = os.path.join(dest, BAD_FILES)
+    if not os.path.isfile(path):
+        return [], set()
+    with open(path) as f:
+        entries = [tuple(line.rstrip("\n").split("\t", 1)) for line in f if "\t" in line]
+    return entries, {int(m.group(2)) for p, _ in entries if (m := PREPARED.fullmatch(p))}
+
+
+def write_bad_list(dest, entries):
+    """dest/bad_files.txt with these (path, reason) entries; none: no file."""
+    path = os.path.join(dest, BAD_FILES)
+    if entries:
+        text = "".join(f"{p}\t{r}\n" for p, r in entries)
+        write_atomic(path, lambda f: f.write(text.encode()))
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+class PreparedFiles(Dataset):
+    """For each index of a prepared folder, the "path<TAB>reason" of its files that do not read
+    back as data (missing, truncated, undecodable, wrong shape or dtype, non-finite)."""
+
+    def __init__(self, dest, indices, shapes):
+        self.dest, self.indices, self.shapes = dest, indices, shapes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        found = []
+        for folder, name, shape, dtype, read in zip(
+            ("images", "vae-sd"), output_names(self.indices[k]), self.shapes,
+            (np.uint8, np.floating), (load_image, np.load),
+        ):
+            rel = f"{folder}/{name}"
+            path = os.path.join(self.dest, rel)
+            try:
+                if not os.path.isfile(path):
+                    raise BadSample(path, "missing")
+                read_checked(path, shape, dtype, read)
+            except BadSample as e:
+                found.append(f"{rel}\t{e.reason}")
+        return found
+
+
+def verify(dest, workers, chunk=4096):
+    """Read back every image and latent file of dest in parallel (workers processes), chunk by
+    chunk, saving progress after each (a re-run continues); write the bad ones to bad_files.txt."""
+    images_dir, latents_dir = os.path.join(dest, "images"), os.path.join(dest, "vae-sd")
+    if not os.path.isdir(images_dir) or not os.path.isdir(latents_dir):
+        raise UserError(f"--verify {dest}: no images/ and vae-sd/ folders there: give a folder "
+                        "data.py prepared")
+    found = [PREPARED.fullmatch(f"{os.path.basename(d)}/{n}".replace("\\", "/"))
+             for d in (images_dir, latents_dir) for n in list_files(d)]
+    indices = sorted({int(m.group(2)) for m in found if m})
+    labels = os.path.join(latents_dir, "dataset.json")
+    if os.path.isfile(labels):  # the files it names, present or not
+        with open(labels, "rb") as f:
+            named = [PREPARED.fullmatch(f"vae-sd/{n}") for n, _ in json.load(f)["labels"]]
+        indices = sorted(set(indices) | {int(m.group(2)) for m in named if m})
+    if not indices:
+        raise UserError(f"--verify {dest}: no image or latent files there")
+    shapes = reference_shapes(dest, indices)
+    progress_path = os.path.join(dest, "verify-progress.json")
+    progress = {"indices": len(indices), "checked": 0, "bad": []}
+    if os.path.isfile(progress_path):
+        with open(progress_path) as f:
+            saved = json.load(f)
+        if saved.get("indices") == len(indices):
+            progress = saved
+            log.info("--verify: continuing after %d of %d files", saved["checked"], len(indices))
+    with tqdm(total=len(indices), initial=progress["checked"], unit="img") as bar:
+        while progress["checked"] < len(indices):
+            part = indices[progress["checked"]:progress["checked"] + chunk]
+            loader = DataLoader(PreparedFiles(dest, part, shapes), batch_size=64,
+                                num_workers=workers, collate_fn=list)
+            for batch in loader:
+                for lines in batch:
+                    progress["bad"] += lines
+                bar.update(len(batch))
+            progress["checked"] += len(part)
+            with cluster.disk_errors(dest):
+                write_json(progress_path, progress)
+    sources = [e for e in listed_bad(dest)[0] if not PREPARED.fullmatch(e[0])]
+    bad = [tuple(line.split("\t", 1)) for line in progress["bad"]]
+    write_bad_list(dest, sources + bad)
+    os.remove(progress_path)
+    if bad:
+        print(f"data.py --verify: {len(bad)} of the {2 * len(indices)} files in {dest} do not read "
+              f"back, listed in {os.path.join(dest, BAD_FILES)}: run the data.py command that "
+              "made the folder again to make exactly those again")
+    else:
+        print(f"data.py --verify: all {2 * len(indices)} files in {dest} read back as data")
+    return bad
+
+
+def reference_shapes(dest, indices):
+    """(image, moments) shapes every file must have: those of the first pair that reads."""
+    for i in indices:
+        image_name, latent_name = output_names(i)
+        try:
+            image = load_image(os.path.join(dest, "images", image_name))
+            np.load(os.path.join(dest, "vae-sd", latent_name), mmap_mode="r")
+        except (ValueError, OSError, EOFError, SyntaxError):
+            continue
+        r = image.shape[-1]
+        return (3, r, r), (8, r // 8, r // 8)
+    raise UserError(f"--verify {dest}: not one image and latent file there reads: run data.py "
+                    "again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,8 +1046,14 @@ def prepare_coco(args):
         loader = DataLoader(CroppedImages(pending, args.resolution, center_crop_lanczos),
                             batch_size=args.batch_size, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
-        for indices, images in tqdm(loader, unit="batch", disable=rank != 0 or not pending):
+        for indices, images, reasons in tqdm(loader, unit="batch",
+                                             disable=rank != 0 or not pending):
             indices = indices.tolist()  # images: uint8 (B, 3, R, R)
+            for i, reason in zip(indices, reasons):  # COCO's fixed image ids: none may go missing
+                if reason:
+                    raise UserError(f"source image {os.path.join(source, items[i][1])} does not "
+                                    f"decode ({reason}): replace it with COCO's file, then run "
+                                    "the same command again")
             for i, image in zip(indices, images):
                 if not os.path.exists(png := os.path.join(folder, f"{i}.png")):
                     save_png(png, image, args.png_compress)
@@ -1061,6 +1242,36 @@ class CocoDataset(Dataset):
         return (torch.from_numpy(image), mean_std(moments, self.moments),
                 torch.from_numpy(context).float())
 
+
+
+class StoredPrompts:
+    """sample.py's Prompts over a COCO split's stored caption features (no text encoder needed):
+    sample i conditions on image i's fixed caption (caption_index(i), a function of the seed) and
+    the null caption's features are the null condition. train.py's grids and --eval-every."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def context(self, indices, device):
+        """(B, 77, D) features of the samples' captions and the (B, 77, D) null features."""
+        d = self.dataset
+        rows = [np.load(os.path.join(d.folder, f"{i % d.size}_{d.caption_index(i % d.size)}.npy"))
+                for i in indices]
+        y = torch.from_numpy(np.stack(rows)).float().to(device)  # (B, 77, D)
+        return y, d.null_context.to(device).expand_as(y)
+
+
+def sampling_condition(config, dataset):
+    """sample.py keywords of train.py's grids and evaluations: none for class labels; for captions
+    the val split's (the train split's for grids when there is no val split) and Table 4's ODE."""
+    if not isinstance(dataset, CocoDataset):
+        return {}
+    val = os.path.isdir(os.path.join(config["data_dir"], "val"))
+    if config["eval_every"] and not val:
+        raise UserError(f"--eval-every scores val captions, but {config['data_dir']} has no val "
+                        "split: make it with data.py --dataset coco --splits val")
+    split = CocoDataset(config["data_dir"], "val", config["seed"]) if val else dataset
+    return dict(prompts=StoredPrompts(split), mode="ode")
 
 if __name__ == "__main__":
     logging.basicConfig(

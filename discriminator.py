@@ -87,11 +87,13 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         centred = xf - mean[:, None, None]
         # (C,) biased, as BatchNorm2d
         var = AllReduceSum.apply(centred.square().sum(dim=(0, 2, 3))) / count
-        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
-            self.num_batches_tracked += 1
+        # running statistics as BatchNorm2d keeps them: unbiased variance, momentum (none while
+        # losses.frozen holds them)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+                self.num_batches_tracked += 1
         y = (
             centred * torch.rsqrt(var + self.eps)[:, None, None] * self.weight[:, None, None]
             + self.bias[:, None, None]

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
@@ -103,23 +104,61 @@ def generator_adv_loss(fake_logits):
 
 @contextlib.contextmanager
 def frozen(module):
-    """Let gradients flow through module to its inputs while its own parameters collect none."""
+    """Let gradients flow through module to its inputs while the module stays as it is: its
+    parameters collect no gradient and its BatchNorm layers record no running statistics (in
+    training mode they still normalise with the batch's own)."""
     flags = [p.requires_grad for p in module.parameters()]
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     module.requires_grad_(False)
+    for m in norms:
+        m.track_running_stats = False
     try:
         yield module
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
+        for m in norms:
+            m.track_running_stats = True
 
 
-def discriminator_step_loss(disc, z_enc, h_den):
+# How D's BatchNorm sees the two sides (our choice, see the README; SARA says nothing about it):
+# joint: one forward of cat([real, fake]), so a shift of mean or scale between the sides survives
+# the normalisation; separate: real and fake each normalised by its own batch statistics, blind to
+# such a shift; eval: the running statistics, never updated (BatchNorm as a fixed affine map).
+DISC_BN = ("joint", "separate", "eval")
+
+
+def discriminate(disc, z_enc, h_den, bn="joint"):
+    """D's logits on encoder tokens (real) and projector tokens (fake), each (B, N, D) -> (B,),
+    normalised as the BatchNorm treatment bn says (D is put in the mode it names)."""
+    if bn not in DISC_BN:
+        raise ValueError(f"unknown discriminator BatchNorm treatment {bn!r}; choose one of "
+                         f"{', '.join(DISC_BN)}")
+    disc.train(bn != "eval")
+    real, fake = tokens_to_map(z_enc), tokens_to_map(h_den)  # (B, D, s, s)
+    if bn == "separate":
+        return disc(real), disc(fake)
+    both = disc(torch.cat([real, fake]))  # (2B,) one batch, one set of statistics
+    return both[: len(real)], both[len(real):]
+
+
+def discriminator_step_loss(disc, z_enc, h_den, bn="joint"):
     """L_D (SARA (9)) on one batch plus D's accuracy; the denoiser side is detached (D's step only).
     """
-    real = disc(tokens_to_map(z_enc.detach()))  # (B,) logits; encoder tokens are the positives
-    fake = disc(tokens_to_map(h_den.detach()))  # (B,)
+    real, fake = discriminate(disc, z_enc.detach(), h_den.detach(), bn)  # encoder: positives
     acc = torch.cat([real > 0, fake < 0]).float().mean()
     return discriminator_loss(real, fake), acc
+
+
+def generator_adv_logits(disc, z_enc, h_den, bn="joint"):
+    """D's logits (B,) on the projector tokens for L_adv, D fixed (frozen) and the real side
+    detached: as in D's own step, joint shares one batch's statistics with the real tokens."""
+    with frozen(disc):
+        if bn == "separate":  # the fake batch alone
+            disc.train()
+            return disc(tokens_to_map(h_den))
+        return discriminate(disc, z_enc.detach(), h_den, bn)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +211,7 @@ class AlignConfig:
     sra_objective: str = "smooth_l1"
     sra_beta: float = 0.05  # smooth-L1 beta, SRA2 (7)
     sra_t_range: tuple = (0.0, 1.0)  # SRA^2 applies for t in [lo, hi] (SRA2 Table 1 ablation)
+    disc_bn: str = "joint"  # D's BatchNorm treatment, one of DISC_BN
     path_type: str = "linear"
     weighting: str = "uniform"
 
@@ -268,8 +308,8 @@ def training_losses(model, x0, y, z_encs, align, noise, disc=None):
         ).mean()
     if align.adv_weight:
         # one discriminator, on the first encoder's tokens (our choice, see the README)
-        with frozen(disc):
-            terms["adv"] = generator_adv_loss(disc(tokens_to_map(out.h_dens[0])))
+        terms["adv"] = generator_adv_loss(
+            generator_adv_logits(disc, z_encs[0], out.h_dens[0], align.disc_bn))
     if align.sra_weight:
         if out.x0_hat is None:
             raise ValueError("the SRA^2 term needs a model built with sra_depth > 0")

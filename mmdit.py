@@ -197,7 +197,13 @@ class MMDiT(nn.Module):
     def set_null_context(self, features):
         """Set the null condition (the empty caption's text features, (L, D) or (1, L, D)) that
         replaces dropped captions (drop) and guides sampling (null_condition)."""
-        features = torch.as_tensor(features).float().reshape(1, -1, self.config["context_dim"])
+        features = torch.as_tensor(features).float()
+        if features.ndim not in (2, 3) or features.shape[-1] != self.config["context_dim"]:
+            raise ValueError(
+                f"null context must be (L, {self.config['context_dim']}) text features, got "
+                f"{tuple(features.shape)}: the empty caption of the model's text encoder"
+            )
+        features = features.reshape(1, -1, features.shape[-1])  # (1, L, D)
         self.null_context = features.to(self.pos_embed.device)
 
     def null_condition(self, context):

@@ -7,6 +7,7 @@ References are built so they cannot hide the bug: no all-zero model outputs, no 
 tolerances far below the effect.
 """
 
+import copy
 import math
 
 import pytest
@@ -202,8 +203,8 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
         loss.backward()
         disc_opt.step()
     with torch.no_grad():
-        # (B,) logits, D as the generator sees it
-        real, fake = disc(L.tokens_to_map(z)), disc(L.tokens_to_map(h0))
+        # (B,) logits, D as the generator sees it (one joint batch, the default treatment)
+        real, fake = L.discriminate(disc, z, h0)
     assert real.min() > 0.5 and fake.max() < -0.5, (real, fake)
     disc_opt.zero_grad(set_to_none=True)
 
@@ -221,9 +222,9 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
     out.terms["adv"].backward()
     assert all(p.grad is None or not p.grad.any() for p in disc.parameters())  # D is fixed here
     with torch.no_grad():
-        moved = disc(L.tokens_to_map(h0 - 20.0 * h.grad))  # (B,) one SGD step
+        moved = L.discriminate(disc, z, h0 - 50.0 * h.grad)[1]  # (B,) one SGD step
     # D's verdict on every moved sample rises toward its verdict on the encoder's tokens
-    # (by 0.27 to 0.5 here).
+    # (by 0.25 to 1.3 here).
     assert (moved - fake).min() > 0.1 and moved.max() < real.min(), (moved, fake)
 
 
@@ -243,8 +244,69 @@ def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
             8, x0.shape[1:], align, 0.0, generator=torch.Generator().manual_seed(6)
         )
         h = L.training_losses(run.model, x0, labels, [z], align, noise, run.disc).h_dens[0]
-        real, fake = run.disc(L.tokens_to_map(z)), run.disc(L.tokens_to_map(h))
+        real, fake = L.discriminate(run.disc, z, h, align.disc_bn)
     assert real.min() > 0.3 and fake.max() < -0.3, (real, fake)  # on a fresh noise draw too
+
+
+def disc_state(disc):
+    """Copies of D's parameters and BatchNorm buffers (running statistics, num_batches_tracked)."""
+    return {k: v.detach().clone() for k, v in disc.state_dict().items()}
+
+
+def changed(before, after, buffers):
+    """The names among D's parameters (buffers=False) or buffers (True) whose values moved."""
+    return {k for k in before if (k.split(".")[-1].startswith(("running", "num_batches")))
+            == buffers and not torch.equal(before[k], after[k])}
+
+
+def test_train_step_steps_the_discriminator_on_its_schedule_only():
+    run, config, align, batch = tiny_run("--align", "sara", "--disc-every", "3")
+    weights = {k for k, _ in run.disc.named_parameters()}
+    for step in range(7):
+        before = disc_state(run.disc)
+        record = train.train_step(run, config, align, batch, step, slice(0, 8))
+        moved = changed(before, disc_state(run.disc), buffers=False)
+        assert moved == (weights if step % 3 == 0 else set()), step
+        assert ("disc_loss" in record) == (step % 3 == 0)
+    # ceil(7 / 3) = 3 Adam steps (0, 3, 6) on every parameter
+    assert {int(s["step"]) for s in run.disc_opt.state_dict()["state"].values()} == {3}
+
+
+# (D's training flag, BatchNorm updates per D step, rows D sees in the generator's pass of B = 8)
+DISC_BN_STATE = {"joint": (True, 1, 16), "separate": (True, 2, 8), "eval": (False, 0, 16)}
+
+
+@pytest.mark.parametrize("bn", L.DISC_BN)
+def test_train_step_keeps_d_in_its_batchnorm_treatments_mode_and_statistics(bn):
+    """The generator's pass leaves D's statistics alone; D's step records them as its treatment
+    says; the adversarial term's logits are D's, evaluated in the treatment's mode."""
+    training, updates, rows = DISC_BN_STATE[bn]
+    run, config, align, batch = tiny_run("--align", "sara", "--disc-every", "2", "--disc-bn", bn)
+    calls = []
+    run.disc.register_forward_hook(lambda m, args, out: calls.append((m.training, args[0], out)))
+    nbt = [k for k in run.disc.state_dict() if k.endswith("num_batches_tracked")]
+    for step in (1, 2):  # a generator step alone, then one with D's step
+        before, reference = disc_state(run.disc), copy.deepcopy(run.disc).train(training)
+        calls.clear()
+        record = train.train_step(run, config, align, batch, step, slice(0, 8))
+        after = disc_state(run.disc)
+        assert run.disc.training == training and {c[0] for c in calls} == {training}
+        (mode, x, logits), *_ = calls  # the generator's pass comes first
+        z = L.tokens_to_map(run.encoders[0](batch[0]))  # (B, D, s, s) the encoder's tokens
+        assert len(x) == rows and (rows == 8 or torch.equal(x[:8], z))  # joint: real rows first
+        with torch.no_grad():
+            torch.testing.assert_close(logits, reference(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(record["adv"], L.generator_adv_loss(logits[-8:]))
+        d_step = step == 2
+        assert changed(before, after, buffers=True) == (set(before) - set(dict(
+            run.disc.named_parameters())) if d_step and updates else set()), step
+        assert all(int(after[k] - before[k]) == updates * d_step for k in nbt), step
+
+
+def test_default_disc_batchnorm_is_joint():
+    """The measured choice (tests/test_discriminator.py, README): one joint batch per D step."""
+    config = train.resolve_config(train.parse_args(["--align", "sara"]))
+    assert L.AlignConfig().disc_bn == config["align_config"]["disc_bn"] == "joint"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,3 +545,32 @@ def test_discriminator_step_sends_no_gradient_to_its_inputs():
     loss.backward()
     assert z.grad is None and h.grad is None
     assert disc.conv1.weight.grad.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Alignment that ends (--align-until, HASTE): from that step no term, no encoder, no D step
+
+
+def test_align_until_turns_every_alignment_term_and_its_compute_off_from_its_step():
+    run, config, align, batch = tiny_run("--align", "sara+sra2", "--disc-every", "1",
+                                         "--align-until", "3")
+    calls = {"encoder": 0, "disc": 0}
+    run.encoders[0].register_forward_hook(lambda *_: calls.__setitem__("encoder",
+                                                                       calls["encoder"] + 1))
+    run.disc.register_forward_hook(lambda *_: calls.__setitem__("disc", calls["disc"] + 1))
+    heads = {k for k, _ in run.model.named_parameters() if k.startswith(("projectors", "sra_"))}
+    assert heads and any(k.startswith("sra_") for k in heads)
+    for step in range(5):
+        calls.update(encoder=0, disc=0)
+        before = disc_state(run.disc) | {k: v.detach().clone()
+                                         for k, v in run.model.named_parameters() if k in heads}
+        record = train.train_step(run, config, align, batch, step, slice(0, 8))
+        aligned = step < 3
+        terms = {"patch", "struc", "adv", "sra", "disc_loss", "disc_acc"}
+        assert (terms <= set(record)) if aligned else not terms & set(record), (step, record)
+        # one encoder forward; the generator's pass through D and D's own step
+        assert calls == ({"encoder": 1, "disc": 2} if aligned else {"encoder": 0, "disc": 0})
+        after = disc_state(run.disc) | dict(run.model.named_parameters())
+        still = {k for k in before if torch.equal(before[k], after[k])}
+        assert not (set(before) - still if not aligned else still & heads), step
+    assert {int(s["step"]) for s in run.disc_opt.state_dict()["state"].values()} == {3}

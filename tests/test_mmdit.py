@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import losses
+import sample
 from encoders import TEXT_TOKENS, TINY_RANDOM, load_text_encoder
 from mmdit import MMDIT_SIZES, MMDiT, build_mmdit
 from model import SiTOutput
@@ -179,6 +180,22 @@ def test_dropped_captions_get_the_null_context():
     expected = torch.where(drop.view(-1, 1, 1), null.expand(3, 7, 12), ctx)
     assert torch.equal(net.null_condition(ctx), null.expand(3, 7, 12))
     assert torch.allclose(net(x, t, ctx, drop=drop).v, net(x, t, expected).v, atol=1e-6)
+
+
+def test_samples_with_captions_and_the_empty_caption_as_null(text_encoder):
+    net = tiny(context_dim=text_encoder.dim, z_dims=[0]).eval()
+    prompts = sample.Prompts(text_encoder, ["a red bus", "a cat"])
+    kw = dict(seed=3, mode="ode", num_steps=3, cfg=2.0)
+    guided = sample.sample_latents(net, [0, 1], prompts=prompts, **kw)
+    assert guided.shape == (2, 4, 16, 16) and torch.isfinite(guided).all()
+    # the model's own null context (set from the same empty caption) guides the same way
+    net.set_null_context(text_encoder.null_context()[0])
+    context, null = prompts.context([0, 1], "cpu")
+    assert torch.equal(net.null_condition(context), null)
+    plain = sample.sample_latents(net, [0, 1], prompts=prompts, **{**kw, "cfg": 1.0})
+    assert not torch.allclose(plain, guided, atol=1e-4)  # guidance does something
+    with pytest.raises(ValueError, match="null context must be"):
+        net.set_null_context(torch.randn(77, 768))
 
 
 def test_gradient_checkpointing_is_exact():

@@ -1,10 +1,12 @@
 """data.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on
 2 ranks."""
 
+import errno
 import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -14,10 +16,11 @@ import PIL.Image
 import pytest
 import torch
 
+import cluster
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error, snapshot
+from helpers import cli_error, interrupted, snapshot
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
 # zebra 2
@@ -210,7 +213,7 @@ def test_bad_source_is_a_clear_exit(tmp_path):
 def test_every_flag_has_help():
     """argparse help on every flag, and the defaults REPA's preprocessing uses."""
     actions = [a for a in data.build_parser()._actions if a.dest != "help"]
-    assert len(actions) == 14 and all(a.help and len(a.help) > 20 for a in actions)
+    assert len(actions) == 15 and all(a.help and len(a.help) > 20 for a in actions)
     args = data.parse_args(["--source", "s", "--dest", "d"])
     assert (
         args.resolution == 256
@@ -269,3 +272,168 @@ def test_numeric_flags_are_range_checked(capsys):
         assert (
             line == f"data.py: error: argument {flag}: {value} is out of range: it must be {must}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: bad source images, bad prepared files (--verify), Ctrl-C, a full disk
+
+ORDER = ["goldfish/sub/y.JPEG", "goldfish/x.JPEG", "tench/a.png", "tench/b.JPEG", "zebra/z.JPEG"]
+
+
+@pytest.fixture
+def fast_vae(monkeypatch):
+    """RecordingVAE in place of the tiny random one: per image, so batching changes no bit."""
+    monkeypatch.setattr(encoders, "load_vae", lambda name, device="cpu": RecordingVAE())
+
+
+def made(monkeypatch):
+    """The indices whose latent file data.py writes from now on."""
+    indices, real = [], data.save_npy
+    monkeypatch.setattr(data, "save_npy", lambda path, array: indices.append(
+        int(os.path.basename(path)[-12:-4])) or real(path, array))
+    return indices
+
+
+def bad_list(dest):
+    with open(os.path.join(dest, data.BAD_FILES)) as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+def test_unreadable_source_images_are_skipped_listed_and_made_once_repaired(
+    tmp_path, fast_vae, monkeypatch, caplog
+):
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
+    clean = str(tmp_path / "clean")
+    run(source, clean)
+    truncated, garbage = (os.path.join(source, name) for name in ORDER[3:])
+    originals = [open(p, "rb").read() for p in (truncated, garbage)]
+    with open(truncated, "r+b") as f:
+        f.truncate(len(originals[0]) // 2)
+    with open(garbage, "wb") as f:
+        f.write(b"\x00garbage" * 100)
+    with caplog.at_level(logging.WARNING):
+        run(source, dest)
+    skipped = [r.getMessage() for r in caplog.records if "skipping source image" in r.getMessage()]
+    assert len(skipped) == 2 and truncated in skipped[0] and garbage in skipped[1]
+    (p1, r1), (p2, r2) = bad_list(dest)
+    assert (p1, p2) == (truncated, garbage)
+    assert r1.startswith("OSError: image file is truncated")
+    assert r2.startswith("UnidentifiedImageError: cannot identify image file")
+    ds = LatentImageDataset(dest)  # the three good images, their labels
+    assert len(ds) == 3 and [ds[i][2].item() for i in range(3)] == [0, 0, 1]
+    for path, content in zip((truncated, garbage), originals):
+        with open(path, "wb") as f:
+            f.write(content)
+    redone = made(monkeypatch)
+    run(source, dest)
+    assert redone == [3, 4] and not os.path.exists(os.path.join(dest, data.BAD_FILES))
+    assert {k: v[0] for k, v in snapshot(dest).items()} == {
+        k: v[0] for k, v in snapshot(clean).items()}
+
+
+def test_verify_lists_bad_prepared_files_and_a_rerun_remakes_exactly_those(
+    tmp_path, fast_vae, monkeypatch, capsys
+):
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
+    run(source, dest)
+    before = snapshot(dest)
+    image, latent = (lambda i: os.path.join(dest, "images", data.output_names(i)[0]),
+                     lambda i: os.path.join(dest, "vae-sd", data.output_names(i)[1]))
+    with open(image(1), "r+b") as f:
+        f.truncate(100)
+    with open(latent(2), "wb") as f:
+        f.write(b"garbage" * 20)
+    np.save(latent(0), np.full((8, 4, 4), np.nan, np.float32))
+    os.remove(image(3))  # its latent is there: only --verify finds it
+    data.main(data.parse_args(["--verify", dest, "--workers", "2"]))
+    listed = bad_list(dest)
+    assert [p for p, _ in listed] == [
+        "vae-sd/00000/img-mean-std-00000000.npy", "images/00000/img00000001.png",
+        "vae-sd/00000/img-mean-std-00000002.npy", "images/00000/img00000003.png"]
+    assert [r for _, r in listed][::2] == [
+        "non-finite values", "not an array file (garbage or pickled data)"]
+    assert listed[1][1].startswith("unreadable (OSError: image file is truncated")
+    assert listed[3][1] == "missing"
+    assert "4 of the 10 files" in capsys.readouterr().out
+    redone = made(monkeypatch)
+    run(source, dest)
+    assert sorted(redone) == [0, 1, 2, 3]
+    assert {k: v[0] for k, v in snapshot(dest).items()} == {k: v[0] for k, v in before.items()}
+    assert not os.path.exists(os.path.join(dest, data.BAD_FILES))
+
+
+def test_verify_continues_where_it_was_interrupted(tmp_path, fast_vae, monkeypatch):
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
+    run(source, dest)
+    np.save(os.path.join(dest, "vae-sd", data.output_names(0)[1]), np.zeros((8, 4, 4), np.int64))
+    checked, real = [], data.PreparedFiles.__getitem__
+
+    def stop_at_3(self, k):
+        if self.indices[k] == 3:
+            raise KeyboardInterrupt
+        checked.append(self.indices[k])
+        return real(self, k)
+
+    monkeypatch.setattr(data.PreparedFiles, "__getitem__", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        data.verify(dest, 0, chunk=2)
+    with open(os.path.join(dest, "verify-progress.json")) as f:
+        assert json.load(f)["checked"] == 2
+    monkeypatch.setattr(data.PreparedFiles, "__getitem__", lambda self, k: checked.append(
+        self.indices[k]) or real(self, k))
+    bad = data.verify(dest, 0, chunk=2)
+    assert checked == [0, 1, 2, 2, 3, 4]  # the chunk cut off is read again, the first one not
+    assert bad == [("vae-sd/00000/img-mean-std-00000000.npy", "dtype int64, expected floating")]
+    assert not os.path.exists(os.path.join(dest, "verify-progress.json"))
+
+
+def test_ctrl_c_keeps_the_files_and_a_rerun_continues(tmp_path, fast_vae, monkeypatch):
+    source, dest, marker = write_source(tmp_path / "src"), str(tmp_path / "out"), tmp_path / "m"
+    argv = ["--source", source, "--dest", dest, *TINY]
+    code = (
+        "import os, time, data\n"
+        "real = data.save_npy\n"
+        "def stall(path, array):\n"
+        "    real(path, array)\n"
+        "    if path.endswith('00001.npy'):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        time.sleep(60)\n"
+        "data.save_npy = stall\n"
+        f"data.main(data.parse_args({argv!r}))\n"
+    )
+    status, err = interrupted(code, marker)
+    assert status == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("data.py: interrupted: every file written so far is "
+                                            "kept; run the same command again to continue")
+    assert sorted(os.listdir(os.path.join(dest, "vae-sd", "00000"))) == [
+        "img-mean-std-00000000.npy", "img-mean-std-00000001.npy"]
+    redone = made(monkeypatch)  # the tiny random VAE made those two; this run's VAE the rest
+    run(source, dest)
+    assert redone == [2, 3, 4] and len(LatentImageDataset(dest)) == 5
+
+
+def test_full_disk_is_one_line(tmp_path, fast_vae, monkeypatch):
+    source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
+    usage = shutil._ntuple_diskusage
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 999, 999))
+    with pytest.raises(SystemExit) as e:
+        run(source, dest)
+    # 5 x (32 x 32 x 3 PNG pixels + 8 x 4 x 4 float32 + 4 kB for headers and folders)
+    assert str(e.value) == (f"data.py: error: not enough space in {dest} for the images and "
+                            "latents: 999 B free, 38.4 kB needed; free space there or write to "
+                            "another folder, then run the same command again")
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    real = data.write_atomic
+
+    def fill_up(path, write):
+        if path.endswith("00002.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(data, "write_atomic", fill_up)
+    with pytest.raises(SystemExit, match=f"^data.py: error: the disk holding {dest} is full"):
+        run(source, dest)
+    monkeypatch.setattr(data, "write_atomic", real)
+    redone = made(monkeypatch)
+    run(source, dest)
+    assert redone == [2, 3, 4]
