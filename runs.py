@@ -165,7 +165,7 @@ def build_network(config, dataset, z_dims):
     if text != is_text_model(config["model"]):
         raise UserError(
             f"--model {config['model']} does not fit --data-dir {config['data_dir']}, which holds "
-            + ("COCO captions: train an MMDiT (--model MMDiT, or --preset coco256)" if text else
+            + ("COCO captions: train an MMDiT (--model MMDiT; MMDiT-T: tiny)" if text else
                "class labels: train a SiT (--model SiT-XL/2), or give a COCO folder (data.py "
                "--dataset coco)"))
     size = {k: v for k, v in model_size(config["model"]).items()
