@@ -15,6 +15,7 @@ import runs
 import sample
 from cluster import UserError
 from helpers import TextVelocity
+from mmdit import MMDiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = torch.load(
@@ -159,22 +160,15 @@ def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
 
 
 @pytest.fixture
-def text_ckpt(tmp_path, monkeypatch):
-    """Path of a text-to-image checkpoint of a TextVelocity (config: text encoder tiny-random);
-    runs.build_model builds its TextVelocity."""
-    torch.manual_seed(3)
-    model = TextVelocity(dim=32)
+def text_ckpt(tmp_path):
+    """Path of a train.py-style checkpoint of a tiny MMDiT (config: text encoder tiny-random, whose
+    features are 32 wide)."""
+    torch.manual_seed(3)  # PyTorch's default init (REPA's MMDiT has no zero-init): non-trivial v
+    model = MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=1, z_dims=[])
     path = str(tmp_path / "t2i.pt")
     torch.save(dict(ema=model.state_dict(), model=model.state_dict(), step=1,
                     config=dict(model_config=model.config, text_encoder="tiny-random", vae="none")),
                path)
-
-    def build(ckpt, path, weights="ema"):
-        built = TextVelocity(dim=32)
-        built.load_state_dict(ckpt[weights])
-        return built.eval()
-
-    monkeypatch.setattr(runs, "build_model", build)
     return path
 
 
