@@ -274,11 +274,12 @@ def write_checkpoint(path, ckpt, previous):
     cluster.require_space(folder, needed, "a checkpoint")
     try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
-    except OSError as e:  # ENOSPC, EIO, a read-only file system, ...
-        raise cluster.disk_error(e, folder) or e
-    except RuntimeError:  # a full disk inside torch.save: "[enforce fail ...] unexpected pos"
-        cluster.require_space(folder, tensor_bytes(ckpt), "a checkpoint")
-        raise
+    except (OSError, RuntimeError) as e:  # torch.save's on a full disk: "... unexpected pos"
+        cluster.require_space(folder, max(needed, tensor_bytes(ckpt)), "a checkpoint")
+        error = cluster.disk_error(e, folder) if isinstance(e, OSError) else None  # EIO, EROFS...
+        if error is None:
+            raise
+        raise error from e
 
 
 def tensor_bytes(obj):
