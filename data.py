@@ -92,10 +92,11 @@ def read_checked(path, shape, dtype, read):
     finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
     try:
         array = read(path)
-    except ValueError as e:  # np.load of garbage or of pickled objects, which it never runs
-        raise BadSample(path, "not an array file (garbage or pickled data)") from e
-    except (OSError, EOFError, SyntaxError) as e:  # truncated or undecodable images, I/O errors
-        raise BadSample(path, f"unreadable ({type(e).__name__}: {e})") from e
+    except (ValueError, OSError, EOFError, SyntaxError) as e:  # truncated, undecodable, I/O
+        if isinstance(e, ValueError) and path.endswith(".npy"):  # np.load never runs a pickle
+            raise BadSample(path, "not an array file (garbage or pickled data)") from e
+        text = " ".join(str(e).split())[:200]  # one line
+        raise BadSample(path, f"unreadable ({type(e).__name__}: {text})") from e
     if not np.issubdtype(array.dtype, dtype):
         raise BadSample(path, f"dtype {array.dtype}, expected {dtype.__name__}")
     if tuple(array.shape) != tuple(shape):

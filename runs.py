@@ -165,7 +165,7 @@ def build_network(config, dataset, z_dims):
     if text != is_text_model(config["model"]):
         raise UserError(
             f"--model {config['model']} does not fit --data-dir {config['data_dir']}, which holds "
-            + ("COCO captions: train an MMDiT (--model MMDiT, or --preset coco256)" if text else
+            + ("COCO captions: train an MMDiT (--model MMDiT; MMDiT-T: tiny)" if text else
                "class labels: train a SiT (--model SiT-XL/2), or give a COCO folder (data.py "
                "--dataset coco)"))
     size = {k: v for k, v in model_size(config["model"]).items()
@@ -274,11 +274,12 @@ def write_checkpoint(path, ckpt, previous):
     cluster.require_space(folder, needed, "a checkpoint")
     try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
-    except OSError as e:  # ENOSPC, EIO, a read-only file system, ...
-        raise cluster.disk_error(e, folder) or e
-    except RuntimeError:  # a full disk inside torch.save: "[enforce fail ...] unexpected pos"
-        cluster.require_space(folder, tensor_bytes(ckpt), "a checkpoint")
-        raise
+    except (OSError, RuntimeError) as e:  # torch.save's on a full disk: "... unexpected pos"
+        cluster.require_space(folder, max(needed, tensor_bytes(ckpt)), "a checkpoint")
+        error = cluster.disk_error(e, folder) if isinstance(e, OSError) else None  # EIO, EROFS...
+        if error is None:
+            raise
+        raise error from e
 
 
 def tensor_bytes(obj):
@@ -334,6 +335,10 @@ def load_run_checkpoint(paths, config, world, given=()):
         kind = {True: "text-to-image", False: "class-conditional"}
         raise UserError(f"{path} is a {kind[was]} checkpoint but this run trains {kind[now]} "
                         f"({config['model']} on {config['data_dir']}): use another --run-name")
+    if now and stored.get("text_encoder") != config["text_encoder"]:
+        raise UserError(f"{path} was trained on {stored.get('text_encoder')!r} text features but "
+                        f"{config['data_dir']} holds {config['text_encoder']!r} ones: resume with "
+                        "the run's data, or use another --run-name")
     k, n = changed_flag(stored, config, given)
     if k is not None:
         more = f", and {n - 1} more" if n > 1 else ""
@@ -662,37 +667,43 @@ def text_encoder_of(ckpt):
 
 
 def infer_config(state, args=None):
-    """SiT constructor dict of a REPA state dict; REPA's args (argparse.Namespace) where they exist.
-    """
+    """SiT, or MMDiT (joint_blocks.*: REPA's train_t2i.py), constructor dict of a REPA state dict;
+    REPA's args (argparse.Namespace) where they exist."""
+    text = any(k.startswith("joint_blocks.") for k in state)
+    blocks, fc1 = ("joint_blocks.", "joint_blocks.0.x_block.mlp.fc1.weight") if text else (
+        "blocks.", "blocks.0.mlp.fc1.weight")
     try:
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(blocks))
         _, num_patches, hidden = state["pos_embed"].shape
         _, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-        rows = state["y_embedder.embedding_table.weight"].shape[0]  # num_classes (+1 null class)
-        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        # (hidden, context_dim) text projection, or (num_classes + 1, hidden) label table
+        condition = state["context_embedder.weight" if text
+                          else "y_embedder.embedding_table.weight"]
+        mlp_hidden = state[fc1].shape[0]
         projectors = sorted({int(k.split(".")[1]) for k in state if k.startswith("projectors.")})
         z_dims = [state[f"projectors.{k}.4.weight"].shape[0] for k in projectors]
         projector_dim = state["projectors.0.0.weight"].shape[0] if projectors else 2048
     except (KeyError, ValueError) as e:  # ValueError: no blocks, or a tensor of the wrong rank
-        raise UserError(f"not a SiT state dict: cannot read {e}") from e
+        raise UserError(f"not a SiT or MMDiT state dict: cannot read {e}") from e
+    common = dict(
+        input_size=math.isqrt(num_patches) * patch, patch_size=patch, in_channels=in_channels,
+        depth=depth, mlp_ratio=mlp_hidden / hidden, z_dims=z_dims, projector_dim=projector_dim,
+        encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
+        path_type=getattr(args, "path_type", "linear"),
+    )
+    if text:  # MMDiT's width and heads follow from its depth
+        return common | dict(context_dim=condition.shape[1])
     try:  # heads leave no trace in the weights: args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
     except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
         preset = [s for s in SIZES.values() if (s["depth"], s["hidden_size"]) == (depth, hidden)]
         num_heads = preset[0]["num_heads"] if preset else max(1, hidden // 64)
+    rows = condition.shape[0]  # num_classes (+1 null class)
     num_classes = getattr(args, "num_classes", rows - 1)  # REPA always trains with a null class
-    return dict(
-        input_size=math.isqrt(num_patches) * patch,
-        patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_hidden / hidden,
-        num_classes=num_classes,
+    return common | dict(
+        hidden_size=hidden, num_heads=num_heads, num_classes=num_classes,
         class_dropout_prob=0.1 if rows > num_classes else 0.0,
-        z_dims=z_dims,
-        projector_dim=projector_dim,
-        encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
         qk_norm=getattr(args, "qk_norm", False),
-        path_type=getattr(args, "path_type", "linear"),
     )
 
 

@@ -4,6 +4,7 @@ samples with sample.py --prompt, and bad input is one line. Tiny MMDiT, tiny ran
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import mmdit
 import runs
 import sample
 import train
+from cluster import UserError
 from helpers import random_inception
 
 TEXT = encoders.TINY_RANDOM  # the data's text encoder (32-wide features)
@@ -188,9 +190,26 @@ def test_sample_py_prompt_on_the_smoke_checkpoint(tmp_path, coco):
     assert not np.array_equal(expected[0], expected[1])  # the caption conditions
 
 
+def test_coco256_is_repas_train_t2i_protocol():
+    """--preset coco256: REPA's train_t2i.py (MMDiT depth 24, batch 256, AdamW 1e-4, fp16, DINOv2-B
+    at block 8 with weight 0.5, 10% caption dropout, ckpt every 50K) for SRA^2's 150K steps."""
+    config = train.resolve_config(train.parse_args(["--preset", "coco256", "--align", "repa"]))
+    assert {k: config[k] for k in ("model", "batch_size", "max_steps", "lr", "precision",
+                                   "enc_type", "encoder_depth", "class_dropout", "ckpt_every",
+                                   "text_encoder", "weight_decay", "max_grad_norm")} == dict(
+        model="MMDiT", batch_size=256, max_steps=150_000, lr=1e-4, precision="fp16",
+        enc_type="dinov2-vit-b", encoder_depth=8, class_dropout=0.1, ckpt_every=50_000,
+        text_encoder=encoders.CLIP_TEXT, weight_decay=0.0, max_grad_norm=1.0)
+    assert runs.model_size("MMDiT")["depth"] == 24 and config["align_config"]["patch_weight"] == 0.5
+    assert config["run_name"] == "coco256-repa-MMDiT"
+    sra2 = train.resolve_config(train.parse_args(["--preset", "coco256", "--align", "sra2"]))
+    assert sra2["sra_depth"] == 8 and sra2["align_config"]["sra_weight"] == 1.0
+
+
 def test_bad_input_is_one_line(tmp_path, coco):
     """Data of another text encoder than the run expects, a model of the other kind, resuming a
-    checkpoint of the other kind, --text-encoder on class data, eval without a val split."""
+    checkpoint of the other kind, --text-encoder on class data, resuming on another encoder's
+    features, --eval-every without a val split."""
     with pytest.raises(SystemExit, match=f"made with text_encoder '{TEXT}' but the run expects "
                                          "'openai/clip-vit-large-patch14'"):
         run(tmp_path, coco, "--text-encoder", "openai/clip-vit-large-patch14")
@@ -205,7 +224,18 @@ def test_bad_input_is_one_line(tmp_path, coco):
                                          "text-to-image"):
         run(tmp_path, coco, "--run-name", "x", "--max-steps", "2")
     run(tmp_path, coco, "--max-steps", "2", "--run-name", "y")
+    other = shutil.copytree(coco, tmp_path / "other")  # the same data said to be another encoder's
+    meta = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**meta, "text_encoder": "another"}))
+    with pytest.raises(SystemExit, match="trained on 'tiny-random' text features but .* holds "
+                                         "'another' ones"):
+        run(tmp_path, str(other), "--max-steps", "4", "--run-name", "y")
     with pytest.raises(SystemExit, match="is a text-to-image checkpoint but this run trains "
                                          "class-conditional"):
         run(tmp_path, "synthetic", "--model", "SiT-T/2", "--run-name", "y", "--max-steps", "2")
-    assert not os.path.exists(tmp_path / "z")
+    shutil.rmtree(other / "val")
+    config = dict(data_dir=str(other), eval_every=2, seed=0)
+    with pytest.raises(UserError, match="--eval-every scores val captions, but .* has no val"):
+        data.sampling_condition(config, data.CocoDataset(str(other)))
+    grid = data.sampling_condition({**config, "eval_every": 0}, data.CocoDataset(str(other)))
+    assert grid["prompts"].dataset.folder.endswith("train")  # grids fall back to train captions
