@@ -335,7 +335,8 @@ def measure_parts(args, **overrides):
 
     def discriminator_step():
         with torch.autocast(**amp):
-            d_loss, _ = losses.discriminator_step_loss(run.disc, z_encs[0], h_dens[0])
+            d_loss, _ = losses.discriminator_step_loss(run.disc, z_encs[0], h_dens[0],
+                                                       align.disc_bn)
         run.disc_scaler.scale(d_loss).backward()
         run.disc_scaler.step(run.disc_opt)
         run.disc_scaler.update()

@@ -95,10 +95,11 @@ def read_checked(path, shape, dtype, read):
     finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
     try:
         array = read(path)
-    except ValueError as e:  # np.load of garbage or of pickled objects, which it never runs
-        raise BadSample(path, "not an array file (garbage or pickled data)") from e
-    except (OSError, EOFError, SyntaxError) as e:  # truncated or undecodable images, I/O errors
-        raise BadSample(path, f"unreadable ({type(e).__name__}: {e})") from e
+    except (ValueError, OSError, EOFError, SyntaxError) as e:  # truncated, undecodable, I/O
+        if isinstance(e, ValueError) and path.endswith(".npy"):  # np.load never runs a pickle
+            raise BadSample(path, "not an array file (garbage or pickled data)") from e
+        text = " ".join(str(e).split())[:200]  # one line
+        raise BadSample(path, f"unreadable ({type(e).__name__}: {text})") from e
     if not np.issubdtype(array.dtype, dtype):
         raise BadSample(path, f"dtype {array.dtype}, expected {dtype.__name__}")
     if tuple(array.shape) != tuple(shape):
@@ -1246,6 +1247,36 @@ class CocoDataset(Dataset):
         return (torch.from_numpy(image), mean_std(moments, self.moments),
                 torch.from_numpy(context).float())
 
+
+
+class StoredPrompts:
+    """sample.py's Prompts over a COCO split's stored caption features (no text encoder needed):
+    sample i conditions on image i's fixed caption (caption_index(i), a function of the seed) and
+    the null caption's features are the null condition. train.py's grids and --eval-every."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def context(self, indices, device):
+        """(B, 77, D) features of the samples' captions and the (B, 77, D) null features."""
+        d = self.dataset
+        rows = [np.load(os.path.join(d.folder, f"{i % d.size}_{d.caption_index(i % d.size)}.npy"))
+                for i in indices]
+        y = torch.from_numpy(np.stack(rows)).float().to(device)  # (B, 77, D)
+        return y, d.null_context.to(device).expand_as(y)
+
+
+def sampling_condition(config, dataset):
+    """sample.py keywords of train.py's grids and evaluations: none for class labels; for captions
+    the val split's (the train split's for grids when there is no val split) and Table 4's ODE."""
+    if not isinstance(dataset, CocoDataset):
+        return {}
+    val = os.path.isdir(os.path.join(config["data_dir"], "val"))
+    if config["eval_every"] and not val:
+        raise UserError(f"--eval-every scores val captions, but {config['data_dir']} has no val "
+                        "split: make it with data.py --dataset coco --splits val")
+    split = CocoDataset(config["data_dir"], "val", config["seed"]) if val else dataset
+    return dict(prompts=StoredPrompts(split), mode="ode")
 
 if __name__ == "__main__":
     logging.basicConfig(

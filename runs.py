@@ -103,7 +103,9 @@ def run_name(config, base, flags):
 
 def random_components(config, dataset, run):
     """The stand-ins of this run, recorded in config.json and every checkpoint."""
-    return ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + [
+    text = getattr(dataset, "text_encoder", None) == TINY_RANDOM  # COCO features of a stand-in
+    return ([f"data ({SYNTHETIC})"] if dataset.synthetic else []) + (
+        [f"text features ({TINY_RANDOM} text encoder)"] if text else []) + [
         f"encoder ({e.name})" for e in run.encoders if not e.pretrained] + (
         ["discriminator trunk (random ResNet-18)"] if run.disc and not run.disc.pretrained else []
     ) + (
@@ -117,6 +119,81 @@ def read_metrics(run_dir):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def check_eval(config, world):
+    """train.py's --eval-* flags complete and consistent, before anything is built."""
+    for bad, message in [
+        (not os.path.isfile(config.get("eval_ref") or ""), "--eval-every needs --eval-ref REF.npz, "
+         f"an ADM reference batch (fid.py --write-ref makes one); got {config.get('eval_ref')!r}"),
+        (config["eval_samples"] < 2 * world, f"--eval-samples {config['eval_samples']} is out of "
+         f"range: it must be at least 2 per rank ({2 * world})"),  # a covariance per rank
+        (config["eval_cfg"] > 1 and not config["class_dropout"],
+         "--eval-cfg > 1 needs a null class, but --class-dropout is 0"),
+        (config["vae"] == "none", "--eval-every scores decoded images: give a --vae, not none")]:
+        if bad:
+            raise UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network of a run: SiT on class labels, MMDiT (mmdit.py) on caption features; the data decides
+
+
+def is_text_model(name):
+    """Whether --model names a text-to-image network (MMDiT, MMDiT-T) rather than a SiT."""
+    return str(name).startswith("MMDiT")
+
+
+def model_size(name):
+    """The size dict of --model (depth, patch size, default taps, SiT's widths): SiT-XL/2 from
+    model.py, MMDiT (REPA's depth 24) or MMDiT-T from mmdit.py; ValueError for an unknown name."""
+    if is_text_model(name):
+        import mmdit  # text-to-image only
+
+        if name not in mmdit.MMDIT_SIZES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(mmdit.MMDIT_SIZES)}"
+                             f" (text) or a SiT, e.g. SiT-XL/2")
+        return dict(mmdit.MMDIT_SIZES[name], patch_size=2)  # REPA's MMDiT: 2 x 2 patches
+    return size_config(name)
+
+
+def build_network(config, dataset, z_dims):
+    """The network of a resolved config: a SiT on class labels, an MMDiT on COCO caption features
+    (the null caption's features its dropout condition, its text encoder recorded in config for
+    sample.py). dataset: the training data, or its number of classes (bench.py, tests)."""
+    text = getattr(dataset, "text_encoder", None) is not None
+    if text != is_text_model(config["model"]):
+        raise UserError(
+            f"--model {config['model']} does not fit --data-dir {config['data_dir']}, which holds "
+            + ("COCO captions: train an MMDiT (--model MMDiT; MMDiT-T: tiny)" if text else
+               "class labels: train a SiT (--model SiT-XL/2), or give a COCO folder (data.py "
+               "--dataset coco)"))
+    size = {k: v for k, v in model_size(config["model"]).items()
+            if k not in ("encoder_depth", "sra_depth")}
+    res = config["resolution"]
+    tokens = (res // 8 // size["patch_size"]) ** 2
+    if z_dims and tokens != (res // 16) ** 2:  # every encoder here gives a (res/16)^2 token grid
+        raise UserError(f"{config['model']} has {tokens} tokens but the encoder gives "
+                        f"{(res // 16) ** 2}: token-wise alignment needs patch size 2 (e.g. "
+                        "SiT-XL/2), or --align none / sra2")
+    common = dict(input_size=res // 8, encoder_depth=config["encoder_depth"], z_dims=z_dims,
+                  projector_dim=config["projector_dim"], sra_depth=config["sra_depth"],
+                  sra_mlp_layers=config["sra_mlp_layers"],
+                  sra_hidden_dim=config.get("sra_hidden_dim"),
+                  grad_checkpointing=bool(config["grad_checkpointing"]),
+                  path_type=config["align_config"]["path_type"], **size)
+    if not text:
+        if config.get("text_encoder"):  # a class checkpoint must not claim a text encoder
+            raise UserError(f"--text-encoder {config['text_encoder']} needs COCO caption features, "
+                            f"but --data-dir {config['data_dir']} holds class labels")
+        classes = dataset if isinstance(dataset, int) else dataset.num_classes
+        return SiT(num_classes=classes, class_dropout_prob=config["class_dropout"], **common)
+    import mmdit
+
+    config["text_encoder"] = dataset.text_encoder  # runs.text_encoder_of reads it
+    model = mmdit.MMDiT(context_dim=dataset.text_dim, **common)
+    model.set_null_context(dataset.null_context)  # caption dropout: losses' drop mask swaps it in
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,11 +274,12 @@ def write_checkpoint(path, ckpt, previous):
     cluster.require_space(folder, needed, "a checkpoint")
     try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
-    except OSError as e:  # ENOSPC, EIO, a read-only file system, ...
-        raise cluster.disk_error(e, folder) or e
-    except RuntimeError:  # a full disk inside torch.save: "[enforce fail ...] unexpected pos"
-        cluster.require_space(folder, tensor_bytes(ckpt), "a checkpoint")
-        raise
+    except (OSError, RuntimeError) as e:  # torch.save's on a full disk: "... unexpected pos"
+        cluster.require_space(folder, max(needed, tensor_bytes(ckpt)), "a checkpoint")
+        error = cluster.disk_error(e, folder) if isinstance(e, OSError) else None  # EIO, EROFS...
+        if error is None:
+            raise
+        raise error from e
 
 
 def tensor_bytes(obj):
@@ -252,6 +330,15 @@ def load_run_checkpoint(paths, config, world, given=()):
         raise UserError(f"{path} is not a train.py checkpoint (missing {sorted(missing)}); "
                         "use another --run-name")
     stored = ckpt["config"]
+    was, now = (text_encoder_of(c) is not None for c in (ckpt, {"config": config}))
+    if was != now:
+        kind = {True: "text-to-image", False: "class-conditional"}
+        raise UserError(f"{path} is a {kind[was]} checkpoint but this run trains {kind[now]} "
+                        f"({config['model']} on {config['data_dir']}): use another --run-name")
+    if now and stored.get("text_encoder") != config["text_encoder"]:
+        raise UserError(f"{path} was trained on {stored.get('text_encoder')!r} text features but "
+                        f"{config['data_dir']} holds {config['text_encoder']!r} ones: resume with "
+                        "the run's data, or use another --run-name")
     k, n = changed_flag(stored, config, given)
     if k is not None:
         more = f", and {n - 1} more" if n > 1 else ""
@@ -580,37 +667,43 @@ def text_encoder_of(ckpt):
 
 
 def infer_config(state, args=None):
-    """SiT constructor dict of a REPA state dict; REPA's args (argparse.Namespace) where they exist.
-    """
+    """SiT, or MMDiT (joint_blocks.*: REPA's train_t2i.py), constructor dict of a REPA state dict;
+    REPA's args (argparse.Namespace) where they exist."""
+    text = any(k.startswith("joint_blocks.") for k in state)
+    blocks, fc1 = ("joint_blocks.", "joint_blocks.0.x_block.mlp.fc1.weight") if text else (
+        "blocks.", "blocks.0.mlp.fc1.weight")
     try:
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith(blocks))
         _, num_patches, hidden = state["pos_embed"].shape
         _, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-        rows = state["y_embedder.embedding_table.weight"].shape[0]  # num_classes (+1 null class)
-        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        # (hidden, context_dim) text projection, or (num_classes + 1, hidden) label table
+        condition = state["context_embedder.weight" if text
+                          else "y_embedder.embedding_table.weight"]
+        mlp_hidden = state[fc1].shape[0]
         projectors = sorted({int(k.split(".")[1]) for k in state if k.startswith("projectors.")})
         z_dims = [state[f"projectors.{k}.4.weight"].shape[0] for k in projectors]
         projector_dim = state["projectors.0.0.weight"].shape[0] if projectors else 2048
     except (KeyError, ValueError) as e:  # ValueError: no blocks, or a tensor of the wrong rank
-        raise UserError(f"not a SiT state dict: cannot read {e}") from e
+        raise UserError(f"not a SiT or MMDiT state dict: cannot read {e}") from e
+    common = dict(
+        input_size=math.isqrt(num_patches) * patch, patch_size=patch, in_channels=in_channels,
+        depth=depth, mlp_ratio=mlp_hidden / hidden, z_dims=z_dims, projector_dim=projector_dim,
+        encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
+        path_type=getattr(args, "path_type", "linear"),
+    )
+    if text:  # MMDiT's width and heads follow from its depth
+        return common | dict(context_dim=condition.shape[1])
     try:  # heads leave no trace in the weights: args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]
     except (AttributeError, TypeError, ValueError):  # no args, no args.model, or not a preset name
         preset = [s for s in SIZES.values() if (s["depth"], s["hidden_size"]) == (depth, hidden)]
         num_heads = preset[0]["num_heads"] if preset else max(1, hidden // 64)
+    rows = condition.shape[0]  # num_classes (+1 null class)
     num_classes = getattr(args, "num_classes", rows - 1)  # REPA always trains with a null class
-    return dict(
-        input_size=math.isqrt(num_patches) * patch,
-        patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_hidden / hidden,
-        num_classes=num_classes,
+    return common | dict(
+        hidden_size=hidden, num_heads=num_heads, num_classes=num_classes,
         class_dropout_prob=0.1 if rows > num_classes else 0.0,
-        z_dims=z_dims,
-        projector_dim=projector_dim,
-        encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
         qk_norm=getattr(args, "qk_norm", False),
-        path_type=getattr(args, "path_type", "linear"),
     )
 
 
@@ -648,11 +741,17 @@ def build_model(ckpt, path, weights="ema"):
             config = infer_config(state, ckpt.get("args"))
         except UserError as e:
             raise UserError(f"{path}: {e}") from e
+    network = SiT
+    if text_encoder_of(ckpt) is not None:  # text-to-image: mmdit.py's network
+        import mmdit
+
+        network = mmdit.MMDiT
     try:
-        model = SiT(**config)
+        model = network(**config)
         losses.interpolant(torch.tensor(0.5), model.config["path_type"])  # a path the samplers know
     except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: cannot build SiT from the checkpoint config: {e}") from e
+        raise UserError(f"{path}: cannot build {network.__name__} from the checkpoint config: "
+                        f"{e}") from e
     error = fit_error(model, state)
     if error:
         raise UserError(f"{path}: checkpoint does not fit the model: {error}")

@@ -1,6 +1,7 @@
-"""Train SiT with REPA / SARA / SRA^2 representation alignment.
+"""Train SiT (or MMDiT, text-to-image) with REPA / SARA / SRA^2 representation alignment.
 
     torchrun --nproc_per_node=8 train.py --align sara --data-dir data/imagenet256   # SARA Table 4
+    torchrun --nproc_per_node=8 train.py --preset coco256 --align sra2              # SRA^2 Table 4
     python train.py --preset smoke --align sara                                      # CPU, seconds
 
 Read it top to bottom: the presets, the command line, building the run, `train_step` (one update of
@@ -27,21 +28,26 @@ import losses
 import runs
 import sample
 from cluster import UserError, at_least, fraction, positive
-from data import SYNTHETIC, TrainingBatches, build_dataset
+from data import SYNTHETIC, TrainingBatches, build_dataset, sampling_condition
 from discriminator import build_discriminator, is_disc_step
 from encoders import TINY_RANDOM, load_encoders, load_vae, sample_latent
-from model import SiT, size_config
 
 log = logging.getLogger("train")
 
 # ----------------------------------------------------------------------------------------------
-# Presets: the papers' ImageNet 256 recipe (SARA Table 4) and a CPU smoke run of the same code
+# Presets: the papers' ImageNet 256 recipe (SARA Table 4), REPA's MS-COCO text-to-image recipe
+# (SRA^2 Table 4: MMDiT, 150K steps) and a CPU smoke run of the same code
 
 PRESETS = {
     "imagenet256": dict(model="SiT-XL/2", data_dir="data/imagenet256", enc_type="dinov2-vit-b",
                         vae="ema", batch_size=256, max_steps=400_000, ckpt_every=50_000,
                         sample_every=10_000, log_every=100, resolution=256, num_workers=8,
                         precision="fp16", sample_steps=250, disc_pretrained=1),
+    "coco256":     dict(model="MMDiT", data_dir="data/coco256", enc_type="dinov2-vit-b",
+                        vae="mse", batch_size=256, max_steps=150_000, ckpt_every=50_000,
+                        sample_every=10_000, log_every=100, resolution=256, num_workers=8,
+                        precision="fp16", sample_steps=50, disc_pretrained=1,
+                        text_encoder="openai/clip-vit-large-patch14"),
     "smoke":       dict(model="SiT-T/2", data_dir=SYNTHETIC, enc_type=TINY_RANDOM,
                         vae=TINY_RANDOM, batch_size=8, max_steps=20, ckpt_every=10,
                         sample_every=20, log_every=5, resolution=64, num_workers=0,
@@ -60,8 +66,9 @@ def parse_args(argv=None):
     flag = dict(type=int, choices=[0, 1])
     a("--preset", default="imagenet256", choices=list(PRESETS), help="the preset flags override")
     a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (losses.py)")
-    a("--model", help="SiT size, e.g. SiT-XL/2, SiT-B/2 (T is a tiny test size)")
-    a("--data-dir", help=f"REPA-layout folder (images/, vae-sd/) from data.py, or '{SYNTHETIC}'")
+    a("--model", help="SiT-XL/2, SiT-B/2, ... (T: tiny); on COCO data MMDiT (MMDiT-T: tiny)")
+    a("--data-dir", help=f"REPA-layout folder from data.py, '{SYNTHETIC}', or a COCO folder")
+    a("--text-encoder", help="COCO data: the text encoder its features must be of (unset: any)")
     a("--synthetic-images", type=count, default=256, help="images of the synthetic data")
     a("--synthetic-classes", type=count, default=10, help="classes of the synthetic data")
     a("--max-bad-samples", type=natural, default=100, help="unreadable samples replaced, at most")
@@ -150,7 +157,7 @@ def resolve_config(args, world=1):
     if lo > hi:
         raise UserError(f"--sra-t-range {lo:g} {hi:g} is empty: give LO <= HI")
     try:
-        size = size_config(config["model"])
+        size = runs.model_size(config["model"])
         align = losses.align_config(config["align"], **{  # unset flags keep the preset's value
             f.name: config.get(f.name) for f in dataclasses.fields(losses.AlignConfig)})
     except ValueError as e:
@@ -166,7 +173,7 @@ def resolve_config(args, world=1):
             raise UserError(f"--{name.replace('_', '-')} {config[name]} is out of range: "
                             f"{config['model']} has {size['depth']} blocks")
     if config["eval_every"]:
-        check_eval(config, world)
+        runs.check_eval(config, world)
     config["run_name"] = config.get("run_name") or default_run_name(args, config, world)
     config["world_size"] = world
     return config
@@ -180,25 +187,11 @@ def default_run_name(args, config, world):
     return runs.run_name(config, base, vars(args))
 
 
-def check_eval(config, world):
-    """The --eval-* flags complete and consistent, before anything is built."""
-    for bad, message in [
-        (not os.path.isfile(config.get("eval_ref") or ""), "--eval-every needs --eval-ref REF.npz, "
-         f"an ADM reference batch (fid.py --write-ref makes one); got {config.get('eval_ref')!r}"),
-        (config["eval_samples"] < 2 * world, f"--eval-samples {config['eval_samples']} is out of "
-         f"range: it must be at least 2 per rank ({2 * world})"),  # a covariance per rank
-        (config["eval_cfg"] > 1 and not config["class_dropout"],
-         "--eval-cfg > 1 needs a null class, but --class-dropout is 0"),
-        (config["vae"] == "none", "--eval-every scores decoded images: give a --vae, not none")]:
-        if bad:
-            raise UserError(message)
-
-
 @dataclasses.dataclass
 class Run:
     """Everything a training step touches; checkpoints store all but the encoders and wrappers."""
 
-    model: torch.nn.Module  # the bare SiT: saved, EMA'd and clipped
+    model: torch.nn.Module  # the bare SiT / MMDiT: saved, EMA'd and clipped
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -211,29 +204,17 @@ class Run:
     forward_disc: torch.nn.Module | None = None  # DDP wrapper of disc, for D's own step only
 
 
-def build_run(config, num_classes, device, world):
-    """Model, EMA, optimizers, scalers, encoders and discriminator of a resolved config."""
+def build_run(config, dataset, device, world):
+    """Model, EMA, optimizers, scalers, encoders and discriminator of a resolved config; the model
+    is a SiT on class labels (dataset: the data or its number of classes) or an MMDiT on COCO
+    captions (runs.build_network)."""
     align = losses.AlignConfig(**config["align_config"])
-    res = config["resolution"]
     encoders = []
     if align.needs_encoder:
         with cluster.failing("--enc-type " + config["enc_type"]):
-            encoders = load_encoders(config["enc_type"], device, res, config.get("enc_weights"))
-    size = size_config(config["model"])
-    size = {k: v for k, v in size.items() if k not in ("encoder_depth", "sra_depth")}
-    tokens = (res // 8 // size["patch_size"]) ** 2
-    if encoders and tokens != (res // 16) ** 2:  # every encoder here gives a (res/16)^2 token grid
-        raise UserError(f"{config['model']} has {tokens} tokens but the encoder gives "
-                        f"{(res // 16) ** 2}: token-wise alignment needs patch size 2 (e.g. "
-                        "SiT-XL/2), or --align none / sra2")
-    model = SiT(input_size=res // 8, num_classes=num_classes,
-                class_dropout_prob=config["class_dropout"],
-                encoder_depth=config["encoder_depth"], z_dims=[e.embed_dim for e in encoders],
-                projector_dim=config["projector_dim"], sra_depth=config["sra_depth"],
-                sra_mlp_layers=config["sra_mlp_layers"],
-                sra_hidden_dim=config.get("sra_hidden_dim"),
-                grad_checkpointing=bool(config["grad_checkpointing"]), path_type=align.path_type,
-                **size).to(device)
+            encoders = load_encoders(config["enc_type"], device, config["resolution"],
+                                     config.get("enc_weights"))
+    model = runs.build_network(config, dataset, [e.embed_dim for e in encoders]).to(device)
 
     def wrap(module):
         """DDP under torchrun (gradient all-reduce), the bare module otherwise."""
@@ -335,13 +316,14 @@ def train_step(run, config, align, batch, step, rows):
 # Evaluation during training: sample.py's samples, fid.py's network and scores
 
 
-def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device):
+def evaluate(ema, vae, evaluator, config, step, metrics, rank, world, device, condition):
     """fid.py's five numbers for `sample.py --seed SEED --cfg EVAL_CFG --num-steps EVAL_STEPS
-    --num-samples EVAL_SAMPLES`, as one metrics row."""
+    --num-samples EVAL_SAMPLES`, as one metrics row; condition: data.sampling_condition's (text
+    runs: the ODE on the val split's captions)."""
     t_start, n = time.time(), config["eval_samples"]
     scores = sample.score(ema, vae, evaluator, n, config["batch_size"] // world, rank, world,
                           seed=config["seed"], cfg=config["eval_cfg"],
-                          num_steps=config["eval_steps"], device=device)
+                          num_steps=config["eval_steps"], device=device, **condition)
     if rank == 0:
         metrics.write(dict(step=step, **scores, eval_samples=n, eval_cfg=config["eval_cfg"],
                            eval_steps=config["eval_steps"], eval_sec=time.time() - t_start,
@@ -369,7 +351,8 @@ def train(args, stop):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])  # the same initial weights on every rank and in every run
     dataset = build_dataset(config)
-    run = build_run(config, dataset.num_classes, device, world)
+    run = build_run(config, dataset, device, world)
+    condition = sampling_condition(config, dataset)  # text runs: captions of grids and evaluations
     config["model_config"] = run.model.config
     config["random_components"] = runs.random_components(config, dataset, run)  # never silent
     vae = None
@@ -405,7 +388,8 @@ def train(args, stop):
     for batch in loader:
         # Evaluate before the step: a run killed during an evaluation repeats it when resumed
         if evaluator and pos.step % config["eval_every"] == 0 and pos.step not in evaluated:
-            evaluate(run.ema, vae, evaluator, config, pos.step, metrics, rank, world, device)
+            evaluate(run.ema, vae, evaluator, config, pos.step, metrics, rank, world, device,
+                     condition)
             evaluated.add(pos.step)
         if pos.step >= config["max_steps"]:
             break
@@ -430,7 +414,8 @@ def train(args, stop):
             metrics.write(row)
         if config["sample_every"] and pos.step % config["sample_every"] == 0 and rank == 0:
             sample.write_grid(os.path.join(run_dir, "samples", f"{pos.step:07d}.png"), run.ema, vae,
-                              seed=config["seed"], num_steps=config["sample_steps"], device=device)
+                              seed=config["seed"], num_steps=config["sample_steps"], device=device,
+                              **condition)
 
         # Checkpoint periodically, at the end, and when a preemption signal reached any rank
         preempted = stop.agreed(world)  # one host all-reduce per step: every rank stops together

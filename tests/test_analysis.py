@@ -241,6 +241,14 @@ def test_official_repa_checkpoint_names_its_encoder_and_path(smoke_ckpt, tmp_pat
     )
 
 
+def leaves(tree, prefix=""):
+    """A nested dict / list of numbers as one flat {path: number} dict (for pytest.approx)."""
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}/{key}").items()}
+    return {prefix: tree}
+
+
 @pytest.mark.slow
 def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, smoke_run, tmp_path):
     """Two CPU ranks (gloo) write disjoint rows of the same features: every metric equals the
@@ -265,8 +273,10 @@ def test_torchrun_shards_give_the_same_numbers(smoke_ckpt, smoke_run, tmp_path):
     )
     sharded = json.loads((tmp_path / "two" / "analysis.json").read_text())
     assert sharded["world_size"] == 2
+    # A rank embeds its batches with fewer rows, and a matmul over another row count may round
+    # differently in the last bits (seen on some CPUs: 1e-9 in the projector's CKNNA).
     for key in ("cknna", "linear_probe", "clamp_q_val", "cknna_ceiling"):
-        assert sharded[key] == json.loads(json.dumps(single[key])), key
+        assert leaves(sharded[key]) == pytest.approx(leaves(single[key]), rel=1e-6), key
     # fp32 Gram sums in another order: equal to rounding
     for name, energy in single["svd_energy"].items():
         assert sharded["svd_energy"][name]["spectrum"] == pytest.approx(

@@ -545,3 +545,32 @@ def test_discriminator_step_sends_no_gradient_to_its_inputs():
     loss.backward()
     assert z.grad is None and h.grad is None
     assert disc.conv1.weight.grad.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Alignment that ends (--align-until, HASTE): from that step no term, no encoder, no D step
+
+
+def test_align_until_turns_every_alignment_term_and_its_compute_off_from_its_step():
+    run, config, align, batch = tiny_run("--align", "sara+sra2", "--disc-every", "1",
+                                         "--align-until", "3")
+    calls = {"encoder": 0, "disc": 0}
+    run.encoders[0].register_forward_hook(lambda *_: calls.__setitem__("encoder",
+                                                                       calls["encoder"] + 1))
+    run.disc.register_forward_hook(lambda *_: calls.__setitem__("disc", calls["disc"] + 1))
+    heads = {k for k, _ in run.model.named_parameters() if k.startswith(("projectors", "sra_"))}
+    assert heads and any(k.startswith("sra_") for k in heads)
+    for step in range(5):
+        calls.update(encoder=0, disc=0)
+        before = disc_state(run.disc) | {k: v.detach().clone()
+                                         for k, v in run.model.named_parameters() if k in heads}
+        record = train.train_step(run, config, align, batch, step, slice(0, 8))
+        aligned = step < 3
+        terms = {"patch", "struc", "adv", "sra", "disc_loss", "disc_acc"}
+        assert (terms <= set(record)) if aligned else not terms & set(record), (step, record)
+        # one encoder forward; the generator's pass through D and D's own step
+        assert calls == ({"encoder": 1, "disc": 2} if aligned else {"encoder": 0, "disc": 0})
+        after = disc_state(run.disc) | dict(run.model.named_parameters())
+        still = {k for k in before if torch.equal(before[k], after[k])}
+        assert not (set(before) - still if not aligned else still & heads), step
+    assert {int(s["step"]) for s in run.disc_opt.state_dict()["state"].values()} == {3}

@@ -414,7 +414,7 @@ def corrupt(kind, path):
     ("shape", r"'pos_embed' has shape \(1, 16, 48\), the model wants \(1, 16, 32\)"),
     ("no-ema", "no 'ema' state dict in the checkpoint"),
     ("pickled", r"is not a checkpoint of tensors \(it pickles datetime.date, which"),
-    ("not-sit", "not a SiT state dict"),
+    ("not-sit", "not a SiT or MMDiT state dict"),
     ("missing", "no such checkpoint file"),
 ])
 def test_bad_checkpoints_give_one_line_errors(tmp_path, kind, message):

@@ -1,6 +1,7 @@
 """Text-to-image sampling and evaluation: the samplers with a text context against REPA's
 samplers_t2i.py, prompts and COCO-val captions in sample.py, PickScore."""
 
+import argparse
 import json
 import os
 
@@ -15,6 +16,7 @@ import runs
 import sample
 from cluster import UserError
 from helpers import TextVelocity
+from mmdit import MMDiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = torch.load(
@@ -159,22 +161,15 @@ def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
 
 
 @pytest.fixture
-def text_ckpt(tmp_path, monkeypatch):
-    """Path of a text-to-image checkpoint of a TextVelocity (config: text encoder tiny-random);
-    runs.build_model builds its TextVelocity."""
-    torch.manual_seed(3)
-    model = TextVelocity(dim=32)
+def text_ckpt(tmp_path):
+    """Path of a train.py-style checkpoint of a tiny MMDiT (config: text encoder tiny-random, whose
+    features are 32 wide)."""
+    torch.manual_seed(3)  # PyTorch's default init (REPA's MMDiT has no zero-init): non-trivial v
+    model = MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=1, z_dims=[])
     path = str(tmp_path / "t2i.pt")
     torch.save(dict(ema=model.state_dict(), model=model.state_dict(), step=1,
                     config=dict(model_config=model.config, text_encoder="tiny-random", vae="none")),
                path)
-
-    def build(ckpt, path, weights="ema"):
-        built = TextVelocity(dim=32)
-        built.load_state_dict(ckpt[weights])
-        return built.eval()
-
-    monkeypatch.setattr(runs, "build_model", build)
     return path
 
 
@@ -301,3 +296,27 @@ def test_coco_val_samples_carry_their_captions(text_ckpt, tmp_path):
     expected = sample.generate_images(model, None, [0, 1, 2], mode="ode", num_steps=2, cfg=2.0,
                                       prompts=prompts)
     assert np.array_equal(np.load(out)["arr_0"], expected)
+
+
+def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path):
+    """REPA's train_t2i.py checkpoint ({model, ema, opt, args}, no config): the MMDiT is read off
+    its weights and args, its text encoder is CLIP ViT-L/14 from --text-encoder-path, and the grid
+    is that of the same MMDiT given directly (the EMA weights)."""
+    torch.manual_seed(4)
+    raw, ema = (MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=1,
+                      z_dims=[16], projector_dim=24) for _ in range(2))
+    path = str(tmp_path / "repa_t2i.pt")
+    args = argparse.Namespace(encoder_depth=1, path_type="linear", qk_norm=False)
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt={}, args=args), path)
+    ckpt = runs.read_checkpoint(path)
+    assert runs.text_encoder_of(ckpt) == encoders.CLIP_TEXT
+    assert runs.build_model(ckpt, path).config == ema.config
+    local = tmp_path / "clip"
+    tiny = encoders.load_text_encoder(random=True)
+    tiny.model.save_pretrained(local)
+    tiny.tokenizer.save_pretrained(local)
+    run("--ckpt", path, "--text-encoder-path", local, "--prompt", "a red bus", "--num-steps", "2",
+        "--vae", "none", "--out", tmp_path / "g.png")
+    expected = sample.generate_images(ema.eval(), None, [0], mode="ode", num_steps=2, cfg=2.0,
+                                      prompts=sample.Prompts(tiny, ["a red bus"]))[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), expected)

@@ -110,6 +110,25 @@ def test_exact_resume_with_discriminator(tmp_path, precision, disc_bn):
     assert steps == sorted(set(steps))  # no duplicated rows after the resume
 
 
+@pytest.mark.slow
+def test_align_until_holds_across_a_resume_and_is_part_of_the_run(tmp_path):
+    """HASTE's switch-off at step 3: a run stopped at 2 and resumed past it equals a straight run;
+    the step is recorded, so a resume with another --align-until is refused."""
+    flags = ["--align", "sara+sra2", "--disc-every", "1", "--align-until", "3"]
+    straight = run(tmp_path / "a", *flags, "--max-steps", "6")
+    run(tmp_path / "b", *flags, "--max-steps", "2")  # stops before the switch ...
+    resumed = run(tmp_path / "b", *flags, "--max-steps", "6")  # ... and goes on past it
+    a, b = newest(straight), newest(resumed)
+    assert a["step"] == b["step"] == 6 and b["config"]["align_until"] == 3
+    assert_same_state(a, b)
+    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(resumed, "metrics.jsonl")))}
+    aligned = {"patch", "struc", "adv", "sra", "disc_loss"}
+    assert aligned <= set(rows[2]) and not aligned & set(rows[6]), rows
+    with pytest.raises(SystemExit, match="align-until: 3 there, 5 now"):
+        run(tmp_path / "b", *flags[:-1], "5", "--max-steps", "8", "--run-name",
+            os.path.basename(resumed))
+
+
 def test_resume_rejects_truncated_and_foreign_checkpoints(tmp_path):
     run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
     with pytest.raises(SystemExit, match="another config .*align: 'none' there, 'repa' now"):
@@ -164,8 +183,9 @@ def test_global_batches_do_not_depend_on_world_size():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(tmp_path):
-    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3"]
+@pytest.mark.parametrize("until", [[], ["--align-until", "2"]])  # the heads leave DDP's graph
+def test_ddp_two_processes_equal_one(tmp_path, until):
+    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3", *until]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
@@ -175,7 +195,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
         ],
         check=True, cwd=ROOT, env=env, capture_output=True,
     )
-    one = run(tmp_path / "one", "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3")
+    one = run(tmp_path / "one", *flags[len(TINY):])
     a, b = newest(one), newest(os.path.join(tmp_path / "ddp", os.path.basename(one)))
     assert b["config"]["world_size"] == 2
     for k, v in a["model"].items():
