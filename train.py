@@ -42,16 +42,19 @@ PRESETS = {
     "imagenet256": dict(model="SiT-XL/2", data_dir="data/imagenet256", enc_type="dinov2-vit-b",
                         vae="ema", batch_size=256, max_steps=400_000, ckpt_every=50_000,
                         sample_every=10_000, log_every=100, resolution=256, num_workers=8,
-                        precision="fp16", sample_steps=250, disc_pretrained=1),
+                        precision="fp16", disc_pretrained=1,
+                        sample_steps=250, eval_steps=250, eval_cfg=1.0),  # SDE, no guidance
     "coco256":     dict(model="MMDiT", data_dir="data/coco256", enc_type="dinov2-vit-b",
                         vae="mse", batch_size=256, max_steps=150_000, ckpt_every=50_000,
                         sample_every=10_000, log_every=100, resolution=256, num_workers=8,
-                        precision="fp16", sample_steps=50, disc_pretrained=1,
+                        precision="fp16", disc_pretrained=1,
+                        sample_steps=50, eval_steps=50, eval_cfg=2.0,  # ODE, guidance 2.0
                         text_encoder="openai/clip-vit-large-patch14"),
     "smoke":       dict(model="SiT-T/2", data_dir=SYNTHETIC, enc_type=TINY_RANDOM,
                         vae=TINY_RANDOM, batch_size=8, max_steps=20, ckpt_every=10,
                         sample_every=20, log_every=5, resolution=64, num_workers=0,
-                        precision="fp32", sample_steps=10, disc_pretrained=0),
+                        precision="fp32", disc_pretrained=0,
+                        sample_steps=10, eval_steps=250, eval_cfg=1.0),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +133,13 @@ def parse_args(argv=None):
     a("--keep-every", type=natural, default=0, help="also keep every multiple of this for good")
     a("--log-every", type=count, help="log line and metrics.jsonl row every this many steps")
     a("--sample-every", type=natural, help="EMA sample grid every this many steps (0: never)")
-    a("--sample-steps", type=count, help="SDE steps of the sample grid")
+    a("--sample-steps", type=count, help="sampler steps of the sample grid (preset's)")
     # Evaluation during training: the EMA's samples scored by fid.py (a trend line, not 50k)
     a("--eval-every", type=natural, default=0, help="FID, sFID, IS, P/R every N steps")
     a("--eval-ref", help="ADM reference batch .npz for --eval-every (fid.py --write-ref makes one)")
     a("--eval-samples", type=at_least(4), default=10000, help="samples (papers: 50k)")
-    a("--eval-cfg", type=at_least(1.0, float), default=1.0, help="guidance scale (sample.py --cfg)")
-    a("--eval-steps", type=count, default=250, help="SDE steps (sample.py --num-steps)")
+    a("--eval-cfg", type=at_least(1.0, float), help="sample.py --cfg (preset: 1; coco256: 2)")
+    a("--eval-steps", type=count, help="sample.py --num-steps (preset: 250; coco256: 50)")
     a("--eval-weights", help="Inception weights file (fid.py --weights)")
     # Clusters and experiment logging
     a("--preempt-signals", type=cluster.signal_names, default="TERM,USR1",

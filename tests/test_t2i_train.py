@@ -121,8 +121,14 @@ def test_text_run_resumes_exactly_and_after_a_preemption(tmp_path, coco, monkeyp
     monkeypatch.setattr(train, "train_step", signalled)
     preempted = run(tmp_path / "c", coco, *flags)
     assert newest(preempted)["step"] == 1
+    preempted_config = newest(preempted)["config"]
     monkeypatch.setattr(train, "train_step", real)
-    assert_same_state(straight, newest(run(tmp_path / "c", coco, *flags)))
+    resumed = newest(run(tmp_path / "c", coco, *flags))
+    assert_same_state(straight, resumed)
+    # the unset sampler flags resolve to the preset's on resume as at the start
+    assert {k: resumed["config"][k] for k in ("sample_steps", "eval_steps", "eval_cfg")} == dict(
+        sample_steps=10, eval_steps=250, eval_cfg=1.0) == {
+            k: preempted_config[k] for k in ("sample_steps", "eval_steps", "eval_cfg")}
 
 
 @pytest.mark.slow
@@ -204,6 +210,25 @@ def test_coco256_is_repas_train_t2i_protocol():
     assert config["run_name"] == "coco256-repa-MMDiT"
     sra2 = train.resolve_config(train.parse_args(["--preset", "coco256", "--align", "sra2"]))
     assert sra2["sra_depth"] == 8 and sra2["align_config"]["sra_weight"] == 1.0
+
+
+def test_sampler_defaults_follow_the_preset():
+    """Unset, --eval-steps / --eval-cfg / --sample-steps are the preset's: coco256 Table 4's 50
+    steps and guidance 2.0 (SRA^2 Table 4), imagenet256 SARA's 250 steps unguided; a typed value
+    wins, stays out of the run name, and a resume without the flags changes nothing."""
+    def config(*argv):
+        return train.resolve_config(train.parse_args(["--align", "repa", *argv]))
+
+    def sampler(c):
+        return c["sample_steps"], c["eval_steps"], c["eval_cfg"]
+
+    coco = config("--preset", "coco256")
+    assert sampler(coco) == (50, 50, 2.0)
+    assert sampler(config("--preset", "imagenet256")) == (250, 250, 1.0)
+    typed = config("--preset", "coco256", "--eval-steps", "7", "--eval-cfg", "1.5")
+    assert sampler(typed) == (50, 7, 1.5) and typed["run_name"] == coco["run_name"]
+    again = config("--preset", "coco256", "--max-steps", "9")
+    assert runs.changed_flag(coco, again, ()) == (None, 0) and sampler(again) == sampler(coco)
 
 
 def test_bad_input_is_one_line(tmp_path, coco):
