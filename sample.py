@@ -579,6 +579,9 @@ def run_sampling(args):
     check_condition(args, text_encoder, args.ckpt)
     model = runs.build_model(ckpt, args.ckpt, args.weights)
     run_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if text_encoder and not run_config and rank == 0:  # REPA's train_t2i.py, a bare state dict
+        print(f"sample.py: {args.ckpt} records no text encoder: assuming {text_encoder} (CLIP "
+              "ViT-L/14, REPA's); --text-encoder-path DIR gives a local copy", flush=True)
     args.vae = args.vae or run_config.get("vae") or "ema"  # a run's latents belong to its VAE
     prompts = text_encoder and load_prompts(args, text_encoder, run_config, rank, device)
     args.out = args.out or default_out(args, prompts and prompts.captions)

@@ -298,16 +298,20 @@ def test_coco_val_samples_carry_their_captions(text_ckpt, tmp_path):
     assert np.array_equal(np.load(out)["arr_0"], expected)
 
 
-def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path):
-    """REPA's train_t2i.py checkpoint ({model, ema, opt, args}, no config): the MMDiT is read off
-    its weights and args, its text encoder is CLIP ViT-L/14 from --text-encoder-path, and the grid
-    is that of the same MMDiT given directly (the EMA weights)."""
+@pytest.mark.parametrize("layout", ["train_t2i", "bare"])
+def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path, capsys, layout):
+    """REPA's train_t2i.py checkpoint ({model, ema, opt, args}, no config) or a bare MMDiT state
+    dict: the MMDiT is read off its weights (and args: encoder depth 1; else REPA's 8, at most the
+    depth), its text encoder is CLIP ViT-L/14 from --text-encoder-path (said once), and the grid
+    is that of the same MMDiT given directly (the EMA weights, not the raw ones)."""
     torch.manual_seed(4)
-    raw, ema = (MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=1,
+    depth = 1 if layout == "train_t2i" else 2
+    raw, ema = (MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=depth,
                       z_dims=[16], projector_dim=24) for _ in range(2))
     path = str(tmp_path / "repa_t2i.pt")
     args = argparse.Namespace(encoder_depth=1, path_type="linear", qk_norm=False)
-    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt={}, args=args), path)
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt={}, args=args)
+               if layout == "train_t2i" else ema.state_dict(), path)
     ckpt = runs.read_checkpoint(path)
     assert runs.text_encoder_of(ckpt) == encoders.CLIP_TEXT
     assert runs.build_model(ckpt, path).config == ema.config
@@ -320,3 +324,6 @@ def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path):
     expected = sample.generate_images(ema.eval(), None, [0], mode="ode", num_steps=2, cfg=2.0,
                                       prompts=sample.Prompts(tiny, ["a red bus"]))[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), expected)
+    said = [line for line in capsys.readouterr().out.splitlines() if "records no text" in line]
+    assert said == [f"sample.py: {path} records no text encoder: assuming {encoders.CLIP_TEXT} "
+                    "(CLIP ViT-L/14, REPA's); --text-encoder-path DIR gives a local copy"]
