@@ -691,7 +691,10 @@ def infer_config(state, args=None):
         encoder_depth=getattr(args, "encoder_depth", min(REPA_ENCODER_DEPTH, depth)),
         path_type=getattr(args, "path_type", "linear"),
     )
-    if text:  # MMDiT's width and heads follow from its depth
+    if text:  # MMDiT's width and heads follow from its depth (REPA: 32 x depth, depth heads)
+        if hidden != 32 * depth:
+            raise UserError(f"an MMDiT state dict {hidden} wide at depth {depth}, but REPA's MMDiT "
+                            f"is 32 x depth ({32 * depth}) wide: not a network mmdit.py builds")
         return common | dict(context_dim=condition.shape[1])
     try:  # heads leave no trace in the weights: args.model, else the size table, else 64-dim heads
         num_heads = size_config(args.model)["num_heads"]

@@ -315,6 +315,10 @@ def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path, capsy
     ckpt = runs.read_checkpoint(path)
     assert runs.text_encoder_of(ckpt) == encoders.CLIP_TEXT
     assert runs.build_model(ckpt, path).config == ema.config
+    wide = ema.state_dict() | {"pos_embed": torch.zeros(1, 16, 96)}  # 96 = 48 x depth 2
+    with pytest.raises(UserError, match=r"^x.pt: an MMDiT state dict 96 wide at depth 2, but "
+                                        r"REPA's MMDiT is 32 x depth \(64\) wide"):
+        runs.build_model(wide, "x.pt")
     local = tmp_path / "clip"
     tiny = encoders.load_text_encoder(random=True)
     tiny.model.save_pretrained(local)
