@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 from typing import NamedTuple
@@ -64,6 +65,8 @@ def reachable(url, timeout=CONNECT_TIMEOUT):
     """Whether url's host takes a TCP connection within timeout seconds (one try, once a process).
     """
     parts = urllib.parse.urlsplit(url)
+    if urllib.request.getproxies().get(parts.scheme):  # only the proxy knows: let the client ask
+        return True
     try:
         socket.create_connection(
             (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout

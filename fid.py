@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,8 @@ def save_checked(path, write, needed):
 def reachable(url, timeout=2.0):
     """Whether url's host takes a TCP connection within timeout seconds (one try)."""
     parts = urllib.parse.urlsplit(url)
+    if urllib.request.getproxies().get(parts.scheme):  # only the proxy knows: let urllib ask
+        return True
     try:
         socket.create_connection((parts.hostname, parts.port or 443), timeout).close()
         return True

@@ -88,13 +88,11 @@ def run_name(config, base, flags):
     """preset-align-model, then each of `flags` whose value in force differs from the `base`
     configuration (the preset's): -adv0, -lr0.0002, ..."""
 
-    def value(c, k):  # the value in force: alignment flags resolve through the alignment preset
-        return c["align_config"][k] if k in c["align_config"] else c.get(k)
-
     skip = RESUMABLE_CHANGES | {"preset", "align", "model"}
     parts = [f"{config['preset']}-{config['align']}-{config['model'].replace('/', '')}"]
-    for k in sorted(k for k in flags if k not in skip and value(config, k) != value(base, k)):
-        v = value(config, k)
+    changed = [k for k in flags if value_in_force(config, k) != value_in_force(base, k)]
+    for k in sorted(k for k in changed if k not in skip):
+        v = value_in_force(config, k)
         text = "-".join(f"{x:g}" if isinstance(x, float) else str(x)
                         for x in (v if isinstance(v, (list, tuple)) else [v]))
         parts.append(k.removesuffix("_weight").replace("_", "") + text.replace("/", ""))
@@ -291,10 +289,17 @@ def tensor_bytes(obj):
     return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
+def value_in_force(config, k):
+    """config's value of flag k; an alignment flag's is the one its --align preset resolved."""
+    return config.get("align_config", {}).get(k, config.get(k))
+
+
 def changed_flag(stored, config, given):
-    """The first flag in which config differs from a checkpoint's, flags typed this time first."""
-    diff = sorted(k for k in set(config) | set(stored)
-                  if k not in RESUMABLE_CHANGES and config.get(k) != stored.get(k))
+    """The first flag in which config differs from a checkpoint's, flags typed this time first
+    (an alignment flag typed at its preset's value changes nothing)."""
+    names = set(config) | set(stored) | set(config.get("align_config", {}))
+    diff = sorted(k for k in names - {"align_config"} if k not in RESUMABLE_CHANGES
+                  and value_in_force(config, k) != value_in_force(stored, k))
     typed = [k for k in diff if k in given]
     return (typed or diff or [None])[0], len(diff)
 
@@ -343,7 +348,8 @@ def load_run_checkpoint(paths, config, world, given=()):
     if k is not None:
         more = f", and {n - 1} more" if n > 1 else ""
         raise UserError(f"{path} was written by another config (--{k.replace('_', '-')}: "
-                        f"{stored.get(k)!r} there, {config.get(k)!r} now{more}); "
+                        f"{value_in_force(stored, k)!r} there, "
+                        f"{value_in_force(config, k)!r} now{more}); "
                         "use another --run-name or the same flags")
     if stored.get("run_name") != config["run_name"]:
         log.info("resuming run %r in folder %s (the folder was copied or renamed)",

@@ -1,6 +1,8 @@
 """Helpers the tests share: stand-in weights that need no download, a folder snapshot, Ctrl-C."""
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,3 +88,23 @@ def interrupted(code, marker, timeout=300):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     return proc.wait(timeout), proc.stderr.read()
+
+
+def disk_free(monkeypatch, free):
+    """shutil.disk_usage (as cluster.py calls it) reports `free` bytes free."""
+    import cluster
+
+    usage = shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda path: usage)
+
+
+def disk_fills(monkeypatch, module, full):
+    """module.write_atomic fails with ENOSPC (a full disk) once full(path) says so."""
+    real = module.write_atomic
+
+    def write_atomic(path, write):
+        if full(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(module, "write_atomic", write_atomic)

@@ -3,12 +3,12 @@ folder that is read-only, a file, or full is one line naming it."""
 
 import errno
 import os
-import shutil
 
 import pytest
 
 import cluster
 from cluster import UserError, check_writable, disk_error, disk_errors, require_space, write_atomic
+from helpers import disk_free
 
 
 def test_write_then_failed_rewrite_keeps_the_old_file(tmp_path):
@@ -99,12 +99,8 @@ def test_check_writable_refuses_a_read_only_file_system(tmp_path, monkeypatch):
         check_writable(str(tmp_path))
 
 
-def _disk(free):
-    return lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free)
-
-
 def test_require_space_names_folder_free_and_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster.shutil, "disk_usage", _disk(3_000_000))
+    disk_free(monkeypatch, 3_000_000)
     require_space(str(tmp_path), 3_000_000, "a checkpoint")  # exactly enough passes
     with pytest.raises(UserError) as e:
         require_space(str(tmp_path / "not" / "yet"), 2_907_392_000, "a checkpoint")
@@ -114,7 +110,7 @@ def test_require_space_names_folder_free_and_needed(tmp_path, monkeypatch):
 
 
 def test_disk_error_turns_disk_faults_into_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster.shutil, "disk_usage", _disk(512))
+    disk_free(monkeypatch, 512)
     full = disk_error(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
     assert str(full) == (f"the disk holding {tmp_path} is full (512 B free): free space there or "
                          "write to another folder, then run the same command again")

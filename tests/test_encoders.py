@@ -367,8 +367,11 @@ def test_several_families_give_the_projector_widths():
     assert [e.embed_dim for e in encs] == [1024, 1024, 1280, 384]
 
 
-def test_reachable_is_one_short_connection_attempt():
+def test_reachable_is_one_short_connection_attempt(monkeypatch):
     """A listening port is reachable; a closed one is not, at once (no retries)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):  # a direct connection
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -379,6 +382,13 @@ def test_reachable_is_one_short_connection_attempt():
     assert not encoders.reachable.__wrapped__(f"http://127.0.0.1:{port}/x")
     assert not encoders.reachable.__wrapped__("https://no-such-host.invalid/")
     assert time.monotonic() - start < 2 * encoders.CONNECT_TIMEOUT
+
+
+def test_behind_a_proxy_the_client_is_left_to_ask(monkeypatch):
+    """A cluster that reaches the hub only through HTTPS_PROXY: no direct connection is tried."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setattr(socket, "create_connection", None)  # calling it would fail
+    assert encoders.reachable.__wrapped__("https://huggingface.co")
 
 
 def hub_offline_timm(cached):

@@ -1,12 +1,10 @@
 """data.py: ADM center crop, end to end with the tiny random VAE, resume, bad input, and torchrun on
 2 ranks."""
 
-import errno
 import io
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -16,11 +14,10 @@ import PIL.Image
 import pytest
 import torch
 
-import cluster
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error, interrupted, snapshot
+from helpers import cli_error, disk_fills, disk_free, interrupted, snapshot
 
 # (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
 # zebra 2
@@ -414,23 +411,16 @@ def test_ctrl_c_keeps_the_files_and_a_rerun_continues(tmp_path, fast_vae, monkey
 
 def test_full_disk_is_one_line(tmp_path, fast_vae, monkeypatch):
     source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
-    usage = shutil._ntuple_diskusage
-    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 999, 999))
+    disk_free(monkeypatch, 999)
     with pytest.raises(SystemExit) as e:
         run(source, dest)
     # 5 x (32 x 32 x 3 PNG pixels + 8 x 4 x 4 float32 + 4 kB for headers and folders)
     assert str(e.value) == (f"data.py: error: not enough space in {dest} for the images and "
                             "latents: 999 B free, 38.4 kB needed; free space there or write to "
                             "another folder, then run the same command again")
-    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    disk_free(monkeypatch, 10**9)
     real = data.write_atomic
-
-    def fill_up(path, write):
-        if path.endswith("00002.png"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write)
-
-    monkeypatch.setattr(data, "write_atomic", fill_up)
+    disk_fills(monkeypatch, data, lambda path: path.endswith("00002.png"))
     with pytest.raises(SystemExit, match=f"^data.py: error: the disk holding {dest}/images/00000 "
                                          "is full"):
         run(source, dest)

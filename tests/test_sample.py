@@ -5,7 +5,6 @@ import argparse
 import datetime
 import errno
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import cluster
 import runs
 import sample
 from cluster import UserError
-from helpers import cli_error, interrupted
+from helpers import cli_error, disk_fills, disk_free, interrupted
 from model import SiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -467,8 +466,7 @@ def test_unwritable_out_is_one_line_before_any_sampling(ckpt, tmp_path, monkeypa
 def test_full_disk_is_one_line_naming_folder_free_and_needed(ckpt, tmp_path, monkeypatch):
     """Too little room for the npz: refused before sampling; a disk that fills while the PNGs are
     written: one line, the PNGs so far kept."""
-    usage = shutil._ntuple_diskusage
-    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 999, 999))
+    disk_free(monkeypatch, 999)
     out = tmp_path / "s.npz"
     common = ["--ckpt", ckpt, "--vae", "none", "--num-steps", "2", "--batch-size", "2"]
     with pytest.raises(SystemExit) as e:
@@ -477,15 +475,9 @@ def test_full_disk_is_one_line_naming_folder_free_and_needed(ckpt, tmp_path, mon
     assert str(e.value) == (f"sample.py: error: not enough space in {tmp_path / 's'} for the npz "
                             "of 4 samples: 999 B free, 2.0 kB needed; free space there or write "
                             "to another folder, then run the same command again")
-    monkeypatch.setattr(cluster.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
-    real = sample.write_atomic
-
-    def fill_up(path, write):
-        if len(os.listdir(tmp_path / "s")) > 2:  # settings.json and two PNGs fit
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write)
-
-    monkeypatch.setattr(sample, "write_atomic", fill_up)
+    disk_free(monkeypatch, 10**9)
+    # settings.json and two PNGs fit
+    disk_fills(monkeypatch, sample, lambda path: len(os.listdir(tmp_path / "s")) > 2)
     with pytest.raises(SystemExit, match=f"^sample.py: error: the disk holding {tmp_path / 's'} "
                                          "is full"):
         run(common + ["--num-samples", "4", "--out", str(out)])

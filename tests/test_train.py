@@ -129,6 +129,17 @@ def test_align_until_holds_across_a_resume_and_is_part_of_the_run(tmp_path):
             os.path.basename(resumed))
 
 
+def test_resume_with_an_alignment_flag_typed_at_its_preset_value(tmp_path):
+    """--patch-weight 0.5 is repa's own value: the same experiment, which resumes (and keeps its
+    folder); another value is another experiment, refused naming the flag."""
+    run_dir = run(tmp_path, "--align", "repa", "--max-steps", "2")
+    again = run(tmp_path, "--align", "repa", "--patch-weight", "0.5", "--max-steps", "4")
+    assert again == run_dir and newest(run_dir)["step"] == 4
+    with pytest.raises(SystemExit, match="patch-weight: 0.5 there, 0.25 now"):
+        run(tmp_path, "--align", "repa", "--patch-weight", "0.25", "--max-steps", "6",
+            "--run-name", os.path.basename(run_dir))
+
+
 def test_resume_rejects_truncated_and_foreign_checkpoints(tmp_path):
     run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
     with pytest.raises(SystemExit, match="another config .*align: 'none' there, 'repa' now"):
