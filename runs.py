@@ -730,8 +730,17 @@ def fit_error(model, state):
     return None
 
 
+def without_empty_projectors(state):
+    """state less the projectors of width 0 that REPA's baseline (--enc-type None: z_dims [0])
+    saves: they align nothing, and model.py / mmdit.py build no projector for a 0-dim encoder."""
+    empty = {k.split(".")[1] for k, v in state.items()
+             if re.fullmatch(r"projectors\.\d+\.4\.weight", k) and v.shape[0] == 0}
+    return {k: v for k, v in state.items()
+            if not (k.startswith("projectors.") and k.split(".")[1] in empty)}
+
+
 def build_model(ckpt, path, weights="ema"):
-    """SiT (CPU, eval mode, no gradients) from a dict read_checkpoint(path) returned."""
+    """SiT or MMDiT (CPU, eval mode, no gradients) from a dict read_checkpoint(path) returned."""
     if is_state_dict(ckpt):  # REPA's released weights: the EMA state dict alone
         state, config = ckpt, None
     else:
@@ -745,7 +754,8 @@ def build_model(ckpt, path, weights="ema"):
         )
         if "config" in ckpt and not isinstance(config, dict):  # train.py's must say what it is
             raise UserError(f"{path}: the checkpoint's config has no 'model_config' dict")
-    if config is None:
+    if config is None:  # REPA's checkpoints: no config, the shapes say it
+        state = without_empty_projectors(state)
         try:
             config = infer_config(state, ckpt.get("args"))
         except UserError as e:

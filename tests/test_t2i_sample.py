@@ -319,6 +319,13 @@ def test_a_repa_t2i_checkpoint_samples_with_a_local_text_encoder(tmp_path, capsy
     with pytest.raises(UserError, match=r"^x.pt: an MMDiT state dict 96 wide at depth 2, but "
                                         r"REPA's MMDiT is 32 x depth \(64\) wide"):
         runs.build_model(wide, "x.pt")
+    baseline = MMDiT(input_size=8, patch_size=2, depth=2, context_dim=32, encoder_depth=2,
+                     z_dims=[])
+    empty = {"projectors.0.0.weight": torch.ones(24, 64), "projectors.0.0.bias": torch.ones(24),
+             "projectors.0.2.weight": torch.ones(24, 24), "projectors.0.2.bias": torch.ones(24),
+             "projectors.0.4.weight": torch.ones(0, 24), "projectors.0.4.bias": torch.ones(0)}
+    # REPA's baseline (--enc-type None) saves a projector of width 0: it aligns nothing
+    assert runs.build_model(baseline.state_dict() | empty, "x.pt").config == baseline.config
     local = tmp_path / "clip"
     tiny = encoders.load_text_encoder(random=True)
     tiny.model.save_pretrained(local)
