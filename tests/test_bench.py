@@ -39,6 +39,7 @@ def table_rows(markdown, section):
             if line.startswith("| ")][2:]  # header and rule dropped
 
 
+@pytest.mark.slow
 def test_one_step_table(capsys):
     """SiT-T/2 at 32 px, one timed step: six rows, none's ratios 1.00, FLOPs counted, both sampler
     rows."""

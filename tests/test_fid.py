@@ -278,7 +278,7 @@ def test_evaluation_during_training_scores_is_in_splits_of_5000(monkeypatch):
     rows = []
     config = dict(eval_samples=n, batch_size=1000, seed=0, eval_cfg=1.0, eval_steps=1)
     train.evaluate(None, None, evaluator, config, 10, types.SimpleNamespace(write=rows.append), 0,
-                   1, torch.device("cpu"))
+                   1, torch.device("cpu"), {})  # class-conditional: no text condition
     assert made == list(range(n)) and rows[0]["step"] == 10
     assert rows[0]["inception_score"] == pytest.approx(expected, rel=1e-9)
 
