@@ -38,11 +38,12 @@ import analysis
 import cluster
 import fid
 import losses
+import mmdit
 import runs
 import sample
 import train
 from cluster import at_least, write_atomic
-from encoders import FAMILIES, TINY_RANDOM, build_encoder, canonical_name
+from encoders import FAMILIES, TEXT_TOKENS, TINY_RANDOM, build_encoder, canonical_name
 
 NUM_CLASSES = 1000  # ImageNet: the label table's size is part of the model
 PEAK_TFLOPS = 790.0  # the H200 at hand, dense bf16, as issue 22 gives it (A100: 312)
@@ -50,6 +51,12 @@ GPU_PRESETS = "none,repa,sara,sra2,repa+sra2"  # --gpu's: the papers' methods
 FIRST_COMPILE_S = 90.0  # --gpu's guess at torch.compile of SiT-XL/2 forward + backward
 # SRA^2 Table 5 (H100, batch 256 on 8 GPUs): per-batch training time over SiT-XL/2's
 PAPER_X_NONE = {"repa": 1.22, "sra2": 1.11}
+# MMDiT's alignment presets: z_dims (REPA's projector) and the SRA^2 head's block (SiT-L's 8 of 24)
+MMDIT_ALIGN = {"none": dict(z_dims=()), "repa": dict(z_dims=(768,)),
+               "sra2": dict(z_dims=(), sra_depth=8)}
+# CLIP ViT-L/14's text model (encoders.CLIP_TEXT), counted once with FlopCounterMode: it runs once
+# per caption in data preparation (features are precomputed), once per prompt when sampling
+CLIP_TEXT_PARAMS, CLIP_TEXT_GFLOPS = 123.06e6, 13.3
 
 # torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's own
 # SDPA formulas.
@@ -136,6 +143,8 @@ def parse_args(argv=None):
     a("--encoder-costs", default="", help="also time each encoder's forward (REPA names, "
       "comma-separated, or 'all': DINOv2 B/L/g and every other family's largest) on --batch-size "
       "random images with random weights, beside the vanilla SiT step")
+    a("--mmdit-model", default="MMDiT", choices=list(mmdit.MMDIT_SIZES),
+      help="the text-to-image table's MMDiT size (counted on the meta device, no weights)")
     a("--peak-tflops", type=cluster.positive(), default=PEAK_TFLOPS, help="the chip's dense bf16 "
       "peak TFLOP/s, for MFU (H200 as issue 22 gives it: 790; A100: 312)")
     a("--gpu", metavar="OUT_DIR", help="the prepared GPU benchmark: every preset x --precisions x "
@@ -292,6 +301,37 @@ def measure_step(args, align, count_flops=True, **overrides):
                 step_secs=list(walls), mem=peak_memory() - base,
                 flops=counter.get_total_flops() if count_flops else None,
                 bad_steps=int(sum(r["bad_steps"] for r in records[args.warmup:])))
+
+
+def mmdit_cost(name, align, resolution=256):
+    """Params and FLOPs per image of an MMDiT (REPA's T2I model) with an alignment preset, built and
+    run on the meta device (no memory, no weights): forward alone and forward + backward. The
+    network alone: the alignment targets (REPA's DINOv2, SRA^2's teacher forward) are not in it."""
+    with torch.device("meta"):
+        model = mmdit.build_mmdit(name, input_size=resolution // 8, **MMDIT_ALIGN[align])
+        x = torch.randn(1, 4, resolution // 8, resolution // 8)  # (1, 4, r/8, r/8) latent
+        context = torch.randn(1, TEXT_TOKENS, 768)  # (1, 77, 768) CLIP features
+    counts = []
+    for backward in (False, True):
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            out = model(x, torch.rand(1, device="meta"), context, align=align != "none")
+            if backward:
+                heads = [*out.h_dens] + ([] if out.x0_hat is None else [out.x0_hat])
+                sum(o.sum() for o in [out.v, *heads]).backward()  # every head's gradient
+        counts.append(counter.get_total_flops())
+    return dict(preset=align, params=sum(p.numel() for p in model.parameters()),
+                forward=counts[0], step=counts[1])
+
+
+def mmdit_table(args):
+    """The text-to-image rows: MMDiT per image with each alignment preset, and the text encoder."""
+    header = ["MMDiT preset", "M params", "GFLOP fwd/img", "GFLOP step/img", "x none"]
+    results = [mmdit_cost(args.mmdit_model, a, args.resolution) for a in MMDIT_ALIGN]
+    rows = [[r["preset"], f"{r['params'] / 1e6:.1f}", f"{r['forward'] / 1e9:.4g}",
+             f"{r['step'] / 1e9:.4g}", f"{r['step'] / results[0]['step']:.3f}"] for r in results]
+    rows.append(["CLIP ViT-L/14 text (per caption)", f"{CLIP_TEXT_PARAMS / 1e6:.1f}",
+                 f"{CLIP_TEXT_GFLOPS:g}", "-", "-"])
+    return header, rows, results
 
 
 def measure_sampler(args, **overrides):
@@ -557,6 +597,12 @@ def main(args):
           f"--disc-every 5 steps; whole train_step, D update excluded: "
           f"{parts['step_sec'] * 1e3:.1f} ms)")
     print_table(*parts_table(args, parts["rows"], parts["step_sec"]))
+    mmdit_header, mmdit_rows, _ = mmdit_table(args)
+    print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
+          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
+          "backward). The text encoder is not in a step: it runs once per caption in data "
+          "preparation and once per prompt when sampling")
+    print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
 
@@ -1028,6 +1074,12 @@ def fid_bench(args):
         "time"
     )
     print_table(["samples", "Inception s", "prec/recall s", "FID+sFID+IS s", "total s"], eval_rows)
+    mmdit_header, mmdit_rows, _ = mmdit_table(args)
+    print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
+          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
+          "backward). The text encoder is not in a step: it runs once per caption in data "
+          "preparation and once per prompt when sampling")
+    print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return stats_rows, eval_rows
 

@@ -208,3 +208,21 @@ def test_largest_batch_and_budget(monkeypatch):
     budget.longest["compile"] = 121  # ... one that took 121 s does not
 
     assert budget.run("compile", lambda: 7) == "skipped (time budget)"
+
+
+def test_mmdit_costs():
+    """MMDiT depth 24 on the meta device: REPA's T2I model's 512.4M params and 124.7 GFLOPs forward
+    per image with the projector (the t2i-model count on REPA's own code), none < sra2 < repa's
+    projector head cost ordering, and a step near 3 forwards; MMDiT-T far below."""
+    rows = {a: bench.mmdit_cost("MMDiT", a) for a in bench.MMDIT_ALIGN}
+    assert rows["repa"]["params"] == 512_415_504
+    assert rows["repa"]["forward"] / 1e9 == pytest.approx(124.7, rel=0.02)
+    assert rows["none"]["forward"] / 1e9 == pytest.approx(120.9, rel=0.02)
+    assert rows["none"]["forward"] < rows["sra2"]["forward"] and rows["none"]["forward"] < rows[
+        "repa"]["forward"]
+    for r in rows.values():
+        assert 2.5 < r["step"] / r["forward"] < 3.5
+    tiny = bench.mmdit_cost("MMDiT-T", "repa", resolution=64)
+    assert 0 < tiny["forward"] < rows["repa"]["forward"] / 100
+    header, table, _ = bench.mmdit_table(bench.parse_args(["--device", "cpu"]))
+    assert [r[0] for r in table][:3] == list(bench.MMDIT_ALIGN) and "CLIP" in table[3][0]
