@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2",
         "--max-batch", "4", "--encoder", "tiny-random", "--warmup", "0", "--steps", "1",
         "--sample-steps", "1", "--sample-batch", "1", "--fid-images", "2", "--fid-batch", "2",
-        "--threads", "1"]
+        "--threads", "1", "--mmdit-model", "MMDiT-T"]
 PRESETS, PRECISIONS = bench.GPU_PRESETS.split(","), ["bf16", "fp16"]
 CONFIGS = set(itertools.product(PRESETS, PRECISIONS, (0, 1), ("paper", "largest")))
 # bench.py as a script with what the GPU machine's image lacks unimportable, and torch.compile on
@@ -141,6 +141,13 @@ def test_gpu_mode_on_cpu(tmp_path):
     assert len({round(r["flops"] / r["batch"] / per_image[r["preset"]], 9) for r in rows}) == 1
     assert per_image["none"] < per_image["sra2"] < per_image["repa+sra2"]
     assert per_image["repa"] < per_image["repa+sra2"]  # heads cost
+    mmdit = report["mmdit"]  # text-to-image, bf16 eager at the paper batch
+    assert [(r["model"], r["preset"], r["status"], r["batch"]) for r in mmdit] == [
+        ("MMDiT-T", p, "ok", 2) for p in bench.MMDIT_ALIGN]
+    mm_image = {r["preset"]: r["flops"] / r["batch"] for r in mmdit}
+    assert mm_image["none"] < mm_image["sra2"] and mm_image["none"] < mm_image["repa"]
+    assert [r["x_none"] == 1.0 for r in mmdit] == [True, False, False]
+    assert all(r["paper_x_none"] is None for r in mmdit)
     parts = report["parts"]
     assert [p["part"] for p in parts["rows"]] == ["encoder", "SiT forward+backward",
                                                   "discriminator step", "AdamW step", "EMA"]
@@ -162,6 +169,7 @@ def test_gpu_mode_on_cpu(tmp_path):
         assert cells[3].endswith("(largest)") == (r["batch_kind"] == "largest")
     assert [r[0] for r in table_rows(markdown, "Parts")] == [p["part"] for p in parts["rows"]]
     assert len(table_rows(markdown, "Sampler")) == 2 and "images/s" in markdown
+    assert [r[0] for r in table_rows(markdown, "Text-to-image")] == list(bench.MMDIT_ALIGN)
 
 
 def test_gpu_mode_budget_spent(tmp_path):
@@ -169,7 +177,7 @@ def test_gpu_mode_budget_spent(tmp_path):
     report = bench.gpu_bench(bench.parse_args(["--gpu", str(tmp_path), *TINY, "--budget", "0"]))
     rows = report["training"]
     assert {(r["preset"], r["precision"], r["compile"], r["batch_kind"]) for r in rows} == CONFIGS
-    assert {r["status"] for r in rows} == {"skipped (time budget)"}
+    assert {r["status"] for r in rows + report["mmdit"]} == {"skipped (time budget)"}
     assert all(r["x_none"] is None for r in rows)
     assert {report[k]["status"] for k in ("parts", "sampler", "inception")} == {
         "skipped (time budget)"}
