@@ -1104,12 +1104,6 @@ def fid_bench(args):
         "time"
     )
     print_table(["samples", "Inception s", "prec/recall s", "FID+sFID+IS s", "total s"], eval_rows)
-    mmdit_header, mmdit_rows, _ = mmdit_table(args)
-    print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
-          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
-          "backward). The text encoder is not in a step: it runs once per caption in data "
-          "preparation and once per prompt when sampling")
-    print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return stats_rows, eval_rows
 
