@@ -38,11 +38,12 @@ import analysis
 import cluster
 import fid
 import losses
+import mmdit
 import runs
 import sample
 import train
 from cluster import at_least, write_atomic
-from encoders import FAMILIES, TINY_RANDOM, build_encoder, canonical_name
+from encoders import CLIP_TEXT, FAMILIES, TEXT_TOKENS, TINY_RANDOM, build_encoder, canonical_name
 
 NUM_CLASSES = 1000  # ImageNet: the label table's size is part of the model
 PEAK_TFLOPS = 790.0  # the H200 at hand, dense bf16, as issue 22 gives it (A100: 312)
@@ -50,6 +51,12 @@ GPU_PRESETS = "none,repa,sara,sra2,repa+sra2"  # --gpu's: the papers' methods
 FIRST_COMPILE_S = 90.0  # --gpu's guess at torch.compile of SiT-XL/2 forward + backward
 # SRA^2 Table 5 (H100, batch 256 on 8 GPUs): per-batch training time over SiT-XL/2's
 PAPER_X_NONE = {"repa": 1.22, "sra2": 1.11}
+# MMDiT's alignment presets: z_dims (REPA's projector) and the SRA^2 head's block (SiT-L's 8 of 24)
+MMDIT_ALIGN = {"none": dict(z_dims=()), "repa": dict(z_dims=(768,)),
+               "sra2": dict(z_dims=(), sra_depth=8)}
+# CLIP ViT-L/14's text model (encoders.CLIP_TEXT), counted once with FlopCounterMode: it runs once
+# per caption in data preparation (features are precomputed), once per prompt when sampling
+CLIP_TEXT_PARAMS, CLIP_TEXT_GFLOPS = 123.06e6, 13.3
 
 # torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's own
 # SDPA formulas.
@@ -136,6 +143,9 @@ def parse_args(argv=None):
     a("--encoder-costs", default="", help="also time each encoder's forward (REPA names, "
       "comma-separated, or 'all': DINOv2 B/L/g and every other family's largest) on --batch-size "
       "random images with random weights, beside the vanilla SiT step")
+    a("--mmdit-model", default="MMDiT", choices=list(mmdit.MMDIT_SIZES),
+      help="the text-to-image rows' MMDiT size (FLOPs counted on the meta device; --gpu: "
+      "also timed at --batch-size, align none/repa/sra2)")
     a("--peak-tflops", type=cluster.positive(), default=PEAK_TFLOPS, help="the chip's dense bf16 "
       "peak TFLOP/s, for MFU (H200 as issue 22 gives it: 790; A100: 312)")
     a("--gpu", metavar="OUT_DIR", help="the prepared GPU benchmark: every preset x --precisions x "
@@ -236,7 +246,9 @@ def device_name(args):
 def setup(args, align, **overrides):
     """Set this process up as train.main does (seed, TF32) with --threads; train.py's config of one
     preset, overrides (batch_size=64, compile=1, ...) replacing bench's flags."""
-    flags = dict(preset="imagenet256", align=align, model=args.model, resolution=args.resolution,
+    model = overrides.pop("model", args.model)
+    flags = dict(preset="coco256" if runs.is_text_model(model) else "imagenet256", align=align,
+                 model=model, resolution=args.resolution,
                  batch_size=args.batch_size, precision=args.precision, enc_type=args.encoder,
                  enc_weights=args.enc_weights or None, disc_pretrained=args.disc_pretrained)
     flags.update(overrides)
@@ -258,17 +270,28 @@ def build(args, align, **overrides):
     # On the device: random init of SiT-XL/2 on the CPU takes longer than most measurements
     on_device = torch.device(DEVICE) if args.init_on_device else None
     with on_device or contextlib.nullcontext():
-        run = train.build_run(config, NUM_CLASSES, DEVICE, world=1)
+        run = train.build_run(config, random_captions() if runs.is_text_model(config["model"])
+                              else NUM_CLASSES, DEVICE, world=1)
     run.model.train()
     return config, run
 
 
+def random_captions():
+    """What build_network reads of COCO caption data: CLIP's width and random null-caption
+    features (the cost is the same)."""
+    return argparse.Namespace(text_encoder=CLIP_TEXT, text_dim=768,
+                              null_context=torch.randn(1, TEXT_TOKENS, 768))  # (1, 77, 768)
+
+
 def random_batch(config):
-    """train_step's batch of config's size: uint8 images, latent moments (mean, std), labels."""
+    """train_step's batch of config's size: uint8 images, latent moments (mean, std), labels (an
+    MMDiT: random CLIP caption features)."""
     b, r = config["batch_size"], config["resolution"]
+    condition = (torch.randn(b, TEXT_TOKENS, 768, device=DEVICE)  # (B, 77, 768)
+                 if runs.is_text_model(config["model"])
+                 else torch.randint(0, NUM_CLASSES, (b,), device=DEVICE))
     return [torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=DEVICE),
-            torch.randn(b, 8, r // 8, r // 8, device=DEVICE),  # (B, 8, r/8, r/8)
-            torch.randint(0, NUM_CLASSES, (b,), device=DEVICE)]
+            torch.randn(b, 8, r // 8, r // 8, device=DEVICE), condition]  # (B, 8, r/8, r/8)
 
 
 def measure_step(args, align, count_flops=True, **overrides):
@@ -292,6 +315,37 @@ def measure_step(args, align, count_flops=True, **overrides):
                 step_secs=list(walls), mem=peak_memory() - base,
                 flops=counter.get_total_flops() if count_flops else None,
                 bad_steps=int(sum(r["bad_steps"] for r in records[args.warmup:])))
+
+
+def mmdit_cost(name, align, resolution=256):
+    """Params and FLOPs per image of an MMDiT (REPA's T2I model) with an alignment preset, built and
+    run on the meta device (no memory, no weights): forward alone and forward + backward. The
+    network alone: the alignment targets (REPA's DINOv2, SRA^2's teacher forward) are not in it."""
+    with torch.device("meta"):
+        model = mmdit.build_mmdit(name, input_size=resolution // 8, **MMDIT_ALIGN[align])
+        x = torch.randn(1, 4, resolution // 8, resolution // 8)  # (1, 4, r/8, r/8) latent
+        context = torch.randn(1, TEXT_TOKENS, 768)  # (1, 77, 768) CLIP features
+    counts = []
+    for backward in (False, True):
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            out = model(x, torch.rand(1, device="meta"), context, align=align != "none")
+            if backward:
+                heads = [*out.h_dens] + ([] if out.x0_hat is None else [out.x0_hat])
+                sum(o.sum() for o in [out.v, *heads]).backward()  # every head's gradient
+        counts.append(counter.get_total_flops())
+    return dict(preset=align, params=sum(p.numel() for p in model.parameters()),
+                forward=counts[0], step=counts[1])
+
+
+def mmdit_table(args):
+    """The text-to-image rows: MMDiT per image with each alignment preset, and the text encoder."""
+    header = ["MMDiT preset", "M params", "GFLOP fwd/img", "GFLOP step/img", "x none"]
+    results = [mmdit_cost(args.mmdit_model, a, args.resolution) for a in MMDIT_ALIGN]
+    rows = [[r["preset"], f"{r['params'] / 1e6:.1f}", f"{r['forward'] / 1e9:.4g}",
+             f"{r['step'] / 1e9:.4g}", f"{r['step'] / results[0]['step']:.3f}"] for r in results]
+    rows.append(["CLIP ViT-L/14 text (per caption)", f"{CLIP_TEXT_PARAMS / 1e6:.1f}",
+                 f"{CLIP_TEXT_GFLOPS:g}", "-", "-"])
+    return header, rows, results
 
 
 def measure_sampler(args, **overrides):
@@ -557,6 +611,12 @@ def main(args):
           f"--disc-every 5 steps; whole train_step, D update excluded: "
           f"{parts['step_sec'] * 1e3:.1f} ms)")
     print_table(*parts_table(args, parts["rows"], parts["step_sec"]))
+    mmdit_header, mmdit_rows, _ = mmdit_table(args)
+    print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
+          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
+          "backward). The text encoder is not in a step: it runs once per caption in data "
+          "preparation and once per prompt when sampling")
+    print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
 
@@ -623,20 +683,25 @@ def largest_batch(args, align, precision):
     return largest
 
 
-def training_row(budget, args, preset, precision, compile, kind, batch, flops_per_image):
+def training_row(budget, args, preset, precision, compile, kind, batch, flops_per_image,
+                 model=None):
     """One training configuration of results.json, measured or with the reason it is not; batch is
-    a status instead when the search for the largest one ended without a batch."""
-    row = dict(preset=preset, precision=precision, compile=compile, batch_kind=kind)
+    a status instead when the search for the largest one ended without a batch. model: --model's
+    SiT, or an MMDiT size (random caption features)."""
+    model = model or args.model
+    row = dict(model=model, preset=preset, precision=precision, compile=compile, batch_kind=kind)
     if not isinstance(batch, int):
         return {**row, "batch": None, "status": batch or "oom"}
-    count = not compile and preset not in flops_per_image  # an eager step's FLOPs, once per preset
+    key = model, preset
+    count = not compile and key not in flops_per_image  # an eager step's FLOPs, once per preset
     result = budget.run("compile" if compile else "eager", measure_step, args, preset,
-                        count_flops=count, precision=precision, compile=compile, batch_size=batch)
+                        count_flops=count, precision=precision, compile=compile, batch_size=batch,
+                        model=model)
     if isinstance(result, str):
         return {**row, "batch": batch, "status": result}
     if count:
-        flops_per_image[preset] = result["flops"] / batch  # every term is per image
-    flops = flops_per_image[preset] * batch if preset in flops_per_image else None
+        flops_per_image[key] = result["flops"] / batch  # every term is per image
+    flops = flops_per_image[key] * batch if key in flops_per_image else None
     tflops = flops / result["sec"] / 1e12 if flops else None
     return {**row, "batch": batch, "status": "ok", "sec": result["sec"],
             "step_secs": result["step_secs"], "img_per_sec": batch / result["sec"],
@@ -644,16 +709,16 @@ def training_row(budget, args, preset, precision, compile, kind, batch, flops_pe
             "mfu": tflops / args.peak_tflops if tflops else None, "bad_steps": result["bad_steps"]}
 
 
-def add_ratios(rows):
+def add_ratios(rows, paper):
     """x_none: each row's time per image over none's at the same precision, compile and batch kind;
-    paper_x_none: SRA^2 Table 5's ratio for the preset."""
+    paper_x_none: the paper's ratio for the preset (paper: preset -> ratio)."""
     def key(r):
         return r["precision"], r["compile"], r["batch_kind"]
 
     ref = {key(r): r["sec"] / r["batch"] for r in rows if r["preset"] == "none" and "sec" in r}
     for r in rows:
         r["x_none"] = r["sec"] / r["batch"] / ref[key(r)] if "sec" in r and key(r) in ref else None
-        r["paper_x_none"] = PAPER_X_NONE.get(r["preset"])
+        r["paper_x_none"] = paper.get(r["preset"])
 
 
 def environment(args):
@@ -725,8 +790,14 @@ def markdown(args, report):
         f"{s['batch_size']} (up to {s['max_batch']}) whose steps fit, eager, {s['precisions'][0]}",
         "- skipped steps: timed steps that fp16's GradScaler skipped as non-finite (no AdamW or "
         "EMA update: faster than a real step)", "",
-        "## Training step", "", *markdown_table(*training_table(report["training"])), "",
-        f"## Parts of a SARA step (batch {parts['batch']}, {parts['precision']}, eager)", ""]
+        "## Training step", "", *markdown_table(*training_table(report["training"]))]
+    lines += ["", f"## Text-to-image: {s['mmdit_model']} (batch {s['batch_size']}, "
+              f"{s['precisions'][0]}, eager, random CLIP caption features (B, 77, 768))", "",
+              *markdown_table(*training_table(report["mmdit"])), "",
+              "The CLIP ViT-L/14 text model (123M params, 13.3 GFLOPs per caption) is in no step: "
+              "it runs once per caption in data preparation and once per prompt when sampling.",
+              "", f"## Parts of a SARA step (batch {parts['batch']}, {parts['precision']}, eager)",
+              ""]
     lines += (markdown_table(*parts_table(args, parts["rows"], parts["step_sec"])) + [
         "", f"Whole train_step, D update excluded: {parts['step_sec'] * 1e3:.1f} ms; the "
         "discriminator step runs once per 5 steps."] if parts["status"] == "ok"
@@ -744,7 +815,8 @@ def markdown(args, report):
 
 def write_report(args, report):
     """OUT_DIR/results.json and table.md, each written atomically."""
-    add_ratios(report["training"])
+    add_ratios(report["training"], PAPER_X_NONE)
+    add_ratios(report["mmdit"], {})  # SRA^2 Table 4 gives no MMDiT timing
     for name, text in (("results.json", json.dumps(report, indent=1) + "\n"),
                        ("table.md", markdown(args, report))):
         write_atomic(os.path.join(args.gpu, name), lambda f, text=text: f.write(text.encode()))
@@ -765,12 +837,13 @@ def gpu_bench(args):
     budget, flops_per_image, largest = Budget(args.budget), {}, {}
     presets, first = (args.presets or GPU_PRESETS).split(","), args.precisions[0]
     report = dict(
-        environment=environment(args), elapsed_s=0.0, training=[],
+        environment=environment(args), elapsed_s=0.0, training=[], mmdit=[],
         settings=dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size,
                       max_batch=args.max_batch, warmup=args.warmup, steps=args.steps,
                       budget_s=args.budget, peak_tflops=args.peak_tflops, encoder=args.encoder,
                       memory=memory_note(), random=random_parts(args), presets=presets,
-                      precisions=args.precisions, compile_modes=args.compile_modes),
+                      precisions=args.precisions, compile_modes=args.compile_modes,
+                      mmdit_model=args.mmdit_model),
         parts=dict(status="not run", batch=args.batch_size, precision=first),
         sampler=dict(status="not run", steps=args.sample_steps, batch=args.sample_batch),
         inception=dict(status="not run", images=args.fid_images, batch=args.fid_batch))
@@ -778,8 +851,8 @@ def gpu_bench(args):
 
     def record(key, value):
         """Keep a job's result, say it, write both files."""
-        if key == "training":
-            report["training"].append(value)
+        if key in ("training", "mmdit"):
+            report[key].append(value)
         else:
             report[key] = value
         report["elapsed_s"] = time.monotonic() - budget.start
@@ -798,6 +871,9 @@ def gpu_bench(args):
         args.enc_weights = (save_random_encoders(args.encoder, args.resolution, folder)
                             if args.random_weights else None)
         train_rows(0, "paper", args.precisions)  # the papers' per-GPU batch, eager: the reference
+        for preset in MMDIT_ALIGN:  # text-to-image (SRA^2 Table 4), after the SiT's eager rows
+            record("mmdit", training_row(budget, args, preset, first, 0, "paper", args.batch_size,
+                                         flops_per_image, model=args.mmdit_model))
         record("parts", section(budget.run("parts", measure_parts, args, precision=first),
                                 batch=args.batch_size, precision=first))
         record("sampler", section(budget.run("sampler", measure_sampler, args), "rows",

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2",
         "--max-batch", "4", "--encoder", "tiny-random", "--warmup", "0", "--steps", "1",
         "--sample-steps", "1", "--sample-batch", "1", "--fid-images", "2", "--fid-batch", "2",
-        "--threads", "1"]
+        "--threads", "1", "--mmdit-model", "MMDiT-T"]
 PRESETS, PRECISIONS = bench.GPU_PRESETS.split(","), ["bf16", "fp16"]
 CONFIGS = set(itertools.product(PRESETS, PRECISIONS, (0, 1), ("paper", "largest")))
 # bench.py as a script with what the GPU machine's image lacks unimportable, and torch.compile on
@@ -142,6 +142,13 @@ def test_gpu_mode_on_cpu(tmp_path):
     assert len({round(r["flops"] / r["batch"] / per_image[r["preset"]], 9) for r in rows}) == 1
     assert per_image["none"] < per_image["sra2"] < per_image["repa+sra2"]
     assert per_image["repa"] < per_image["repa+sra2"]  # heads cost
+    mmdit = report["mmdit"]  # text-to-image, bf16 eager at the paper batch
+    assert [(r["model"], r["preset"], r["status"], r["batch"]) for r in mmdit] == [
+        ("MMDiT-T", p, "ok", 2) for p in bench.MMDIT_ALIGN]
+    mm_image = {r["preset"]: r["flops"] / r["batch"] for r in mmdit}
+    assert mm_image["none"] < mm_image["sra2"] and mm_image["none"] < mm_image["repa"]
+    assert [r["x_none"] == 1.0 for r in mmdit] == [True, False, False]
+    assert all(r["paper_x_none"] is None for r in mmdit)
     parts = report["parts"]
     assert [p["part"] for p in parts["rows"]] == ["encoder", "SiT forward+backward",
                                                   "discriminator step", "AdamW step", "EMA"]
@@ -163,6 +170,7 @@ def test_gpu_mode_on_cpu(tmp_path):
         assert cells[3].endswith("(largest)") == (r["batch_kind"] == "largest")
     assert [r[0] for r in table_rows(markdown, "Parts")] == [p["part"] for p in parts["rows"]]
     assert len(table_rows(markdown, "Sampler")) == 2 and "images/s" in markdown
+    assert [r[0] for r in table_rows(markdown, "Text-to-image")] == list(bench.MMDIT_ALIGN)
 
 
 def test_gpu_mode_budget_spent(tmp_path):
@@ -170,7 +178,7 @@ def test_gpu_mode_budget_spent(tmp_path):
     report = bench.gpu_bench(bench.parse_args(["--gpu", str(tmp_path), *TINY, "--budget", "0"]))
     rows = report["training"]
     assert {(r["preset"], r["precision"], r["compile"], r["batch_kind"]) for r in rows} == CONFIGS
-    assert {r["status"] for r in rows} == {"skipped (time budget)"}
+    assert {r["status"] for r in rows + report["mmdit"]} == {"skipped (time budget)"}
     assert all(r["x_none"] is None for r in rows)
     assert {report[k]["status"] for k in ("parts", "sampler", "inception")} == {
         "skipped (time budget)"}
@@ -209,3 +217,21 @@ def test_largest_batch_and_budget(monkeypatch):
     budget.longest["compile"] = 121  # ... one that took 121 s does not
 
     assert budget.run("compile", lambda: 7) == "skipped (time budget)"
+
+
+def test_mmdit_costs():
+    """MMDiT depth 24 on the meta device: REPA's T2I model's 512.4M params and 124.7 GFLOPs forward
+    per image with the projector (the t2i-model count on REPA's own code), none < sra2 < repa's
+    projector head cost ordering, and a step near 3 forwards; MMDiT-T far below."""
+    rows = {a: bench.mmdit_cost("MMDiT", a) for a in bench.MMDIT_ALIGN}
+    assert rows["repa"]["params"] == 512_415_504
+    assert rows["repa"]["forward"] / 1e9 == pytest.approx(124.7, rel=0.02)
+    assert rows["none"]["forward"] / 1e9 == pytest.approx(120.9, rel=0.02)
+    assert rows["none"]["forward"] < rows["sra2"]["forward"] and rows["none"]["forward"] < rows[
+        "repa"]["forward"]
+    for r in rows.values():
+        assert 2.5 < r["step"] / r["forward"] < 3.5
+    tiny = bench.mmdit_cost("MMDiT-T", "repa", resolution=64)
+    assert 0 < tiny["forward"] < rows["repa"]["forward"] / 100
+    header, table, _ = bench.mmdit_table(bench.parse_args(["--device", "cpu"]))
+    assert [r[0] for r in table][:3] == list(bench.MMDIT_ALIGN) and "CLIP" in table[3][0]
