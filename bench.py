@@ -577,7 +577,7 @@ def main(args):
     with tempfile.TemporaryDirectory() as folder:
         args.enc_weights = (isolated(save_random_encoders, args.encoder, args.resolution, folder)
                             if args.random_weights else None)
-        presets = (args.presets or ",".join(losses.PRESETS)).split(",")
+        presets = (args.presets or ",".join(losses.ALIGN_PRESETS)).split(",")
         results = [isolated(measure_step, args, p) for p in presets]
         sampler = isolated(measure_sampler, args)
         parts = isolated(measure_parts, args)

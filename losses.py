@@ -222,7 +222,7 @@ class AlignConfig:
 
 
 # The papers' weights: SARA Table 4 (lambda, beta, gamma) and SRA^2 section 4 (lambda = 1).
-PRESETS = {
+ALIGN_PRESETS = {
     "none":      dict(),
     "repa":      dict(patch_weight=0.5),
     "sara":      dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05),
@@ -235,8 +235,9 @@ PRESETS = {
 def align_config(preset, **overrides):
     """AlignConfig of a named preset with per-term overrides (None means keep the preset's value).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown alignment preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in ALIGN_PRESETS:
+        raise ValueError(f"unknown alignment preset {preset!r}; choose one of "
+                         f"{', '.join(ALIGN_PRESETS)}")
     names = {f.name for f in fields(AlignConfig)}
     unknown = set(overrides) - names
     if unknown:
@@ -244,7 +245,7 @@ def align_config(preset, **overrides):
     overrides = {
         k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None
     }
-    return replace(AlignConfig(**PRESETS[preset]), **overrides)
+    return replace(AlignConfig(**ALIGN_PRESETS[preset]), **overrides)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     count, natural, below_one = at_least(1), at_least(0), fraction(below_one=True)
     flag = dict(type=int, choices=[0, 1])
     a("--preset", default="imagenet256", choices=list(PRESETS), help="the preset flags override")
-    a("--align", default="sara", choices=list(losses.PRESETS), help="alignment preset (losses.py)")
+    a("--align", default="sara", choices=list(losses.ALIGN_PRESETS), help="alignment preset")
     a("--model", help="SiT-XL/2, SiT-B/2, ... (T: tiny); on COCO data MMDiT (MMDiT-T: tiny)")
     a("--data-dir", help=f"REPA-layout folder from data.py, '{SYNTHETIC}', or a COCO folder")
     a("--text-encoder", help="COCO data: the text encoder its features must be of (unset: any)")

@@ -210,7 +210,7 @@ def test_gradient_routing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", list(L.PRESETS))
+@pytest.mark.parametrize("preset", list(L.ALIGN_PRESETS))
 def test_every_preset_overfits_one_batch(preset):
     model, encoder, disc, _, x0, y, z, align = tiny_setup(preset)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

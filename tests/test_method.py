@@ -417,7 +417,7 @@ def test_paper_defaults(align, model, flag, expected, source):
 
 
 def test_every_alignment_preset_has_its_weights_pinned():
-    assert set(PRESET_WEIGHTS) == set(L.PRESETS)
+    assert set(PRESET_WEIGHTS) == set(L.ALIGN_PRESETS)
 
 
 @pytest.mark.parametrize("size,depth,hidden,heads",
