@@ -127,7 +127,8 @@ def check_eval(config, world):
         (config["eval_samples"] < 2 * world, f"--eval-samples {config['eval_samples']} is out of "
          f"range: it must be at least 2 per rank ({2 * world})"),  # a covariance per rank
         (config["eval_cfg"] > 1 and not config["class_dropout"],
-         "--eval-cfg > 1 needs a null class, but --class-dropout is 0"),
+         f"--eval-cfg {config['eval_cfg']:g} (--preset {config['preset']}'s unless typed) needs a "
+         "null class, but --class-dropout is 0: give --eval-cfg 1 or a --class-dropout"),
         (config["vae"] == "none", "--eval-every scores decoded images: give a --vae, not none")]:
         if bad:
             raise UserError(message)
