@@ -24,9 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 # noqa: E402  (official_state / save_torchscript re-derive the files)
 import make_encoder_reference as reference
 
-REFERENCE = torch.load(
-    os.path.join(os.path.dirname(__file__), "data", "encoder_reference.pt"), weights_only=True
-)
+REFERENCE_PATH = os.path.join(os.path.dirname(__file__), "data", "encoder_reference.pt")
+REFERENCE = torch.load(REFERENCE_PATH, weights_only=True)
 REPA_NAMES = [f"{f}-vit-{s}" for f, fam in FAMILIES.items() for s in fam.timm_names]
 
 

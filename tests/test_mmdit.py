@@ -17,9 +17,8 @@ from model import SiTOutput
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 from make_mmdit_fixture import dequantize  # noqa: E402  (the fixture's weights, unpacked)
 
-REF = torch.load(
-    os.path.join(os.path.dirname(__file__), "data", "mmdit_reference.pt"), weights_only=True
-)
+REF_PATH = os.path.join(os.path.dirname(__file__), "data", "mmdit_reference.pt")
+REF = torch.load(REF_PATH, weights_only=True)
 TINY = REF["tiny"]
 
 

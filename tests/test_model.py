@@ -7,9 +7,8 @@ import torch
 
 from model import MODEL_NAMES, SIZES, SiT, build_sit, size_config
 
-REF = torch.load(
-    os.path.join(os.path.dirname(__file__), "data", "repa_reference.pt"), weights_only=True
-)["model"]
+REF_PATH = os.path.join(os.path.dirname(__file__), "data", "repa_reference.pt")
+REF = torch.load(REF_PATH, weights_only=True)["model"]
 
 
 def repa_tiny(**kw):

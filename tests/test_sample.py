@@ -21,9 +21,8 @@ from helpers import cli_error, disk_fills, disk_free, interrupted
 from model import SiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = torch.load(
-    os.path.join(REPO, "tests", "data", "repa_sampler_reference.pt"), weights_only=True
-)
+REF_PATH = os.path.join(REPO, "tests", "data", "repa_sampler_reference.pt")
+REF = torch.load(REF_PATH, weights_only=True)
 TINY = dict(
     input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
     encoder_depth=1,

@@ -19,9 +19,8 @@ from helpers import TextVelocity
 from mmdit import MMDiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = torch.load(
-    os.path.join(REPO, "tests", "data", "repa_t2i_sampler_reference.pt"), weights_only=True
-)
+REF_PATH = os.path.join(REPO, "tests", "data", "repa_t2i_sampler_reference.pt")
+REF = torch.load(REF_PATH, weights_only=True)
 
 
 def reference_model():
