@@ -64,20 +64,29 @@ def tiny_run(*flags, batch_size=8, resolution=32):
 # 1. The velocity target is d/dt x_t (eps - x0 on the linear path), not its negation; SRA^2's is x0
 
 
-@pytest.mark.parametrize("path", ["linear", "cosine"])
-def test_velocity_target_is_the_time_derivative_of_the_path(path):
+def oracle_batch(preset, path):
+    """x0 (16, 4, 4, 4), labels, the alignment and one seeded draw of t and eps (oracle tests)."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(16, 4, 4, 4, generator=g)
-    y = torch.zeros(16, dtype=torch.long)
-    align = L.align_config("none", path_type=path)
+    align = L.align_config(preset, path_type=path)
     noise = L.draw_noise(16, x0.shape[1:], align, 0.0, generator=g)
+    return x0, torch.zeros(16, dtype=torch.long), align, noise
+
+
+def path_point(path, x0, eps, t):
+    """x_t written out here, independently of losses.interpolant: t (B,) -> (B, C, H, W)."""
+    t = t.view(-1, 1, 1, 1)
+    if path == "linear":
+        return (1 - t) * x0 + t * eps
+    return torch.cos(t * math.pi / 2) * x0 + torch.sin(t * math.pi / 2) * eps
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_velocity_target_is_the_time_derivative_of_the_path(path):
+    x0, y, align, noise = oracle_batch("none", path)
 
     def x_at(t):
-        """The path written out here, independently of losses.interpolant: (B,) -> (B, C, H, W)."""
-        t = t.view(-1, 1, 1, 1)
-        if path == "linear":
-            return (1 - t) * x0 + t * noise.eps
-        return torch.cos(t * math.pi / 2) * x0 + torch.sin(t * math.pi / 2) * noise.eps
+        return path_point(path, x0, noise.eps, t)
 
     # d/dt x_t by forward-mode AD
     _, v_true = torch.func.jvp(x_at, (noise.t,), (torch.ones_like(noise.t),))
@@ -103,11 +112,7 @@ def test_velocity_target_is_the_time_derivative_of_the_path(path):
 def test_sra2_target_is_the_clean_latent_that_was_noised(path):
     """SRA2 (7): a head that returns exactly the clean x0 scores 0; one that returns its noised
     input x_t scores the smooth-L1 of x_t - x0, written out here."""
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(16, 4, 4, 4, generator=g)
-    y = torch.zeros(16, dtype=torch.long)
-    align = L.align_config("sra2", path_type=path)
-    noise = L.draw_noise(16, x0.shape[1:], align, 0.0, generator=g)
+    x0, y, align, noise = oracle_batch("sra2", path)
 
     def head(returns_x0):
         """A model whose velocity is off (so only the sra term is judged) and whose SRA^2 head
@@ -119,12 +124,7 @@ def test_sra2_target_is_the_clean_latent_that_was_noised(path):
     exact = L.training_losses(head(True), x0, y, [], align, noise).terms["sra"].item()
     noised = L.training_losses(head(False), x0, y, [], align, noise).terms["sra"].item()
     assert exact < 1e-12
-    t = noise.t.view(-1, 1, 1, 1)
-    if path == "linear":
-        x_t = (1 - t) * x0 + t * noise.eps
-    else:
-        x_t = torch.cos(t * math.pi / 2) * x0 + torch.sin(t * math.pi / 2) * noise.eps
-    d, beta = (x_t - x0).abs(), 0.05
+    d, beta = (path_point(path, x0, noise.eps, noise.t) - x0).abs(), 0.05
     hand = torch.where(d < beta, 0.5 * d**2 / beta, d - beta / 2).mean().item()
     assert noised == pytest.approx(hand, rel=1e-5) and noised > 0.3
 
