@@ -80,10 +80,9 @@ SAMPLER_TINY = dict(
     projector_dim=8,
 )
 # (sampler, num_steps, heun, cfg, guidance_low, guidance_high, path_type): 8 Euler steps put t at
-# k/8, so
-# [0.3, 0.7] starts and ends between steps, where deciding guidance at the wrong time would change
-# the result.
-# The path changes only the SDE (its score); the ODEs integrate the velocity whatever the path.
+# k/8, so [0.3, 0.7] starts and ends between steps, where deciding guidance at the wrong time would
+# change the result. The path changes only the SDE (its score); the ODEs integrate the velocity
+# whatever the path.
 SAMPLER_CASES = [
     ("sde", 8, False, 1.0, 0.0, 1.0, "linear"),
     ("sde", 8, False, 1.5, 0.3, 0.7, "linear"),
