@@ -164,7 +164,8 @@ def test_resume_refusal_names_the_flag_typed(tmp_path):
 
 def test_garbage_checkpoint_is_not_a_checkpoint_without_torchs_advice(tmp_path):
     path = tmp_path / "garbage.pt"
-    path.write_bytes(os.urandom(4096))
+    # not a zip's or a pickle's first bytes (random bytes start with b"\x80" once in 256)
+    path.write_bytes(b"garbage" + np.random.default_rng(0).bytes(4089))
     with pytest.raises(UserError) as e:
         runs.read_checkpoint(str(path))
     assert str(e.value) == f"{path} is not a checkpoint (not a torch.save file)"
