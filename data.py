@@ -21,10 +21,12 @@ symlinked folders are followed. Run as `python data.py ...` or on all GPUs with
 `torchrun --nproc_per_node=N data.py ...`: each rank takes every N-th image. Resumable: re-running
 the same command skips every image whose latent file exists; each file is written under a
 temporary name and then renamed, so an interrupted run leaves no half-written file behind. A
-source image that does not decode is skipped, logged once and listed in dest/bad_files.txt;
-`python data.py --verify DEST` reads every prepared file back and lists the bad ones there, and
-the next run makes exactly the listed and the missing files again.
-`--dataset coco` makes the COCO layout the same way.
+source image that does not decode is skipped, logged once and listed in dest/bad_files.txt.
+`python data.py --verify DEST` reads every prepared file of either layout back in parallel
+(resumably) and lists the bad ones there, and the next run makes exactly the listed and the
+missing files again. `--dataset coco` makes the COCO layout the same way (a COCO source image
+that does not decode stops the run instead; --verify's listed files remake their whole image, its
+crop, moments and every caption's features).
 """
 
 import argparse
@@ -473,9 +475,10 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--verify", metavar="DEST", default=None,
-        help="instead of preparing: read back every image and latent file of DEST in parallel "
-        "(decode, shape, dtype, finite; resumable) and list the bad ones in DEST/bad_files.txt, "
-        "which the next preparation run makes again",
+        help="instead of preparing: read back every prepared file of DEST in parallel (images, "
+        "latents and, for COCO, every caption's features and the null caption's: decode, shape, "
+        "dtype, finite; resumable) and list the bad ones in DEST/bad_files.txt, which the next "
+        "preparation run makes again",
     )
     p.add_argument(
         "--source",
@@ -910,7 +913,8 @@ LATENT_FILE, IMAGE_FILE, CAPTION_FILE = (
     re.compile(r"(\d+)\.npy"), re.compile(r"(\d+)\.png"), re.compile(r"(\d+)_(\d+)\.npy"),
 )
 NULL_KEY = "empty_context"  # --verify's key of the null caption's features (image i's: "train/i")
-COCO_PREPARED = re.compile(r"((?:train|val)/\d+)(?:_\d+)?\.(?:png|npy)|(empty_context)\.npy")
+COCO_PREPARED = re.compile(  # a prepared file's path in dest: (image "split/i", the null's)
+    rf"((?:{'|'.join(COCO_SPLITS)})/\d+)(?:_\d+)?\.(?:png|npy)|({NULL_KEY})\.npy")
 
 
 def coco_splits(text):
