@@ -603,22 +603,30 @@ class TextEncoder(nn.Module):
         return self.encode([""])
 
 
-def tiny_text_encoder(dim=32, seed=0):
-    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code (every byte one token,
-    no merges) and a 2-layer random CLIPTextModel, the same weights every time."""
+def tiny_tokenizer():
+    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code, offline (every byte one
+    token, no merges; ids: start 0, end 1, the 256 byte symbols, then each as a word's last)."""
     from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_text_encoder(dim=32, seed=0):
+    """Smoke runs and tests only: tiny_tokenizer and a 2-layer random CLIPTextModel, the same
+    weights every time."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     log.warning(
         "text encoder tiny-random: a TINY RANDOMLY INITIALISED CLIP text model with a byte-level "
         "vocabulary, NOT CLIP; its text conditioning is meaningless outside smoke runs and tests"
     )
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = tiny_tokenizer()
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed
 
 import discriminator
 import encoders
+import pickscore
 from cluster import UserError
 from encoders import FAMILIES, build_encoder, canonical_name, load_encoders, timm_name
 
@@ -59,6 +60,20 @@ def test_tiny_random_shapes_determinism_and_label(caplog):
     assert torch.allclose(za.mean(-1), torch.zeros(3, 16), atol=1e-5)
     a.train()
     assert not a.training and not any(p.requires_grad for p in a.parameters())
+
+
+def test_tiny_tokenizer_ids_are_pinned_and_shared():
+    """The byte-level tokenizer of the tiny stand-ins (text encoder, PickScore): lower-cased, a
+    printable ASCII byte c is id 2 + ord(c) - 33 inside a word and 258 + ord(c) - 33 as a word's
+    last; non-ASCII bytes and punctuation are tokens too (none unknown), start 0 and end 1."""
+    tokenizer = encoders.tiny_tokenizer()
+    dogs, cafe = tokenizer(["Two dogs, on a beach!", "café"])["input_ids"]
+    assert dogs == [0, 85, 88, 336, 69, 80, 72, 340, 269, 80, 335, 322, 67, 70, 66, 68, 329, 258, 1]
+    assert dogs[1:4] == [2 + ord("t") - 33, 2 + ord("w") - 33, 258 + ord("o") - 33]
+    assert cafe == [0, 68, 66, 71, 129, 360, 1]  # é is the two bytes c3 a9
+    vocab = tokenizer.get_vocab()
+    assert encoders.tiny_text_encoder().tokenizer.get_vocab() == vocab
+    assert pickscore.tiny_random()[1].tokenizer.get_vocab() == vocab
 
 
 def test_dinov2_s_tokens_shape_and_pos_embed(vit_s):
