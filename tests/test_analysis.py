@@ -1,6 +1,5 @@
 """analysis.py: CKNNA against closed forms and a brute-force reading of its definition, the linear
-probe, the
-singular-value energy, and a smoke checkpoint producing every figure and the JSON."""
+probe, the singular-value energy, and a smoke checkpoint producing every figure and the JSON."""
 
 import argparse
 import json
@@ -26,9 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def brute_force_cknna(x, y, k):
     """CKNNA written from its definition with Python loops: kernels of L2-normalised rows, each
-    row's k nearest
-    other rows, the shared-neighbour mask, unbiased HSIC (Song et al. 2012, eq. 5), the authors'
-    1e-6."""
+    row's k nearest other rows, the shared-neighbour mask, unbiased HSIC (Song et al. 2012, eq. 5),
+    the authors' 1e-6."""
     n = len(x)
 
     def kernel(f):
@@ -210,8 +208,8 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_run):
     }
     assert {"data (synthetic)", "encoder (tiny-random)"} <= set(saved["random_components"])
     assert set(saved["pca_explained_variance"]) == {"vae", "0.25", "0.75"}
-    # The stored rows are the images they claim to be: row i holds image i's mean-pooled encoder
-    # tokens.
+    # The stored rows are the images they claim to be: row i holds image i's
+    # mean-pooled encoder tokens.
     encoder = load_encoders("tiny-random", "cpu", 32)[0]
     dataset = SyntheticDataset(24, 10, 32)
     stored = np.load(tmp_path / "features" / "encoder.npy")

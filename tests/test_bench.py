@@ -78,9 +78,9 @@ def test_encoder_costs(capsys):
     tiny, vit_s = rows
     # M params: a 16x16 conv + LayerNorm; DINOv2 ViT-S/14 (22M)
     assert tiny[1] == "0" and vit_s[1] == "22"
-    # ViT-S/14 at 224 px, 2 FLOPs per multiply-add: 12 blocks of 12 D^2 weights x 257 tokens, QK^T
-    # and AV over
-    # 257^2 x D, the 14x14 patch embedding of 256 patches; the heads are a no-op (num_classes=0)
+    # ViT-S/14 at 224 px, 2 FLOPs per multiply-add: 12 blocks of 12 D^2 weights x 257
+    # tokens, QK^T and AV over 257^2 x D, the 14x14 patch embedding of 256 patches; the
+    # heads are a no-op (num_classes=0)
     d, n = 384, 257
     gflop = 2 * (12 * (12 * d * d * n + 2 * n * n * d) + 256 * 3 * 14 * 14 * d) / 1e9  # 12.24
     # x step: against 1 GFLOP

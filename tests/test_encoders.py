@@ -1,6 +1,5 @@
 """encoders.py: spec parsing, the tiny random encoder, every REPA family's architecture,
-preprocessing and weight
-loading, and parity with REPA's own code (random weights: no network)."""
+preprocessing and weight loading, and parity with REPA's own code (random weights: no network)."""
 
 import logging
 import os
@@ -96,8 +95,8 @@ def test_dinov2_preprocessing_by_hand(vit_s, monkeypatch):
     )
     white = torch.full((1, 3, 256, 256), 255, dtype=torch.uint8)
     vit_s(white)
-    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a constant image
-    # constant
+    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a
+    # constant image constant
     expected = torch.tensor([2.2489083, 2.4285714, 2.64]).view(1, 3, 1, 1).expand(1, 3, 224, 224)
     assert seen[0].shape == (1, 3, 224, 224)
     torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=0)
@@ -250,9 +249,8 @@ def test_resolution_checks():
 @pytest.mark.parametrize("name", sorted(REFERENCE["families"]))
 def test_tokens_equal_repa_code(name, tmp_path):
     """REPA's load_encoders + preprocess_raw_image + token slicing (reduced width/depth of each
-    family, random weights
-    in the official checkpoint layout, tests/data/make_encoder_reference.py) == our tokens, fp32
-    max abs diff <= 1e-4."""
+    family, random weights in the official checkpoint layout, tests/data/make_encoder_reference.py)
+    == our tokens, fp32 max abs diff <= 1e-4."""
     ref = REFERENCE["families"][name]
     images = reference.images()
     assert int(images.long().sum()) == REFERENCE["image_sum"]  # the same batch REPA's code saw

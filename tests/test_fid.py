@@ -1,5 +1,5 @@
-"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI and bad
-input.
+"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI
+and bad input.
 
 Everything runs on CPU with seeded random Inception weights; nothing touches the network.
 """
@@ -101,8 +101,8 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
 
 
 def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
-    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) =
-    # diag(i, 1)
+    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and
+    # sqrtm(diag(-1, 1)) = diag(i, 1)
     with pytest.raises(ValueError, match="imaginary"), pytest.warns(UserWarning, match="sqrtm"):
         fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
@@ -124,9 +124,8 @@ def pool3_like(n, dim, seed, shift=0.3):
 
 def exact_fid(x1, x2):
     """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c
-    X2c^T / sqrt((n1-1)(n2-1)):
-    singular values carry no square-root-of-rounding error, so this is the reference both routes
-    are held to."""
+    X2c^T / sqrt((n1-1)(n2-1)): singular values carry no square-root-of-rounding error, so this is
+    the reference both routes are held to."""
     c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
     tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt(
         (len(x1) - 1) * (len(x2) - 1)
@@ -303,11 +302,11 @@ def test_precision_recall_of_set_with_itself_is_one_and_far_set_is_zero(fp16):
 @pytest.mark.parametrize("fp16", [True, False])
 def test_precision_recall_hand_checked(fp16):
     # k=3 radius = 4th smallest squared distance counting self.
-    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.  samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25,
-    # 36, 49.
+    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.
+    # samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25, 36, 49.
     # precision: -5 and -6 lie in no reference ball (25 > 9 from 0; 625 > 361 from 20) -> 4/6.
-    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is within 2.25 of 2
-    # -> 4/5.
+    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is
+    # within 2.25 of 2 -> 4/5.
     ref, samples = column([0, 1, 2, 3, 20]), column([0.5, 1, 1.5, 2, -5, -6])
     precision, recall = fid.precision_recall(ref, samples, fp16=fp16, block=2)
     assert (precision, recall) == (pytest.approx(4 / 6), pytest.approx(4 / 5))
@@ -377,8 +376,8 @@ def test_preprocess_scales_like_the_graph():
 @pytest.mark.slow
 def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load checks every
-    # name)
+    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load
+    # checks every name)
     monkeypatch.setattr(
         pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: model.state_dict()
     )
@@ -632,8 +631,8 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
     with np.load(cache) as c:
         assert c["pool"].shape == (6, 2048)
         np.testing.assert_array_equal(c["mu"], calls[0][2])
-    # different samples: the reference comes from the cache (not rewritten) and the statistics
-    # differ
+    # different samples: the reference comes from the cache (not rewritten) and
+    # the statistics differ
     np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
     other = cli(
         tmp_path / "ref.npz",

@@ -134,8 +134,8 @@ def test_guidance_interval_evaluations():
     )
     sample.euler_ode(velocity, torch.zeros(2, 4, 8, 8), num_steps=8, heun=True)
     sizes = [(t, b) for b, t, _ in calls]
-    # Steps starting at t in [0.3, 0.7] are guided, Heun's second call (at t_next) included, as REPA
-    # does.
+    # Steps starting at t in [0.3, 0.7] are guided, Heun's second call (at t_next) included,
+    # as REPA does.
     expected = [
         (1.0, 2),
         (0.875, 2),
@@ -527,8 +527,7 @@ NUMERIC = {
 
 def test_every_numeric_flag_is_range_checked(capsys):
     """Each numeric flag of the parser is in NUMERIC and has a range-checking type; each bad value
-    is a
-    one-line error naming its flag."""
+    is a one-line error naming its flag."""
     numeric = {a.option_strings[0] for a in sample.parser()._actions if a.choices is None
                and getattr(a.type, "__name__", None) in ("int", "float", "parse_labels")}
     assert numeric == set(NUMERIC)
