@@ -43,13 +43,9 @@ def table_rows(markdown, section):
 def test_one_step_table(capsys):
     """SiT-T/2 at 32 px, one timed step: six rows, none's ratios 1.00, FLOPs counted, both sampler
     rows."""
-    args = bench.parse_args(
-        [
-            "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2", "--encoder",
-            "tiny-random", "--warmup", "0", "--steps", "1", "--sample-steps", "1", "--sample-batch",
-            "1",
-        ]
-    )
+    args = bench.parse_args([
+        "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2", "--encoder", "tiny-random",
+        "--warmup", "0", "--steps", "1", "--sample-steps", "1", "--sample-batch", "1"])
     header, rows, sampler = bench.main(args)
     assert [r[0] for r in rows] == ["none", "repa", "sara", "sra2", "repa+sra2", "sara+sra2"]
     # none against itself, every column
@@ -95,12 +91,9 @@ def test_encoder_costs(capsys):
 def test_fid_tables(capsys):
     """--fid on tiny statistics: every route gives the same FID, ratios against torch-fidelity, both
     eval sizes."""
-    args = bench.parse_args(
-        [
-            "--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
-            "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1",
-        ]
-    )
+    args = bench.parse_args([
+        "--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
+        "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1"])
     stats_rows, eval_rows = bench.fid_bench(args)
     names = [r[0] for r in stats_rows]
     assert names[:3] == ["fid.py eigh, reference factor cached", "fid.py eigh (default)",

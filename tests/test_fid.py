@@ -426,15 +426,11 @@ def test_load_inception_checks_sha256_and_uses_the_hub_cache(
     assert fid.load_inception(None, digest)[1] == digest
 
 
-@pytest.mark.parametrize(
-    "failure, reason",
-    [
-        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not "
-                                                                          "known"),
-        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not "
-                                                                              "Found"),
-    ],
-)
+@pytest.mark.parametrize("failure, reason", [
+    (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not known"),
+    (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None),
+     "HTTP Error 404: Not Found"),
+])
 def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, reason):
     def download(url, dst, hash_prefix=None, progress=True):
         """torch.hub's downloader, offline or facing a moved file."""
@@ -446,11 +442,8 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
     with pytest.raises(SystemExit) as exit_info:
-        fid.main(
-            fid.parse_args(
-                [str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]
-            )
-        )
+        fid.main(fid.parse_args(
+            [str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]))
     text = str(exit_info.value.code)
     assert (
         text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
@@ -634,13 +627,8 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
     # different samples: the reference comes from the cache (not rewritten) and
     # the statistics differ
     np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
-    other = cli(
-        tmp_path / "ref.npz",
-        tmp_path / "other.npz",
-        "--out",
-        tmp_path / "o.json",
-        weights=weights_file,
-    )
+    other = cli(tmp_path / "ref.npz", tmp_path / "other.npz", "--out", tmp_path / "o.json",
+                weights=weights_file)
     assert os.stat(cache).st_mtime_ns == stamp and np.array_equal(calls[2][2], calls[0][2])
     assert_same_stats(calls[2], same=False)
     assert_same_stats(calls[3], same=False)
@@ -787,13 +775,8 @@ def test_every_numeric_flag_is_range_checked(tmp_path, capsys):
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [
-            sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"),
-            str(tmp_path / "b.npz"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+        [sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"),
+         str(tmp_path / "b.npz")], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"fid.py: error: no such file or folder: {tmp_path / 'a.npz'}"

@@ -227,14 +227,9 @@ def test_train_on_prepared_data(tmp_path):
         for i in range(3):
             pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "raw" / cls / f"{c}_{i}.JPEG")
-    data.main(
-        data.parse_args(
-            [
-                "--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"), "--resolution",
-                "32", "--vae", "tiny-random", "--workers", "0",
-            ]
-        )
-    )
+    data.main(data.parse_args([
+        "--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"), "--resolution", "32",
+        "--vae", "tiny-random", "--workers", "0"]))
     run_dir = run(
         tmp_path, "--data-dir", str(tmp_path / "data"), "--align", "repa", "--max-steps", "2"
     )
@@ -854,14 +849,9 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     npz = str(tmp_path / "samples.npz")
     # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
     monkeypatch.chdir(tmp_path)
-    sample.main(
-        sample.parse_args(
-            [
-                "--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
-                "--out", npz,
-            ]
-        )
-    )
+    sample.main(sample.parse_args([
+        "--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
+        "--out", npz]))
     samples = np.load(npz)["arr_0"]
     # shared images: precision and recall > 0
     np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))
@@ -891,14 +881,9 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
 def test_keep_every_keeps_multiples_for_good(tmp_path):
     """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in
     turn."""
-    run_dir = train.main(
-        train.parse_args(
-            [
-                *TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
-                "--keep-ckpts", "1", "--keep-every", "4",
-            ]
-        )
-    )
+    run_dir = train.main(train.parse_args([
+        *TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8", "--keep-ckpts", "1",
+        "--keep-every", "4"]))
     assert [os.path.basename(p) for p in runs.checkpoint_paths(run_dir)] == [
         "0000004.pt",
         "0000008.pt",

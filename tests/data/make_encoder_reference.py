@@ -63,13 +63,8 @@ def parse_args(argv=None):
 
 def images():
     """The test batch: one uint8 image (1, 3, 256, 256), re-derived from its seed by the test."""
-    return torch.randint(
-        0,
-        256,
-        (1, 3, 256, 256),
-        generator=torch.Generator().manual_seed(IMAGE_SEED),
-        dtype=torch.uint8,
-    )
+    return torch.randint(0, 256, (1, 3, 256, 256),
+                         generator=torch.Generator().manual_seed(IMAGE_SEED), dtype=torch.uint8)
 
 
 def value_stats(key, shape):
@@ -134,14 +129,8 @@ def layout_of(nested, dtype=None, prefix=""):
         if isinstance(v, dict):
             out += layout_of(v, dtype, f"{prefix}{k}/")
         else:
-            out.append(
-                (
-                    prefix + k,
-                    tuple(v.shape),
-                    dtype or v.dtype,
-                    *value_stats(prefix + k, tuple(v.shape)),
-                )
-            )
+            out.append((prefix + k, tuple(v.shape), dtype or v.dtype,
+                        *value_stats(prefix + k, tuple(v.shape))))
     return out
 
 
