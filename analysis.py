@@ -1,38 +1,32 @@
-"""What alignment does to a SiT's representation: REPA's CKNNA and linear probe, SARA Fig. 2, SRA^2
-Fig. 2.
+r"""What alignment does to a SiT's representation: REPA's CKNNA and linear probe, SARA Fig. 2,
+SRA^2 Fig. 2.
 
-    python analysis.py --ckpt runs/x/checkpoints/0400000.pt --data-dir data/imagenet256 --out
-    analysis/x
-    torchrun --nproc_per_node 8 analysis.py --ckpt last.pt --data-dir data/imagenet256
-    --num-images 50000 --out a/x
-    python analysis.py --ckpt tiny.pt --data-dir synthetic --enc-type tiny-random --num-images 64
-    --out /tmp/a  # CPU
+    python analysis.py --ckpt runs/x/checkpoints/0400000.pt --data-dir data/imagenet256 \
+        --out analysis/x
+    torchrun --nproc_per_node 8 analysis.py --ckpt last.pt --data-dir data/imagenet256 \
+        --num-images 50000 --out a/x
+    python analysis.py --ckpt tiny.pt --data-dir synthetic --enc-type tiny-random \
+        --num-images 64 --out /tmp/a    # CPU
 
-Features: each image's SD-VAE latent x0 is noised with the training interpolant at every --t
-(fixed per-image noise,
-the null class as REPA's authors do, so no label leaks in); forward hooks on model.blocks record
-the hidden state
-after every block, the model returns the projector output at the tap; the frozen encoder sees the
-clean image.
+Features: each image's SD-VAE latent x0 is noised with the training interpolant at every --t (fixed
+per-image noise, the null class as REPA's authors do, so no label leaks in); forward hooks on
+model.blocks record the hidden state after every block, the model returns the projector output at
+the tap; the frozen encoder sees the clean image.
 Mean-pooled features of every image go to memory-mapped files under --out (each torchrun rank
-writes its share, so
-the ranks must see the same --out); the token-level Gram matrices for the spectra are accumulated
-on the fly, so
-memory stays bounded at 50k images.
+writes its share, so the ranks must see the same --out); the token-level Gram matrices for the
+spectra are accumulated on the fly, so memory stays bounded at 50k images.
 Then rank 0 computes, and writes analysis.json plus one PNG per figure:
   cknna.png         CKNNA (Huh et al. 2024, k=10) of every SiT block vs the encoder, one curve
-  per t (REPA Fig. 2/3)
+                    per t (REPA Fig. 2/3)
   linear_probe.png  top-1 of a BatchNorm + Linear probe per block on a held-out split
-  (REPA Table 2, issue #32)
-  sara_fig2a.png    rows of the token autocorrelation A(h), SARA eq. (7): encoder, SiT tap,
-  projector
+                    (REPA Table 2, issue #32)
+  sara_fig2a.png    rows of the token autocorrelation A(h) (SARA eq. 7): encoder, SiT tap, projector
   sara_fig2b.png    singular-value energy of the (images x tokens, D) representation; top-50
-  share (SARA Fig. 2b)
+                    share (SARA Fig. 2b)
   sra2_fig2.png     PCA to RGB of the VAE latent and of SiT block features across blocks and t
-  (SRA^2 Fig. 2)
+                    (SRA^2 Fig. 2)
 References: Huh et al., "The Platonic Representation Hypothesis" (ICML 2024); REPA
-(arXiv 2410.06940); SARA
-(arXiv 2503.08253); SRA^2 (arXiv 2601.17830).
+(arXiv 2410.06940); SARA (arXiv 2503.08253); SRA^2 (arXiv 2601.17830).
 """
 
 import argparse
@@ -69,21 +63,19 @@ REF_PATCHES = ((0.5, 0.5), (0.15, 0.15))
 
 
 # ----------------------------------------------------------------------------------------------
-# CKNNA: mutual k-nearest-neighbour kernel alignment (Huh et al. 2024, the metric of REPA Fig. 2 and
-# 3),
-# exactly as the authors' code computes it, in O(N k) memory once every row's neighbours are known.
+# CKNNA: mutual k-nearest-neighbour kernel alignment (Huh et al. 2024, the metric of REPA
+# Fig. 2 and 3), exactly as the authors' code computes it, in O(N k) memory once every row's
+# neighbours are known.
 
 
 def clamp_outliers(x, q=CLAMP_QUANTILE, chunk=4096):
-    """Huh et al.'s preprocessing before the metric (not part of it): x (N, D) clipped elementwise
-    to +-q_val.
+    """Huh et al.'s preprocessing before the metric (not part of it): x (N, D) clipped
+    elementwise to +-q_val.
 
     q_val is the mean over rows of each row's q-quantile of |x| (their remove_outliers, default
-    mode). We clamp
-    each representation (one SiT block at one t, the encoder, ...) on its own; the authors'
-    pipeline stacks all
-    layers of a model into one tensor first, which at SiT's growing activation scale would clip
-    late blocks hard.
+    mode). We clamp each representation (one SiT block at one t, the encoder, ...) on its own; the
+    authors' pipeline stacks all layers of a model into one tensor first, which at SiT's growing
+    activation scale would clip late blocks hard.
     Returns (clamped x, q_val).
     """
     quantiles = [
@@ -98,9 +90,8 @@ def neighbours(x, k=TOPK, block=1024):
     """Each row's k nearest other rows by cosine similarity: x (N, D) -> (indices (N, k),
     similarities (N, k)).
 
-    Rows are L2-normalised, so the similarities are the entries of the kernel K = X X^T that
-    CKNNA keeps.
-    Computed in row blocks of the (N, N) kernel: memory O(block * N).
+    Rows are L2-normalised, so the similarities are the entries of the kernel K = X X^T that CKNNA
+    keeps. Computed in row blocks of the (N, N) kernel: memory O(block * N).
     """
     n = len(x)
     if not 4 <= n or k >= n:
@@ -119,8 +110,7 @@ def neighbours(x, k=TOPK, block=1024):
 
 def hsic_unbiased(rows, cols, a, b, m):
     """Unbiased HSIC (Song et al. 2012, eq. 5) of two m x m matrices A, B that are zero except on
-    one shared set of
-    off-diagonal entries (rows[e], cols[e]), where A = a[e] and B = b[e]:
+    one shared set of off-diagonal entries (rows[e], cols[e]), where A = a[e] and B = b[e]:
     [sum(A o B^T) + sum(A) sum(B) / ((m-1)(m-2)) - 2 sum(A B) / (m-2)] / (m (m-3)).
     """
     a, b = a.double(), b.double()
@@ -140,9 +130,9 @@ def hsic_unbiased(rows, cols, a, b, m):
 def cknna_from_neighbours(nx, ny):
     """CKNNA of two representations from their neighbours() (indices, similarities), each (N, k).
 
-    HSIC_u(M o K, M o L) / (sqrt(HSIC_u(M_K o K, M_K o K) HSIC_u(M_L o L, M_L o L)) + 1e-6),
-    where M_K keeps each
-    row's k nearest neighbours under K, M_L under L, and M = M_K o M_L the neighbours they share.
+    HSIC_u(M o K, M o L) / (sqrt(HSIC_u(M_K o K, M_K o K) HSIC_u(M_L o L, M_L o L)) + 1e-6), where
+    M_K keeps each row's k nearest neighbours under K, M_L under L, and M = M_K o M_L the
+    neighbours they share.
     """
     (idx_x, sim_x), (idx_y, sim_y) = nx, ny
     m = len(idx_x)
@@ -170,8 +160,8 @@ def linear_probe(x, labels, num_classes, holdout=0.2, epochs=30, lr=1e-3, batch_
     """Top-1 accuracy on a held-out split of BatchNorm1d (no affine, MAE's recipe) + Linear trained
     on x (N, D).
 
-    No augmentation; the split and the training order are fixed by seed. Adam with a cosine
-    schedule.
+    No augmentation; the split and the training order are fixed by seed. Adam with
+    a cosine schedule.
     """
     n = len(x)
     gen = torch.Generator().manual_seed(seed)
@@ -243,8 +233,8 @@ def sit_features(model, x0, eps, t, y, path="linear", keep=(), use_labels=False)
     class unless use_labels.
 
     Returns (mean-pooled hidden state after every block (depth, B, H), {block: full tokens
-    (B, N, H)} for the
-    1-indexed blocks in keep, projector outputs at the tap: per encoder (B, N, D_enc)).
+    (B, N, H)} for the 1-indexed blocks in keep, projector outputs at the tap: per encoder
+    (B, N, D_enc)).
     """
     b = len(x0)
     ts = torch.full((b,), float(t), device=x0.device)  # (B,)
@@ -347,12 +337,8 @@ def extract(model, encoder, dataset, args, store, rank, world, device):
         grams[name] = grams[name] + g if name in grams else g
 
     tap, proj = model.encoder_depth, args.projector
-    bar = tqdm(
-        total=len(indices),
-        desc=f"features (rank 0 of {world})",
-        disable=rank != 0,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=len(indices), desc=f"features (rank 0 of {world})", disable=rank != 0,
+               dynamic_ncols=True)
     for start, batch in zip(range(0, len(indices), args.batch_size), loader):
         rows = np.array(indices[start:start + args.batch_size])
         enc, _, labels, per_t = batch_features(
@@ -408,9 +394,8 @@ def compute_metrics(store, grams, args, depth, num_classes, device):
         "clamp_q_val": {"encoder": enc_q},
     }
     # The encoder against itself: 1 but for the authors' 1e-6 in the denominator, which weighs more
-    # as N grows
-    # (the masked HSICs shrink like k / N); every score above is biased down by about the same
-    # factor.
+    # as N grows (the masked HSICs shrink like k / N); every score above is biased down by about
+    # the same factor.
     out["cknna_ceiling"] = cknna_from_neighbours(enc_nn, enc_nn)
     for t in args.t:
         k = t_key(t)
@@ -487,20 +472,16 @@ def grid_position(n_tokens, frac):
 
 
 def plot_autocorrelation(images, columns, path):
-    """SARA Fig. 2a: per image and reference patch, that patch's row of A(h) (SARA eq. 7) over the
-    image.
+    """SARA Fig. 2a: per image and reference patch, that patch's row of A(h) (SARA eq. 7)
+    over the image.
 
     columns: list of (title, tokens (B, N, D)); each representation on its own token grid.
     """
     plt = pyplot()
     rows = [(i, frac) for i in range(len(images)) for frac in REF_PATCHES]
-    fig, axes = plt.subplots(
-        len(rows),
-        1 + len(columns),
-        figsize=(1.3 * (1 + len(columns)), 1.3 * len(rows)),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig, axes = plt.subplots(len(rows), 1 + len(columns),
+                             figsize=(1.3 * (1 + len(columns)), 1.3 * len(rows)), squeeze=False,
+                             layout="constrained")
     size = images.shape[-1]
     for r, (i, frac) in enumerate(rows):
         axes[r, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -510,13 +491,8 @@ def plot_autocorrelation(images, columns, path):
             heat = losses.autocorrelation(tokens[i:i + 1])[0, ref].reshape(g, g).cpu().numpy()
             ax = axes[r, c]
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
-            ax.imshow(
-                heat, cmap="jet", alpha=0.55,
-                vmin=-1,
-                vmax=1,
-                extent=(0, size, size, 0),
-                interpolation="nearest",
-            )
+            ax.imshow(heat, cmap="jet", alpha=0.55, vmin=-1, vmax=1, extent=(0, size, size, 0),
+                      interpolation="nearest")
             cell = size / g
             ax.add_patch(
                 plt.Rectangle((pc * cell, pr * cell), cell, cell, fill=False, color="black", lw=1.5)
@@ -526,11 +502,8 @@ def plot_autocorrelation(images, columns, path):
     axes[0, 0].set_title("image", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(
-        "SARA Fig. 2a: autocorrelation row of the outlined reference patch (cosine, -1 blue .. 1 "
-        "red)",
-        fontsize=8,
-    )
+    fig.suptitle("SARA Fig. 2a: autocorrelation row of the outlined reference patch "
+                 "(cosine, -1 blue .. 1 red)", fontsize=8)
     save_figure(fig, path)
 
 
@@ -574,13 +547,9 @@ def plot_pca(images, x0, per_t, blocks, ts, path):
     vae_rgb, vae_var = pca_rgb(x0.flatten(2).transpose(1, 2))  # latent pixels as tokens (B, h w, C)
     panels = {(t, blk): pca_rgb(kept[blk]) for t, (_, kept, _) in zip(ts, per_t) for blk in blocks}
     n_img, cols = len(images), 1 + len(blocks)
-    fig, axes = plt.subplots(
-        n_img * (1 + len(ts)),
-        cols,
-        figsize=(1.1 * cols, 1.1 * n_img * (1 + len(ts))),
-        squeeze=False,
-        layout="constrained",
-    )
+    fig, axes = plt.subplots(n_img * (1 + len(ts)), cols,
+                             figsize=(1.1 * cols, 1.1 * n_img * (1 + len(ts))), squeeze=False,
+                             layout="constrained")
     for i in range(n_img):
         top = i * (1 + len(ts))
         axes[top, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -689,8 +658,8 @@ def setup(args, device):
         )
         args.enc_type = "dinov2-vit-b"
     if not args.use_labels and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise UserError("the model has no null class (trained without label dropout): pass "
-                        "--use-labels 1")
+        raise UserError("the model has no null class (trained without label dropout): "
+                        "pass --use-labels 1")
     resolution = model.config["input_size"] * 8
     with cluster.failing(f"--enc-type {args.enc_type}"):
         encoders = load_encoders(args.enc_type, device, resolution, args.enc_weights)
@@ -728,12 +697,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     count, flag = at_least(1), dict(type=int, choices=[0, 1])
-    a(
-        "--ckpt",
-        required=True,
-        help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT "
-             "state dict",
-    )
+    a("--ckpt", required=True,
+      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT state "
+      "dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--data-dir", required=True, help=f"REPA-layout folder from data.py, or '{SYNTHETIC}'")
     a("--synthetic-classes", type=count, default=10, help="number of classes of the synthetic data")
@@ -741,10 +707,8 @@ def parse_args(argv=None):
       help=f"the first this many images of the dataset (CKNNA's k = {TOPK} needs more than {TOPK})")
     a("--t", type=fraction(), nargs="+", default=[0.25, 0.5, 0.75],
       help="times t in [0, 1] (t=1 is noise) to analyse the SiT at")
-    a(
-        "--enc-type",
-        help="encoder as train.py's --enc-type (default: the checkpoint's, else dinov2-vit-b)",
-    )
+    a("--enc-type",
+      help="encoder as train.py's --enc-type (default: the checkpoint's, else dinov2-vit-b)")
     a("--enc-weights", help="local encoder checkpoint instead of downloading (as train.py)")
     a("--projector", type=at_least(0),
       help="which projector matches --enc-type (default 0; none if the model has none)")
@@ -756,29 +720,22 @@ def parse_args(argv=None):
     a("--probe-epochs", type=count, default=30, help="linear probe training epochs")
     a("--probe-lr", type=positive(), default=1e-3, help="linear probe Adam learning rate (cosine)")
     a("--probe-batch-size", type=count, default=1024, help="linear probe batch size")
-    a(
-        "--figure-images", type=count, default=4,
-        help="images in the SARA Fig. 2a and SRA^2 Fig. 2 figures",
-    )
-    a(
-        "--pca-blocks", type=count, default=6,
-        help="SiT blocks in the PCA figure (spread over the depth)",
-    )
+    a("--figure-images", type=count, default=4,
+      help="images in the SARA Fig. 2a and SRA^2 Fig. 2 figures")
+    a("--pca-blocks", type=count, default=6,
+      help="SiT blocks in the PCA figure (spread over the depth)")
     a("--batch-size", type=count, default=64, help="images per forward, per process")
     a("--num-workers", type=at_least(0), default=4, help="data loader workers per process")
-    a(
-        "--out", required=True,
-        help="output folder: analysis.json, the PNGs, features/ while running",
-    )
+    a("--out", required=True,
+      help="output folder: analysis.json, the PNGs, features/ while running")
     a("--keep-features", **flag, default=0, help="1: keep the pooled features (out/features/*.npy)")
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")
     return p.parse_args(argv)
 
 
 def main(args):
-    """Extract features (sharded), then on rank 0: metrics, analysis.json and the figures; returns
-    the
-    JSON dict."""
+    """Extract features (sharded), then on rank 0: metrics, analysis.json and the figures;
+    returns the JSON dict."""
     with cluster.main_errors("analysis.py"):
         return analyse(args)
 
@@ -790,8 +747,8 @@ def analyse(args):
     rank, world, device = cluster.init(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact metrics
     if args.num_images < world:
-        raise UserError(f"--num-images {args.num_images} is fewer than the {world} processes; use "
-                        "fewer processes")
+        raise UserError(f"--num-images {args.num_images} is fewer than the {world} processes; "
+                        "use fewer processes")
     model, encoder, dataset, random_parts = setup(args, device)
     depth, hidden = len(model.blocks), model.config["hidden_size"]
     folder = os.path.join(args.out, "features")

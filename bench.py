@@ -1,5 +1,5 @@
-"""Benchmark training and sampling cost: step time, peak memory and FLOPs per alignment preset vs
-vanilla SiT.
+"""Benchmark training and sampling cost: step time, peak memory and FLOPs per alignment preset
+vs vanilla SiT.
 
     python bench.py                                  # GPU: SiT-XL/2, 256 px, batch 32 (one GPU's
                                                      # share of 256)
@@ -59,8 +59,8 @@ MMDIT_ALIGN = {"none": dict(z_dims=()), "repa": dict(z_dims=(768,)),
 # per caption in data preparation (features are precomputed), once per prompt when sampling
 CLIP_TEXT_PARAMS, CLIP_TEXT_GFLOPS = 123.06e6, 13.3
 
-# torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's own
-# SDPA formulas.
+# torch counts CPU attention as 0 FLOPs (its CPU flash kernel has no formula): give it torch's
+# own SDPA formulas.
 aten = torch.ops.aten
 flop_counter.flop_registry.setdefault(
     aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop
@@ -125,22 +125,22 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=256, help="image resolution in pixels")
     a("--batch-size", type=count, help="images per training step")
     a("--precision", choices=["fp16", "bf16", "fp32"], help="train.py --precision")
-    a("--encoder", help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), "
-      "tiny-random")
+    a("--encoder",
+      help="train.py --enc-type: dinov2-vit-b (-s, -l, -g; comma-separated), tiny-random")
     a("--random-weights", **flag, help="1: the encoder architectures with random weights (no "
       "download, the same cost); 0: the pretrained ones (default: 0 on a GPU without --gpu)")
     a("--disc-pretrained", **flag, default=0, help="1: SARA's discriminator with the ImageNet "
       "ResNet-18 trunk (download); 0: random trunk, the same cost")
     a("--presets", help=f"comma-separated alignment presets (default: all; --gpu: {GPU_PRESETS})")
-    a("--threads", type=count, default=torch.get_num_threads(), help="CPU threads; on a shared "
-      "machine use 1: OpenMP threads spin-wait whenever another job holds a core, so step times "
-      "swing tenfold")
+    a("--threads", type=count, default=torch.get_num_threads(),
+      help="CPU threads; on a shared machine use 1: OpenMP threads spin-wait whenever another job "
+      "holds a core, so step times swing tenfold")
     a("--warmup", type=at_least(0), help="untimed steps before the timed ones")
     a("--steps", type=count, help="timed steps; the median is reported")
     a("--sample-steps", type=count, help="Euler-Maruyama steps of the sampler")
     a("--sample-batch", type=count, help="samples per sampler call")
-    a("--cfg", type=float, default=1.8, help="guidance scale of the CFG sampler row (guided at "
-      "every step)")
+    a("--cfg", type=float, default=1.8,
+      help="guidance scale of the CFG sampler row (guided at every step)")
     a("--encoder-costs", default="", help="also time each encoder's forward (REPA names, "
       "comma-separated, or 'all': DINOv2 B/L/g and every other family's largest) on --batch-size "
       "random images with random weights, beside the vanilla SiT step")
@@ -208,8 +208,8 @@ def memory_now():
 
 
 def reset_peak_memory():
-    """Restart the high-water mark from the current use (on CPU, Linux's VmHWM reset through
-    clear_refs)."""
+    """Restart the high-water mark from the current use (on CPU, Linux's VmHWM
+    reset through clear_refs)."""
     gc.collect()
     if GPU:
         torch.cuda.reset_peak_memory_stats()
@@ -454,9 +454,8 @@ def on_device(device, fn, *args):
 def isolated(fn, *args):
     """fn(*args) in a fresh child process, so its peak memory and allocator state are its own."""
     # CUDA does not survive fork. On CPU a fork server that imported bench (and torch) once forks
-    # every child: a
-    # plain fork of a process that has run OpenMP work (an earlier test, say) hangs in the child's
-    # first parallel op.
+    # every child: a plain fork of a process that has run OpenMP work (an earlier test, say) hangs
+    # in the child's first parallel op.
     if GPU:
         context = multiprocessing.get_context("spawn")
     else:
@@ -482,13 +481,8 @@ def measure_encoder(args, name):
     """Forward FLOPs, median wall and CPU time of one frozen encoder on a batch of raw images
     (in a fresh process)."""
     enc = build_encoder(name, args.resolution, pretrained=False).to(DEVICE)
-    images = torch.randint(
-        0,
-        256,
-        (args.batch_size, 3, args.resolution, args.resolution),
-        dtype=torch.uint8,
-        device=DEVICE,
-    )
+    images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution),
+                           dtype=torch.uint8, device=DEVICE)
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
     # as train.py's step runs it
     with torch.autocast(DEVICE.type, dtype, enabled=args.precision != "fp32"):
@@ -522,11 +516,8 @@ def encoder_cost_rows(args, step):
 def print_encoder_costs(args, step):
     """The encoder-cost table of --encoder-costs; returns its rows."""
     rows = encoder_cost_rows(args, step)
-    print(
-        f"\nencoder forward (random weights, batch {args.batch_size}, {args.resolution} px; x "
-        "step: against the "
-        f"{step['preset']} SiT training step above)"
-    )
+    print(f"\nencoder forward (random weights, batch {args.batch_size}, {args.resolution} px; "
+          f"x step: against the {step['preset']} SiT training step above)")
     print_table(
         ["encoder", "M params", "GFLOP", "x step", "ms", "x step"]
         + ([] if GPU else ["cpu ms", "x step"]),
@@ -544,11 +535,8 @@ def random_parts(args):
     names = args.encoder.split(",")
     dinov2 = [n for n in names if canonical_name(n) != TINY_RANDOM]
     parts = ["SiT weights (fresh init)", "data (random uint8 images, latent moments, labels)"]
-    parts += (
-        [f"encoder {TINY_RANDOM} (a 16x16 conv, far cheaper than a ViT)"]
-        if len(dinov2) < len(names)
-        else []
-    )
+    parts += ([f"encoder {TINY_RANDOM} (a 16x16 conv, far cheaper than a ViT)"]
+              if len(dinov2) < len(names) else [])
     random_dinov2 = f"encoder weights ({', '.join(dinov2)}: real architecture, random init)"
     parts += [random_dinov2] if dinov2 and args.random_weights else []
     return parts + ([] if args.disc_pretrained else ["discriminator trunk (random ResNet-18)"])
@@ -558,12 +546,8 @@ def print_table(header, rows):
     """A plain right-aligned text table; the first column left-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
-        print(
-            "  ".join(
-                str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                for i, (x, w) in enumerate(zip(row, widths))
-            )
-        )
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                        for i, (x, w) in enumerate(zip(row, widths))))
 
 
 def main(args):
@@ -779,8 +763,8 @@ def markdown(args, report):
         f"RANDOM (the cost is the same): {'; '.join(s['random'])}. Encoder: {s['encoder']}.", "",
         f"- step time: median of {s['steps']} timed train.py `train_step`s after {s['warmup']} "
         "warm-up steps and one FLOP-counted (or compiling) step, CUDA-synchronised on a GPU; "
-        "SARA's discriminator update (one step in 5) falls out of the median; img/s: batch / "
-        "step time",
+        "SARA's discriminator update (one step in 5) falls out of the median; img/s: "
+        "batch / step time",
         f"- peak: {s['memory']}, reset per configuration",
         "- FLOPs: FlopCounterMode over one eager step, encoders included, per image times the "
         f"batch; MFU: those FLOPs per second over {s['peak_tflops']:g} TFLOP/s, the chip's dense "
@@ -893,8 +877,8 @@ def gpu_bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# analysis.py's CKNNA: time per SiT block at REPA's scale (random features: the cost does not depend
-# on them)
+# analysis.py's CKNNA: time per SiT block at REPA's scale (random features: the cost does not
+# depend on them)
 
 
 def cknna_table(args):
@@ -907,10 +891,8 @@ def cknna_table(args):
         f"bench.py: {device_name(args)}, torch {torch.__version__}; CKNNA (k={analysis.TOPK}) of "
         f"{blocks} blocks ({n} x {args.cknna_dim}) vs an encoder ({n} x {args.cknna_enc_dim}), fp32"
     )
-    print(
-        "RANDOM: Gaussian features stand in for pooled SiT and encoder features (the cost is the "
-        "same)"
-    )
+    print("RANDOM: Gaussian features stand in for pooled SiT and encoder features (the cost is "
+          "the same)")
     gen = torch.Generator(DEVICE).manual_seed(0)
     encoder = torch.randn(n, args.cknna_enc_dim, generator=gen, device=DEVICE)  # (N, D_enc)
     result = {}
@@ -920,11 +902,8 @@ def cknna_table(args):
     prep, score = [], []
     for _ in range(blocks):  # one block's features at a time, as analysis.py holds them
         block = torch.randn(n, args.cknna_dim, generator=gen, device=DEVICE)  # (N, H)
-        prep.append(
-            timed(
-                lambda: result.update(blk=analysis.neighbours(analysis.clamp_outliers(block)[0]))
-            )[0]
-        )
+        prep.append(timed(
+            lambda: result.update(blk=analysis.neighbours(analysis.clamp_outliers(block)[0])))[0])
         score.append(timed(analysis.cknna_from_neighbours, result["blk"], result["enc"])[0])
     rows = [["neighbours (encoder, once)", f"{sec_enc:.3f}"],
             ["clamp + neighbours per block", f"{statistics.median(prep):.3f}"],
@@ -934,8 +913,8 @@ def cknna_table(args):
     return rows
 
 
-# fid.py (python bench.py --fid): FID from statistics beside torch-fidelity, and whole-evaluation
-# time
+# fid.py (python bench.py --fid): FID from statistics beside torch-fidelity,
+# and whole-evaluation time
 
 # samples scored against ADM's 10k-image reference batch
 FID_EVAL_SIZES, FID_REF_IMAGES = (10_000, 50_000), 10_000
@@ -943,22 +922,14 @@ FID_EVAL_SIZES, FID_REF_IMAGES = (10_000, 50_000), 10_000
 
 def add_fid_args(p):
     a = p.add_argument
-    a(
-        "--fid", action="store_true",
-        help="time fid.py instead of training: FID from statistics and a whole evaluation",
-    )
-    a(
-        "--fid-dim", type=int, default=fid.POOL_DIM,
-        help="feature dimension of the FID statistics (pool3: 2048)",
-    )
-    a(
-        "--fid-stats-rows", type=int, default=10_000,
-        help="feature rows behind each set's statistics",
-    )
-    a(
-        "--fid-repeats", type=int, default=3,
-        help="timings per FID route, interleaved across routes; median shown",
-    )
+    a("--fid", action="store_true",
+      help="time fid.py instead of training: FID from statistics and a whole evaluation")
+    a("--fid-dim", type=int, default=fid.POOL_DIM,
+      help="feature dimension of the FID statistics (pool3: 2048)")
+    a("--fid-stats-rows", type=int, default=10_000,
+      help="feature rows behind each set's statistics")
+    a("--fid-repeats", type=int, default=3,
+      help="timings per FID route, interleaved across routes; median shown")
     a("--fid-images", type=int, help="256 px images timed through Inception")
     a("--fid-batch", type=int, help="images per Inception forward (ADM: 64)")
     a("--fid-pr-rows", type=int, help="rows per set of the timed precision/recall; larger sets "
@@ -1044,11 +1015,8 @@ def time_evaluation(args):
         torch.randn(FID_REF_IMAGES, fid.LOGITS_DIM, dtype=torch.float64), 1
     ).numpy()
     is_sec, _ = timed(fid.inception_score, probs)
-    return dict(
-        img_per_sec=inception_images_per_sec(args),
-        pr_sec=pr_sec,
-        is_per_image=is_sec / FID_REF_IMAGES,
-    )
+    return dict(img_per_sec=inception_images_per_sec(args), pr_sec=pr_sec,
+                is_per_image=is_sec / FID_REF_IMAGES)
 
 
 def fid_bench(args):
@@ -1066,21 +1034,11 @@ def fid_bench(args):
         (sec for route, (sec, _) in routes.items() if route.startswith("torch-fidelity")), None
     )
     adm = routes["fid.py sqrtm (ADM's exact route)"][1]
-    stats_rows = [
-        [
-            route,
-            f"{sec:.3f}",
-            "-" if ref_sec is None else f"{ref_sec / sec:.2f}",
-            f"{value:.9g}",
-            f"{abs(value - adm) / adm:.1e}",
-        ]
-        for route, (sec, value) in routes.items()
-    ]
-    print(
-        f"\nFID from statistics, {args.fid_dim}-d, {args.fid_stats_rows} rows per set, median of "
-        f"{args.fid_repeats} "
-        "interleaved runs (numpy/scipy on the CPU)"
-    )
+    stats_rows = [[route, f"{sec:.3f}", "-" if ref_sec is None else f"{ref_sec / sec:.2f}",
+                   f"{value:.9g}", f"{abs(value - adm) / adm:.1e}"]
+                  for route, (sec, value) in routes.items()]
+    print(f"\nFID from statistics, {args.fid_dim}-d, {args.fid_stats_rows} rows per set, median of "
+          f"{args.fid_repeats} interleaved runs (numpy/scipy on the CPU)")
     print_table(["route", "seconds", "x torch-fidelity", "FID", "rel. diff vs sqrtm"], stats_rows)
 
     cost = time_evaluation(args)
@@ -1097,13 +1055,10 @@ def fid_bench(args):
                           f"{inception + metrics:.0f}"])
     print(
         f"\nwhole evaluation of 256 px samples against a {FID_REF_IMAGES}-image reference "
-        "(Inception counts the"
-        " reference too: the first evaluation computes its features, later ones read the cache). "
-        "EXTRAPOLATED from"
-        f" {args.fid_images} images at {cost['img_per_sec']:.2f} img/s (batch {args.fid_batch}), "
-        "precision/recall"
-        f" timed at {args.fid_pr_rows} rows per set and scaled by pair count, sFID taken as FID's "
-        "time"
+        "(Inception counts the reference too: the first evaluation computes its features, later "
+        f"ones read the cache). EXTRAPOLATED from {args.fid_images} images at "
+        f"{cost['img_per_sec']:.2f} img/s (batch {args.fid_batch}), precision/recall timed at "
+        f"{args.fid_pr_rows} rows per set and scaled by pair count, sFID taken as FID's time"
     )
     print_table(["samples", "Inception s", "prec/recall s", "FID+sFID+IS s", "total s"], eval_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")

@@ -37,8 +37,8 @@ RANK_ERROR_DELAY = 3  # seconds a rank other than 0 waits before it repeats rank
 
 @contextlib.contextmanager
 def main_errors(script):
-    """Around a script's main: a UserError ends the process as `script: error: message`, exit status
-    1.
+    """Around a script's main: a UserError ends the process as `script: error: message`,
+    exit status 1.
 
     Under torchrun the ranks mostly hit the same error: rank 0 says it at once; another rank says it
     only if it is still alive RANK_ERROR_DELAY seconds later (torchrun stops every rank once one has
@@ -79,8 +79,8 @@ _host_group = None
 
 
 def init(device=None, timeout=None):
-    """(rank, world size, device): torchrun's environment (nccl on GPU, gloo on CPU) or a single
-    process.
+    """(rank, world size, device): torchrun's environment (nccl on GPU, gloo on CPU) or
+    a single process.
 
     device None picks this rank's GPU, or the CPU; timeout (a timedelta) bounds every collective.
     """
@@ -150,8 +150,8 @@ class StopRequest:
             StopRequest.stopping = True
             if ctrl_c:
                 logging.getLogger("train").info(  # rank 0 only: the others log warnings only
-                    "Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit at "
-                    "once)")
+                    "Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit "
+                    "at once)")
 
     def agreed(self, world):
         """Whether any rank was signalled; every rank gets the same answer (one host all-reduce of
@@ -213,14 +213,13 @@ def fsync_folder(folder):
 
 
 def write_atomic(path, write):
-    """Create path through write(binary file object) under a temporary name beside it, then rename
-    it in.
+    """Create path through write(binary file object) under a temporary name beside it, then
+    rename it in.
 
     The temporary name ends in .tmp, so folder scans for .png / .npy / .pt never pick it up, and an
     interrupted write leaves at worst a stray .tmp file, never a truncated output. The data is
-    fsynced
-    before the rename and the folder after it, so after a power cut path holds either the old or the
-    new file, never an empty or partial one.
+    fsynced before the rename and the folder after it, so after a power cut path holds either the
+    old or the new file, never an empty or partial one.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

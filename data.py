@@ -21,10 +21,12 @@ symlinked folders are followed. Run as `python data.py ...` or on all GPUs with
 `torchrun --nproc_per_node=N data.py ...`: each rank takes every N-th image. Resumable: re-running
 the same command skips every image whose latent file exists; each file is written under a
 temporary name and then renamed, so an interrupted run leaves no half-written file behind. A
-source image that does not decode is skipped, logged once and listed in dest/bad_files.txt;
-`python data.py --verify DEST` reads every prepared file back and lists the bad ones there, and
-the next run makes exactly the listed and the missing files again.
-`--dataset coco` makes the COCO layout the same way.
+source image that does not decode is skipped, logged once and listed in dest/bad_files.txt.
+`python data.py --verify DEST` reads every prepared file of either layout back in parallel
+(resumably) and lists the bad ones there, and the next run makes exactly the listed and the
+missing files again. `--dataset coco` makes the COCO layout the same way (a COCO source image
+that does not decode stops the run instead; --verify's listed files remake their whole image, its
+crop, moments and every caption's features).
 """
 
 import argparse
@@ -91,8 +93,8 @@ class BadSample(ValueError):
 
 
 def read_checked(path, shape, dtype, read):
-    """read(path) as an array of the given shape and dtype (np.uint8 images, np.floating moments,
-    finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
+    """read(path) as an array of the given shape and dtype (np.uint8 images, np.floating or one
+    float type, finite); BadSample saying why not (truncated, undecodable, wrong shape or dtype)."""
     try:
         array = read(path)
     except (ValueError, OSError, EOFError, SyntaxError) as e:  # truncated, undecodable, I/O
@@ -104,7 +106,7 @@ def read_checked(path, shape, dtype, read):
         raise BadSample(path, f"dtype {array.dtype}, expected {dtype.__name__}")
     if tuple(array.shape) != tuple(shape):
         raise BadSample(path, f"shape {tuple(array.shape)}, expected {tuple(shape)}")
-    if dtype is np.floating and not np.isfinite(array).all():
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(array).all():
         raise BadSample(path, "non-finite values")
     return array
 
@@ -216,12 +218,10 @@ class LatentImageDataset(Dataset):
 
 
 # Synthetic latents: 8x average-pooled colour in [-1, 1] mixed to luma and two colour-opponent
-# channels, plus the
-# 8x8 local contrast of luma as a fourth channel (it sees the stripes the pooling averages away);
-# centred and scaled
-# per channel with constants measured on this dataset so that x0 = mean * 0.18215 has about zero
-# mean and unit
-# variance, as SD-VAE latents do. The posterior std is a small constant: x0 noise of 0.05.
+# channels, plus the 8x8 local contrast of luma as a fourth channel (it sees the stripes the pooling
+# averages away); centred and scaled per channel with constants measured on this dataset so that
+# x0 = mean * 0.18215 has about zero mean and unit variance, as SD-VAE latents do. The posterior
+# std is a small constant: x0 noise of 0.05.
 SYNTH_MIX = torch.tensor([[0.299, 0.587, 0.114], [0.5, -0.5, 0.0], [-0.25, -0.25, 0.5]])
 SYNTH_CENTER = torch.tensor([-0.45, -0.017, 0.01, 0.045])  # feature means over 32-256 px
 SYNTH_SCALE = torch.tensor([0.15, 0.22, 0.18, 0.05])  # feature stds over 32-256 px
@@ -475,9 +475,10 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--verify", metavar="DEST", default=None,
-        help="instead of preparing: read back every image and latent file of DEST in parallel "
-        "(decode, shape, dtype, finite; resumable) and list the bad ones in DEST/bad_files.txt, "
-        "which the next preparation run makes again",
+        help="instead of preparing: read back every prepared file of DEST in parallel (images, "
+        "latents and, for COCO, every caption's features and the null caption's: decode, shape, "
+        "dtype, finite; resumable) and list the bad ones in DEST/bad_files.txt, which the next "
+        "preparation run makes again",
     )
     p.add_argument(
         "--source",
@@ -657,11 +658,10 @@ def prepare(args):
     A source image that does not decode is skipped, said once and listed in dest/bad_files.txt; the
     images listed there by --verify are made again, with the missing ones."""
     paths, labels, classes = list_source(args.source, args.max_images)
-    # a resumed run can leave one rank hours of work behind the others: the final barrier must wait
-    # that long
+    # a resumed run can leave one rank hours of work behind the others: the final barrier waits
     rank, world, device = cluster.init(args.device, timeout=datetime.timedelta(hours=24))
     images_dir, latents_dir = os.path.join(args.dest, "images"), os.path.join(args.dest, "vae-sd")
-    remake = {i for i in listed_bad(args.dest)[1] if i < len(paths)}  # found by --verify
+    remake = {i for i in listed_bad(args.dest, imagenet_key)[1] if i < len(paths)}  # by --verify
     mine = range(rank, len(paths), world)  # strided shard: every rank gets a spread of classes
     pending = [(i, os.path.join(args.source, paths[i])) for i in mine
                if i in remake or not os.path.exists(os.path.join(latents_dir, output_names(i)[1]))]
@@ -725,20 +725,25 @@ def pending_path(pending, idx):
 
 
 # ----------------------------------------------------------------------------------------------
-# The list of bad files, and `data.py --verify DEST`: every prepared file read back in parallel
+# The list of bad files, and `data.py --verify DEST`: every prepared file read back in parallel.
+# A layout (ImageNetFiles here, CocoFiles in the COCO section) groups a folder's files by what one
+# preparation step makes (an image index, a COCO image, the null caption): its keys, the files of
+# a key as (path in dest, kind) and the (shape, dtype, read) each kind must pass; key(path) is the
+# key a bad file's path names, which the next preparation run makes again.
 
 BAD_FILES = "bad_files.txt"  # in dest: "path<TAB>reason" per unreadable source or prepared file
 PREPARED = re.compile(r"(images|vae-sd)/\d{5}/img(?:-mean-std-)?(\d{8})\.(?:png|npy)")
 
 
-def listed_bad(dest):
-    """(entries [(path, reason)], indices of the prepared files among them) of dest's bad list."""
+def listed_bad(dest, key):
+    """(entries [(path, reason)], the keys of the prepared files among them) of dest's bad list;
+    key(path): a layout's key of a prepared file, None for another path (a source image)."""
     path = os.path.join(dest, BAD_FILES)
     if not os.path.isfile(path):
         return [], set()
     with open(path) as f:
         entries = [tuple(line.rstrip("\n").split("\t", 1)) for line in f if "\t" in line]
-    return entries, {int(m.group(2)) for p, _ in entries if (m := PREPARED.fullmatch(p))}
+    return entries, {k for p, _ in entries if (k := key(p)) is not None}
 
 
 def write_bad_list(dest, entries):
@@ -751,51 +756,97 @@ def write_bad_list(dest, entries):
         os.remove(path)
 
 
-class PreparedFiles(Dataset):
-    """For each index of a prepared folder, the "path<TAB>reason" of its files that do not read
-    back as data (missing, truncated, undecodable, wrong shape or dtype, non-finite)."""
+def image_checks(side):
+    """The (shape, dtype, read) a crop and its VAE moments must pass at this side."""
+    return {"image": ((3, side, side), np.uint8, load_image),
+            "moments": ((8, side // 8, side // 8), np.floating, np.load)}
 
-    def __init__(self, dest, indices, shapes):
-        self.dest, self.indices, self.shapes = dest, indices, shapes
+
+def first_side(dest, file_lists):
+    """Side of the first crop in dest that reads with its moments: every crop must have it.
+    file_lists: layout.files(key) of image keys, the crop first and the moments second."""
+    for (image, _), (moments, _), *_ in file_lists:
+        try:
+            side = load_image(os.path.join(dest, image)).shape[-1]
+            np.load(os.path.join(dest, moments), mmap_mode="r")
+            return side
+        except (ValueError, OSError, EOFError, SyntaxError):
+            continue
+    raise UserError(f"--verify {dest}: not one image and latent file there reads: run data.py "
+                    "again")
+
+
+def imagenet_key(path):
+    """The image index a path of the ImageNet layout names (None: no prepared file)."""
+    m = PREPARED.fullmatch(path)
+    return int(m.group(2)) if m else None
+
+
+class ImageNetFiles:
+    """--verify's view of the REPA layout: key = image index -> images/ PNG, vae-sd/ moments."""
+
+    key = staticmethod(imagenet_key)
+
+    def __init__(self, dest):
+        """Every index with a file under images/ or vae-sd/ or named by vae-sd/dataset.json."""
+        images_dir, latents_dir = os.path.join(dest, "images"), os.path.join(dest, "vae-sd")
+        found = [imagenet_key(f"{os.path.basename(d)}/{n}".replace("\\", "/"))
+                 for d in (images_dir, latents_dir) for n in list_files(d)]
+        indices = {i for i in found if i is not None}
+        labels = os.path.join(latents_dir, "dataset.json")
+        if os.path.isfile(labels):  # the files it names, present or not
+            with open(labels, "rb") as f:
+                named = [imagenet_key(f"vae-sd/{n}") for n, _ in json.load(f)["labels"]]
+            indices |= {i for i in named if i is not None}
+        if not indices:
+            raise UserError(f"--verify {dest}: no image or latent files there")
+        self.keys = sorted(indices)
+        self.checks = image_checks(first_side(dest, map(self.files, self.keys)))
+
+    def files(self, idx):
+        image, latent = output_names(idx)
+        return [(f"images/{image}", "image"), (f"vae-sd/{latent}", "moments")]
+
+
+def prepared_layout(dest):
+    """The layout of a folder data.py prepared; a one-line UserError for any other folder."""
+    if is_coco(dest):
+        return CocoFiles(dest)
+    if all(os.path.isdir(os.path.join(dest, d)) for d in ("images", "vae-sd")):
+        return ImageNetFiles(dest)
+    raise UserError(f"--verify {dest}: no images/ and vae-sd/ folders there (ImageNet) and no "
+                    "dataset.json or empty_context.npy of COCO's: give a folder data.py prepared")
+
+
+class PreparedFiles(Dataset):
+    """For each key of a prepared folder's layout, the "path<TAB>reason" of its files that do not
+    read back as data (missing, truncated, undecodable, wrong shape or dtype, non-finite)."""
+
+    def __init__(self, dest, indices, layout):
+        self.dest, self.indices, self.layout = dest, indices, layout
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k):
         found = []
-        for folder, name, shape, dtype, read in zip(
-            ("images", "vae-sd"), output_names(self.indices[k]), self.shapes,
-            (np.uint8, np.floating), (load_image, np.load),
-        ):
-            rel = f"{folder}/{name}"
+        for rel, kind in self.layout.files(self.indices[k]):
             path = os.path.join(self.dest, rel)
             try:
                 if not os.path.isfile(path):
                     raise BadSample(path, "missing")
-                read_checked(path, shape, dtype, read)
+                read_checked(path, *self.layout.checks[kind])
             except BadSample as e:
                 found.append(f"{rel}\t{e.reason}")
         return found
 
 
 def verify(dest, workers, chunk=4096):
-    """Read back every image and latent file of dest in parallel (workers processes), chunk by
-    chunk, saving progress after each (a re-run continues); write the bad ones to bad_files.txt."""
-    images_dir, latents_dir = os.path.join(dest, "images"), os.path.join(dest, "vae-sd")
-    if not os.path.isdir(images_dir) or not os.path.isdir(latents_dir):
-        raise UserError(f"--verify {dest}: no images/ and vae-sd/ folders there: give a folder "
-                        "data.py prepared")
-    found = [PREPARED.fullmatch(f"{os.path.basename(d)}/{n}".replace("\\", "/"))
-             for d in (images_dir, latents_dir) for n in list_files(d)]
-    indices = sorted({int(m.group(2)) for m in found if m})
-    labels = os.path.join(latents_dir, "dataset.json")
-    if os.path.isfile(labels):  # the files it names, present or not
-        with open(labels, "rb") as f:
-            named = [PREPARED.fullmatch(f"vae-sd/{n}") for n, _ in json.load(f)["labels"]]
-        indices = sorted(set(indices) | {int(m.group(2)) for m in named if m})
-    if not indices:
-        raise UserError(f"--verify {dest}: no image or latent files there")
-    shapes = reference_shapes(dest, indices)
+    """Read back every prepared file of dest (either layout) in parallel (workers processes), chunk
+    by chunk, saving progress after each (a re-run continues); write the bad ones to
+    bad_files.txt and return them as (path, reason) pairs."""
+    layout = prepared_layout(dest)
+    indices = layout.keys
     progress_path = os.path.join(dest, "verify-progress.json")
     progress = {"indices": len(indices), "checked": 0, "bad": []}
     if os.path.isfile(progress_path):
@@ -807,7 +858,7 @@ def verify(dest, workers, chunk=4096):
     with tqdm(total=len(indices), initial=progress["checked"], unit="img") as bar:
         while progress["checked"] < len(indices):
             part = indices[progress["checked"]:progress["checked"] + chunk]
-            loader = DataLoader(PreparedFiles(dest, part, shapes), batch_size=64,
+            loader = DataLoader(PreparedFiles(dest, part, layout), batch_size=64,
                                 num_workers=workers, collate_fn=list)
             for batch in loader:
                 for lines in batch:
@@ -816,32 +867,18 @@ def verify(dest, workers, chunk=4096):
             progress["checked"] += len(part)
             with cluster.disk_errors(dest):
                 write_json(progress_path, progress)
-    sources = [e for e in listed_bad(dest)[0] if not PREPARED.fullmatch(e[0])]
+    sources = [e for e in listed_bad(dest, layout.key)[0] if layout.key(e[0]) is None]
     bad = [tuple(line.split("\t", 1)) for line in progress["bad"]]
     write_bad_list(dest, sources + bad)
     os.remove(progress_path)
+    total = sum(len(layout.files(k)) for k in indices)
     if bad:
-        print(f"data.py --verify: {len(bad)} of the {2 * len(indices)} files in {dest} do not read "
-              f"back, listed in {os.path.join(dest, BAD_FILES)}: run the data.py command that "
-              "made the folder again to make exactly those again")
+        print(f"data.py --verify: {len(bad)} of the {total} files in {dest} do not read back, "
+              f"listed in {os.path.join(dest, BAD_FILES)}: run the data.py command that made the "
+              "folder again to make exactly those again")
     else:
-        print(f"data.py --verify: all {2 * len(indices)} files in {dest} read back as data")
+        print(f"data.py --verify: all {total} files in {dest} read back as data")
     return bad
-
-
-def reference_shapes(dest, indices):
-    """(image, moments) shapes every file must have: those of the first pair that reads."""
-    for i in indices:
-        image_name, latent_name = output_names(i)
-        try:
-            image = load_image(os.path.join(dest, "images", image_name))
-            np.load(os.path.join(dest, "vae-sd", latent_name), mmap_mode="r")
-        except (ValueError, OSError, EOFError, SyntaxError):
-            continue
-        r = image.shape[-1]
-        return (3, r, r), (8, r // 8, r // 8)
-    raise UserError(f"--verify {dest}: not one image and latent file there reads: run data.py "
-                    "again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -875,6 +912,9 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers, U-ViT and REPA clamp logvar to this b
 LATENT_FILE, IMAGE_FILE, CAPTION_FILE = (
     re.compile(r"(\d+)\.npy"), re.compile(r"(\d+)\.png"), re.compile(r"(\d+)_(\d+)\.npy"),
 )
+NULL_KEY = "empty_context"  # --verify's key of the null caption's features (image i's: "train/i")
+COCO_PREPARED = re.compile(  # a prepared file's path in dest: (image "split/i", the null's)
+    rf"((?:{'|'.join(COCO_SPLITS)})/\d+)(?:_\d+)?\.(?:png|npy)|({NULL_KEY})\.npy")
 
 
 def coco_splits(text):
@@ -1029,19 +1069,20 @@ def prepare_coco(args):
     dtype = np.float16 if args.text_fp16 else np.float32
     meta_path = os.path.join(args.dest, "dataset.json")
     meta = resumed_meta(args.dest, coco_settings(args, text))
+    entries, remake = listed_bad(args.dest, coco_key)  # found by --verify: made again
     cluster.barrier(world)  # every rank has read the old json before rank 0 writes
     if rank == 0:
         write_json(meta_path, meta)
         null = os.path.join(args.dest, "empty_context.npy")
-        if not os.path.exists(null):
+        if NULL_KEY in remake or not os.path.exists(null):
             save_npy(null, text_features(text, [""], dtype)[0])  # (77, D)
     vae = None
     for split, items in splits.items():
         folder, source = os.path.join(args.dest, split), os.path.join(args.source, f"{split}2014")
         mine = range(rank, len(items), world)
         # the moments are written last: they mark image i done
-        pending = [(i, os.path.join(source, items[i][1])) for i in mine
-                   if not os.path.exists(os.path.join(folder, f"{i}.npy"))]
+        pending = [(i, os.path.join(source, items[i][1])) for i in mine if f"{split}/{i}" in remake
+                   or not os.path.exists(os.path.join(folder, f"{i}.npy"))]
         if rank == 0:
             log.info("%s: %d images; rank 0 of %d: %d to do, %d already written", split,
                      len(items), world, len(pending), len(mine) - len(pending))
@@ -1060,7 +1101,8 @@ def prepare_coco(args):
                                     f"decode ({reason}): replace it with COCO's file, then run "
                                     "the same command again")
             for i, image in zip(indices, images):
-                if not os.path.exists(png := os.path.join(folder, f"{i}.png")):
+                png = os.path.join(folder, f"{i}.png")
+                if f"{split}/{i}" in remake or not os.path.exists(png):
                     save_png(png, image, args.png_compress)
             features = iter(text_features(text, [c for i in indices for c in items[i][2]], dtype))
             for i in indices:
@@ -1077,7 +1119,64 @@ def prepare_coco(args):
                                      "captions": sum(len(c) for *_, c in items)}
             write_json(meta_path, meta)
             log.info("%s: wrote %d images to %s", split, len(items), folder)
+    if rank == 0:  # the listed files of these splits and the null are made again: off the list
+        made = {*args.splits, NULL_KEY}
+        write_bad_list(args.dest, [(p, r) for p, r in entries
+                                   if (k := coco_key(p)) is None or k.split("/")[0] not in made])
     cluster.close(world)
+
+
+def coco_key(path):
+    """--verify's key of a path of the COCO layout: "split/i" for the files of image i, NULL_KEY
+    for the null caption's, None for another path."""
+    m = COCO_PREPARED.fullmatch(path)
+    return (m[1] or m[2]) if m else None
+
+
+class CocoFiles:
+    """--verify's view of the COCO layout: key "split/i" -> image i's crop, moments and the
+    features of each of its captions; NULL_KEY -> empty_context.npy. Sizes and the feature dtype
+    come from dataset.json (a U-ViT folder has none: the first crop that reads, the null's width,
+    float32), the captions per image from captions.json (a split still being made: its files)."""
+
+    key = staticmethod(coco_key)
+
+    def __init__(self, dest):
+        meta = coco_meta(dest)
+        self.captions = {}  # "split/i" -> the number of caption files image i must have
+        for split in COCO_SPLITS:
+            folder = os.path.join(dest, split)
+            if not os.path.isdir(folder):
+                continue
+            found = {}  # image -> 1 + its highest caption index on disk (1 with none: COCO's least)
+            for name in os.listdir(folder):
+                if m := CAPTION_FILE.fullmatch(name):
+                    found[int(m[1])] = max(found.get(int(m[1]), 1), int(m[2]) + 1)
+                elif m := LATENT_FILE.fullmatch(name) or IMAGE_FILE.fullmatch(name):
+                    found.setdefault(int(m[1]), 1)
+            listed = os.path.join(folder, "captions.json")
+            if os.path.isfile(listed):  # every image of the split, made or not
+                found.update((i, len(c)) for i, (*_, c) in enumerate(read_json(listed)))
+            self.captions.update((f"{split}/{i}", n) for i, n in sorted(found.items()))
+        if not self.captions:
+            raise UserError(f"--verify {dest}: no image files in a train/ or val/ folder there: "
+                            f"{COCO_HINT}")
+        self.keys = [NULL_KEY, *self.captions]
+        side = meta.get("resolution") or first_side(dest, map(self.files, self.keys[1:]))
+        try:
+            dim = meta.get("text_dim") or np.load(os.path.join(dest, "empty_context.npy"),
+                                                  mmap_mode="r").shape[-1]
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"--verify {dest}: no text_dim in a dataset.json and empty_context.npy "
+                            f"does not read ({type(e).__name__}): {COCO_HINT}") from e
+        text = np.dtype(meta.get("text_dtype", "float32")).type
+        self.checks = {**image_checks(side), "text": ((encoders.TEXT_TOKENS, dim), text, np.load)}
+
+    def files(self, key):
+        if key == NULL_KEY:
+            return [("empty_context.npy", "text")]
+        return [(f"{key}.png", "image"), (f"{key}.npy", "moments"),
+                *((f"{key}_{k}.npy", "text") for k in range(self.captions[key]))]
 
 
 def mean_std(moments, convention):

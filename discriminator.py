@@ -68,11 +68,9 @@ class AllReduceSum(torch.autograd.Function):
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch, summed over the ranks.
 
-    torch.nn.SyncBatchNorm runs on CUDA only; this one all-reduces per-channel sums
-    (gloo or NCCL) with a
-    backward that all-reduces their gradients, so every rank's gradient is its share of the
-    one-process
-    gradient, as DDP expects. Outside a process group it is a plain BatchNorm2d.
+    torch.nn.SyncBatchNorm runs on CUDA only; this one all-reduces per-channel sums (gloo or NCCL)
+    with a backward that all-reduces their gradients, so every rank's gradient is its share of the
+    one-process gradient, as DDP expects. Outside a process group it is a plain BatchNorm2d.
     """
 
     def forward(self, x):

@@ -1,27 +1,20 @@
-"""The frozen networks: representation encoders for the alignment losses and the SD-VAE of the
-latents.
+"""The frozen networks: representation encoders for the alignment losses and the SD-VAE
+of the latents.
 
-Encoders: every encoder REPA's --enc-type knows (DINOv2 S/B/L/g with
-and without registers, DINOv1-B, MoCo v3 S/B/L, MAE-L, CLIP-L, I-JEPA-H) and a tiny random
-encoder for smoke runs.
+Encoders: every encoder REPA's --enc-type knows (DINOv2 S/B/L/g with and without registers,
+DINOv1-B, MoCo v3 S/B/L, MAE-L, CLIP-L, I-JEPA-H) and a tiny random encoder for smoke runs.
 
 Every encoder takes the raw uint8 images (B, 3, H, W) and returns patch tokens (B, (H/16)^2,
-embed_dim), with REPA's
-preprocessing done inside (train.py's preprocess_raw_image) and REPA's choice of tokens
-(utils.load_encoders and the
-token slicing in train.py); FAMILIES below lists both per family. Names follow REPA's --enc-type
-("mae-vit-l",
-"dinov2reg-vit-b", alias "dinov2-vit-b-reg"), comma-separated for several encoders at once;
-"tiny-random" for smoke
-runs and tests. The architectures are timm ViTs; so are the weights wherever timm publishes them
-(all but MoCo v3,
-whose official checkpoint is passed as a local file).
+embed_dim), with REPA's preprocessing done inside (train.py's preprocess_raw_image) and REPA's
+choice of tokens (utils.load_encoders and the token slicing in train.py); FAMILIES below lists both
+per family. Names follow REPA's --enc-type ("mae-vit-l", "dinov2reg-vit-b", alias
+"dinov2-vit-b-reg"), comma-separated for several encoders at once; "tiny-random" for smoke runs and
+tests. The architectures are timm ViTs; so are the weights wherever timm publishes them (all but
+MoCo v3, whose official checkpoint is passed as a local file).
 
 SD-VAE (at the end): maps 256 px images to 4x32x32 latents. data.py encodes with it, train.py and
-sample.py
-decode with it. The latent convention is REPA's: images in [-1, 1], posterior [mean, std] stored
-per image, and
-the diffusion model sees x0 = (mean + std * eps) * 0.18215.
+sample.py decode with it. The latent convention is REPA's: images in [-1, 1], posterior [mean, std]
+stored per image, and the diffusion model sees x0 = (mean + std * eps) * 0.18215.
 
 Text encoder (at the very end, text-to-image only): CLIP ViT-L/14's text transformer through
 transformers, captions -> (B, 77, 768) token features, the empty caption's as the null condition;
@@ -161,21 +154,19 @@ FAMILIES = {
         weights_hint="dinov2_vit{s}14_reg4_pretrain.pth (facebookresearch/dinov2)",
     ),
     # DINOv1 ViT-B/16 at 256 px: final-norm patch tokens (REPA's models/dinov1.py is not published;
-    # this is what
-    # the DINO repo's get_intermediate_layers returns, class token dropped)
+    # this is what the DINO repo's get_intermediate_layers returns, class token dropped)
     "dinov1": Family(
         {"b": "vit_base_patch16_224.dino"},
         patch=16, resize=False, final_norm=True,
         weights_hint="dino_vitbase16_pretrain.pth (facebookresearch/dino)",
     ),
     # MoCo v3 at 256 px (REPA's models/mocov3_vit.py): forward_features, i.e. after the final norm,
-    # class dropped.
-    # timm publishes no MoCo v3 weights: these are architectures only
+    # class dropped. timm publishes no MoCo v3 weights: these are architectures only
     "mocov3": Family(
         {"s": "vit_small_patch16_224", "b": "vit_base_patch16_224", "l": "vit_large_patch16_224"},
         patch=16, resize=False, final_norm=True,
-        weights_hint="the MoCo v3 ViT-{S}/16 checkpoint REPA uses (its ckpts/mocov3_vit{s}.pth, "
-                     "from LTH14/rcg)",
+        weights_hint="the MoCo v3 ViT-{S}/16 checkpoint REPA uses "
+                     "(its ckpts/mocov3_vit{s}.pth, from LTH14/rcg)",
     ),
     # MAE ViT-L/16 at 256 px (REPA's models/mae_vit.py): the last block's output WITHOUT the final
     # norm, class dropped
@@ -184,13 +175,12 @@ FAMILIES = {
         patch=16, resize=False, final_norm=False,
         weights_hint="mae_pretrain_vit_large.pth (facebookresearch/mae)",
     ),
-    # CLIP ViT-L/14 (REPA's models/clip_vit.py): ln_pre, the transformer, no ln_post and no proj,
-    # class dropped
+    # CLIP ViT-L/14 (REPA's models/clip_vit.py): ln_pre, the transformer, no ln_post and no
+    # proj, class dropped
     "clip": Family(
         {"l": "vit_large_patch14_clip_quickgelu_224.openai"},
         patch=14, resize=True, final_norm=False,
-        weights_hint="ViT-L-14.pt (openai/CLIP)",
-        clip=True,
+        weights_hint="ViT-L-14.pt (openai/CLIP)", clip=True,
     ),
     # I-JEPA ViT-H/14 (REPA's models/jepa.py): the context encoder after its final norm; no class
     # token, 224 px
@@ -264,8 +254,8 @@ class ViTEncoder(FrozenEncoder):
     """A timm ViT of one REPA family returning the tokens REPA aligns to, for raw uint8 images."""
 
     def __init__(self, name, resolution=256, pretrained=True, weights=None, **arch):
-        """Canonical name; weights from a local file, else timm's download, else random
-        (pretrained=False).
+        """Canonical name; weights from a local file, else timm's download, else
+        random (pretrained=False).
 
         arch: timm keyword overrides (depth, embed_dim, num_heads, ...) for reduced test variants
         of a family.
@@ -281,8 +271,7 @@ class ViTEncoder(FrozenEncoder):
                 f"px (REPA: 256, or 512 with DINOv2 only), got {resolution}"
             )
         # the pos-embed is resampled to this grid from the checkpoint's (bicubic, antialiased, class
-        # position kept:
-        # timm's resample_abs_pos_embed, the call REPA makes on every checkpoint)
+        # position kept: timm's resample_abs_pos_embed, the call REPA makes on every checkpoint)
         input_size = fam.patch * 16 * (resolution // 256) if fam.resize else resolution
         kwargs = dict(img_size=input_size, num_classes=0)
         if name == "mocov3-vit-s":
@@ -296,11 +285,8 @@ class ViTEncoder(FrozenEncoder):
                 timm.create_model(tname.split(".")[0], pretrained=False, **kwargs), weights, family
             )
         elif pretrained and "." not in tname:  # no pretrained tag: timm has the architecture only
-            raise RuntimeError(
-                f"timm publishes no weights for {name}: download {hint} and pass it as a local "
-                "file "
-                "(--enc-weights)"
-            )
+            raise RuntimeError(f"timm publishes no weights for {name}: download {hint} and pass it "
+                               "as a local file (--enc-weights)")
         elif pretrained:
             try:
                 model = from_hub(lambda: timm.create_model(tname, pretrained=True, **kwargs),
@@ -313,8 +299,7 @@ class ViTEncoder(FrozenEncoder):
                 raise RuntimeError(
                     f"could not load the pretrained weights of {name} ({tname}) through timm: "
                     f"{type(e).__name__}: {e}. Check the network or the Hugging Face cache, or "
-                    f"download {hint} "
-                    "and pass it as a local file (--enc-weights / weights=...)"
+                    f"download {hint} and pass it as a local file (--enc-weights / weights=...)"
                 ) from e
         else:
             log.warning(
@@ -361,8 +346,8 @@ def read_checkpoint(path):
 
 
 def mocov3_state_dict(state):
-    """Official MoCo v3 checkpoint ({'state_dict': {'module.base_encoder.*'}}) -> the timm ViT's
-    keys.
+    """Official MoCo v3 checkpoint ({'state_dict': {'module.base_encoder.*'}}) -> the
+    timm ViT's keys.
 
     As REPA's fix_mocov3_state_dict: keep the base encoder without its head, undo the checkpoint's
     blocks.13/14 norm13 / fc13 / norm14 / fc14 naming bug.
@@ -393,9 +378,8 @@ def load_weights(model, path, family):
     try:
         if family == "mocov3":
             state = mocov3_state_dict(state)
-        # converts the official DINOv2 / CLIP / MAE ('model') / I-JEPA ('encoder') layouts,
-        # resamples the pos-embed
-        # CLIP's are fp16
+        # converts the official DINOv2 / CLIP / MAE ('model') / I-JEPA ('encoder') layouts and
+        # resamples the pos-embed; float32, as CLIP's are fp16
         state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}
         # CLIP's proj becomes a head; REPA's tokens come before it
         if isinstance(model.head, nn.Identity):
@@ -451,10 +435,9 @@ def build_encoder(name, resolution=256, pretrained=True, weights=None, **arch):
 
 def load_encoders(spec, device, resolution=256, weights=None, pretrained=True):
     """REPA's --enc-type spec ('dinov2-vit-b,dinov2-vit-l') -> list of frozen eval encoders."""
-    # weights: None, or local checkpoint files comma-separated in the order of spec
-    # (an empty entry downloads);
-    # pretrained=False builds the architectures with random weights (tests)
-    # all names checked before any download
+    # weights: None, or local checkpoint files comma-separated in the order of spec (an empty entry
+    # downloads); pretrained=False builds the architectures with random weights (tests). All names
+    # are checked before any download.
     names = [canonical_name(n) for n in spec.split(",") if n.strip()]
     if not names:
         raise ValueError(
@@ -504,8 +487,8 @@ def load_vae(name, device="cpu"):
         except OSError as e:  # diffusers' message spans lines; keep the first and say what to do
             raise OSError(
                 f"cannot load the SD-VAE {name!r} ({VAES.get(name, name)}): "
-                f"{str(e).splitlines()[0]} "
-                "Use ema / mse with network access, or a local diffusers folder"
+                f"{str(e).splitlines()[0]} Use ema / mse with network access, or a local diffusers "
+                "folder"
             ) from e
     return vae.to(device).eval().requires_grad_(False)
 
@@ -603,22 +586,30 @@ class TextEncoder(nn.Module):
         return self.encode([""])
 
 
-def tiny_text_encoder(dim=32, seed=0):
-    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code (every byte one token,
-    no merges) and a 2-layer random CLIPTextModel, the same weights every time."""
+def tiny_tokenizer():
+    """Smoke runs and tests only: a byte-level CLIPTokenizer built in code, offline (every byte one
+    token, no merges; ids: start 0, end 1, the 256 byte symbols, then each as a word's last)."""
     from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_text_encoder(dim=32, seed=0):
+    """Smoke runs and tests only: tiny_tokenizer and a 2-layer random CLIPTextModel, the same
+    weights every time."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     log.warning(
         "text encoder tiny-random: a TINY RANDOMLY INITIALISED CLIP text model with a byte-level "
         "vocabulary, NOT CLIP; its text conditioning is meaningless outside smoke runs and tests"
     )
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {s: i for i, s in enumerate(specials + chars + [c + "</w>" for c in chars])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = tiny_tokenizer()
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=TEXT_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

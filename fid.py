@@ -10,16 +10,12 @@ number computed here can sit next to a published one:
   * The ADM reference-batch npz: arr_0 (uint8 N,H,W,3) plus optional mu, sigma, mu_s, sigma_s.
 
 FID's tr sqrt(sigma1 sigma2) uses symmetric eigensolvers by default (--fid-route eigh, equal to
-ADM's
-sqrtm to rounding and several times faster); --fid-route sqrtm is ADM's computation exactly.
+ADM's sqrtm to rounding and several times faster); --fid-route sqrtm is ADM's computation exactly.
 
 Usage:
-    python fid.py REF.npz SAMPLES.npz                          # SAMPLES may also be a folder
-    (tree) of PNGs
-    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz     # the same numbers, the network
-    sharded over ranks
-    python fid.py --write-ref OUT.npz IMAGES                    # build an ADM-format reference
-    batch
+    python fid.py REF.npz SAMPLES.npz                # SAMPLES may also be a folder (tree) of PNGs
+    torchrun --nproc_per_node=8 fid.py REF.npz SAMPLES.npz   # the same numbers, sharded over ranks
+    python fid.py --write-ref OUT.npz IMAGES         # build an ADM-format reference batch
 """
 
 import argparse
@@ -461,8 +457,8 @@ class RunningGaussian:
         """Add a (B,D) batch of features."""
         x = feats.double()
         if self.shift is None:
-            # centring on the first batch's mean keeps the raw second moment from cancelling
-            # catastrophically
+            # centring on the first batch's mean keeps the raw second moment from
+            # cancelling catastrophically
             self.shift = x.mean(0)  # D
             self.total = torch.zeros_like(self.shift)  # D
             self.scatter = x.new_zeros(x.shape[1], x.shape[1])  # D,D
@@ -496,15 +492,15 @@ def in_batch_order(outputs, world, device):
     its own outputs.
 
     Rank r holds batches r, r + world, ...: round k all-gathers batch k * world + r from every
-    rank r (rows padded
-    to the round's largest batch), so every rank sees all batches, whole and in order.
+    rank r (rows padded to the round's largest batch), so every rank sees all batches, whole
+    and in order.
     """
     if world == 1:
         yield from outputs
         return
     widths = (POOL_DIM, SPATIAL_DIM, LOGITS_DIM)
     for mine in itertools.chain(outputs, itertools.repeat(None)):
-        # B,5079
+        # (B, 5079): pool3, spatial and logits side by side
         rows = torch.zeros(0, sum(widths), device=device) if mine is None else torch.cat(mine, 1)
         counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
         dist.all_gather(counts, torch.tensor([len(rows)], device=device))
@@ -521,12 +517,12 @@ def in_batch_order(outputs, world, device):
 
 @torch.inference_mode()
 def extract_features(model, batches, device="cpu", total=None, world=1):
-    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits, streams the
-    statistics.
+    """Run the network over uint8 (B,H,W,3) numpy batches; keeps pool3 and logits,
+    streams the statistics.
 
-    world > 1 (under torchrun): `batches` is this rank's share,
-    ImageSet.batches(..., rank, world); every rank
-    returns the Features of all images, identical to a single process's given the same batch size.
+    world > 1 (under torchrun): `batches` is this rank's share, ImageSet.batches(..., rank, world);
+    every rank returns the Features of all images, identical to a single process's given the same
+    batch size.
     """
     pool_stats, spatial_stats = RunningGaussian(), RunningGaussian()
     pools, logits = [], []
@@ -556,23 +552,22 @@ FID_ROUTES = ("eigh", "sqrtm")
 
 def psd_eigenvalues(values):
     """Eigenvalues of a symmetric PSD matrix with those within rounding of 0 set to 0; None if any
-    is non-finite
-    or negative beyond rounding (numpy's matrix_rank tolerance: size * eps * largest magnitude)."""
+    is non-finite or negative beyond rounding (numpy's matrix_rank tolerance:
+    size * eps * largest magnitude)."""
     if not np.isfinite(values).all():
         return None
     tol = len(values) * np.finfo(np.float64).eps * np.abs(values).max()
-    # a zero eigenvalue comes out as +-1e-15 or so; its square root, 3e-8, times hundreds would bias
-    # FID
+    # a zero eigenvalue comes out as +-1e-15 or so; its square root, 3e-8, times hundreds
+    # would bias FID
     return None if values.min() < -tol else np.where(values > tol, values, 0)
 
 
 def covariance_factor(sigma):
-    """F (D,D) with F @ F.T = sigma: Cholesky when sigma is positive definite, else U sqrt(lambda)
-    from eigh.
+    """F (D,D) with F @ F.T = sigma: Cholesky when sigma is positive definite, else
+    U sqrt(lambda) from eigh.
 
-    None when sigma has eigenvalues that are non-finite or negative beyond rounding. Compute it
-    once for a
-    reference and pass it to every fid_from_stats(..., factor2=F) against that reference.
+    None when sigma has eigenvalues that are non-finite or negative beyond rounding. Compute it once
+    for a reference and pass it to every fid_from_stats(..., factor2=F) against that reference.
     """
     try:
         return scipy.linalg.cholesky(sigma, lower=True)
@@ -584,9 +579,8 @@ def covariance_factor(sigma):
 
 def trace_sqrt_product(sigma1, factor2):
     """tr sqrt(sigma1 sigma2) from sigma2 = F F^T: F^T sigma1 F is symmetric PSD with the
-    eigenvalues of sigma1 sigma2,
-    so a symmetric eigensolver (values only) replaces sqrtm; None when those eigenvalues are not
-    PSD to rounding."""
+    eigenvalues of sigma1 sigma2, so a symmetric eigensolver (values only) replaces sqrtm; None when
+    those eigenvalues are not PSD to rounding."""
     product = factor2.T @ sigma1 @ factor2  # D,D
     values = psd_eigenvalues(scipy.linalg.eigh(product, eigvals_only=True, driver="evd"))
     return None if values is None else np.sqrt(values).sum()
@@ -611,14 +605,13 @@ def trace_sqrtm(sigma1, sigma2, eps):
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=None):
-    """Frechet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) of two
-    Gaussians.
+    """Frechet distance |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))
+    of two Gaussians.
 
     route "eigh" (default): tr sqrt(F^T sigma1 F) with sigma2 = F F^T (factor2,
-    covariance_factor(sigma2) when
-    None), symmetric solvers only; it falls back to "sqrtm" with a warning when eigenvalues are
-    non-finite or
-    negative beyond rounding. route "sqrtm": ADM's evaluator exactly (scipy sqrtm of sigma1 sigma2).
+    covariance_factor(sigma2) when None), symmetric solvers only; it falls back to "sqrtm" with a
+    warning when eigenvalues are non-finite or negative beyond rounding. route "sqrtm": ADM's
+    evaluator exactly (scipy sqrtm of sigma1 sigma2).
     """
     if route not in FID_ROUTES:
         raise ValueError(f"unknown FID route {route!r}; use one of {', '.join(FID_ROUTES)}")
@@ -631,10 +624,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=Non
         np.atleast_2d(np.asarray(sigma2, np.float64)),
     )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(
-            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-            f"{sigma2.shape}"
-        )
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma "
+                         f"{sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("statistics contain NaN or inf")
     diff = mu1 - mu2
@@ -643,10 +634,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6, route="eigh", factor2=Non
         factor2 = covariance_factor(sigma2) if factor2 is None else factor2
         tr_covmean = None if factor2 is None else trace_sqrt_product(sigma1, factor2)
         if tr_covmean is None:
-            warnings.warn(
-                "FID route eigh: eigenvalues non-finite or negative beyond rounding; using ADM's "
-                "sqrtm"
-            )
+            warnings.warn("FID route eigh: eigenvalues non-finite or negative beyond rounding; "
+                          "using ADM's sqrtm")
     if tr_covmean is None:
         tr_covmean = trace_sqrtm(sigma1, sigma2, eps)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
@@ -656,10 +645,8 @@ def inception_score(probs, split_size=5000):
     """ADM's Inception Score: mean over sequential splits of exp(mean_x KL(p(y|x) || p(y)))."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) == 0 or split_size < 1:
-        raise ValueError(
-            "inception_score needs (N>0, classes) probabilities and split_size >= 1, got "
-            f"{probs.shape}"
-        )
+        raise ValueError("inception_score needs (N>0, classes) probabilities and split_size >= 1, "
+                         f"got {probs.shape}")
     scores = []
     for start in range(0, len(probs), split_size):
         p = probs[start : start + split_size]  # S,C
@@ -678,8 +665,8 @@ def pairwise_sq_dists(a, b, fp16=True):
         # n, squares rounded to fp16, summed with fp32 accumulation like TF
         norm_a = (a16 * a16).sum(1)
         norm_b = (b16 * b16).sum(1)  # m
-        # products of fp16 values are exact in fp32: an fp32-accumulated GEMM rounded to fp16, as on
-        # GPU
+        # products of fp16 values are exact in fp32: an fp32-accumulated GEMM rounded to fp16,
+        # as on GPU
         dot = (a16.float() @ b16.float().T).half()  # n,m
         # n,m in fp16, ADM's operand order
         dist = (norm_a[:, None] - 2 * dot + norm_b[None, :]).clamp_min(0)
@@ -846,15 +833,11 @@ def read_npz_stats(path):
             if not (
                 np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)
             ):
-                raise ValueError(
-                    f"{path}: {mu_key}/{sigma_key} must be floating point, got "
-                    f"{mu.dtype}/{sigma.dtype}"
-                )
+                raise ValueError(f"{path}: {mu_key}/{sigma_key} must be floating point, got "
+                                 f"{mu.dtype}/{sigma.dtype}")
             if mu.shape != (dim,) or sigma.shape != (dim, dim):
-                raise ValueError(
-                    f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, expected ({dim},) / "
-                    f"({dim}, {dim})"
-                )
+                raise ValueError(f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape}, "
+                                 f"expected ({dim},) / ({dim}, {dim})")
             if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
                 raise ValueError(f"{path}: {mu_key}/{sigma_key} contain NaN or inf")
             stats.append((mu.astype(np.float64), sigma.astype(np.float64)))
@@ -888,8 +871,7 @@ def reference_features(
     """The reference's Features, with ADM's precomputed statistics where REF holds them.
 
     The pool3 rows (for precision/recall) and the statistics of the images are cached beside REF
-    once
-    per Inception weights, and recomputed when REF's size or mtime changes.
+    once per Inception weights, and recomputed when REF's size or mtime changes.
     """
     path = cache_path(ref.path, weights_sha256)
     stat = os.stat(ref.path)
@@ -923,8 +905,8 @@ def score(ref, samples, device="cpu", is_split=5000, pr_block=10000, pr_fp16=Tru
           ref_factors=(None, None)):
     """Inception Score, FID, sFID, precision and recall of samples against ref (both Features).
 
-    ref_factors: covariance_factor of ref's pool and spatial covariances, to reuse across
-    evaluations.
+    ref_factors: covariance_factor of ref's pool and spatial covariances, to
+    reuse across evaluations.
     """
     precision, recall = precision_recall(
         ref.pool.to(device), samples.pool.to(device), 3, pr_block, pr_fp16
@@ -994,18 +976,17 @@ def parse_args(argv=None):
     """Command-line arguments (argv=None reads sys.argv)."""
     p = argparse.ArgumentParser(
         prog="fid.py",
-        description="ADM-compatible FID / sFID / IS / precision-recall (python fid.py REF.npz "
-                    "SAMPLES).",
+        description="ADM-compatible FID / sFID / IS / precision-recall "
+                    "(python fid.py REF.npz SAMPLES).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "paths", nargs="+", metavar="PATH",
-        help="REF.npz and SAMPLES (npz with arr_0, or a folder of images, read recursively);"
-        " with --write-ref, the one image source",
+        help="REF.npz and SAMPLES (npz with arr_0, or a folder of images, read recursively); with "
+             "--write-ref, the one image source",
     )
     p.add_argument(
-        "--write-ref",
-        metavar="OUT.npz",
+        "--write-ref", metavar="OUT.npz",
         help="instead of evaluating, write an ADM reference batch from PATH: arr_0 and "
              "mu/sigma/mu_s/sigma_s",
     )
@@ -1035,9 +1016,7 @@ def parse_args(argv=None):
         "--batch-size", type=at_least(1), default=64, help="images per Inception forward (ADM: 64)"
     )
     p.add_argument(
-        "--workers",
-        type=at_least(1),
-        default=min(8, os.cpu_count() or 1),
+        "--workers", type=at_least(1), default=min(8, os.cpu_count() or 1),
         help="threads decoding PNGs",
     )
     p.add_argument(
@@ -1047,8 +1026,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--fid-route", choices=FID_ROUTES, default="eigh",
         help="FID's tr sqrt(sigma1 sigma2): eigh (symmetric eigensolver, falls back to sqrtm on "
-             "bad eigenvalues)"
-        " or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the product; far slower)",
+             "bad eigenvalues) or sqrtm (ADM's evaluator exactly: scipy.linalg.sqrtm of the "
+             "product; far slower)",
     )
     p.add_argument(
         "--is-split", type=at_least(1), default=5000, help="Inception Score split size (ADM: 5000)"
@@ -1058,17 +1037,11 @@ def parse_args(argv=None):
         help="rows/columns per distance block (ADM: 10000)",
     )
     p.add_argument(
-        "--pr-fp16",
-        type=int,
-        choices=(0, 1),
-        default=1,
+        "--pr-fp16", type=int, choices=(0, 1), default=1,
         help="1: precision/recall distances in fp16 like ADM (matches its published P/R); 0: fp32",
     )
     p.add_argument(
-        "--cache",
-        type=int,
-        choices=(0, 1),
-        default=1,
+        "--cache", type=int, choices=(0, 1), default=1,
         help="1: read/write reference activations beside REF.npz",
     )
     return p.parse_args(argv)
@@ -1082,10 +1055,8 @@ def _open_sets(args, count):
     sets = [ImageSet(path) for path in args.paths]
     for image_set in sets:
         if len(image_set) < args.min_images:
-            raise ValueError(
-                f"{image_set.path} has {len(image_set)} images, fewer than --min-images "
-                f"{args.min_images}"
-            )
+            raise ValueError(f"{image_set.path} has {len(image_set)} images, fewer than "
+                             f"--min-images {args.min_images}")
         if image_set.is_npz:
             # bad precomputed statistics fail before the network loads
             read_npz_stats(image_set.path)
@@ -1097,11 +1068,8 @@ def write_reference(args, rank=0, world=1):
     subset."""
     (source,) = _open_sets(args, 1)
     check_output(args.write_ref, "--write-ref")
-    keep = np.sort(
-        np.random.default_rng(args.seed).choice(
-            len(source), min(args.ref_images, len(source)), False
-        )
-    )
+    keep = np.sort(np.random.default_rng(args.seed).choice(
+        len(source), min(args.ref_images, len(source)), False))
     model, _ = load_inception(args.weights, args.weights_sha256, args.device)
     kept = []  # per batch of this rank's share, its images chosen for arr_0
 
@@ -1121,8 +1089,8 @@ def write_reference(args, rank=0, world=1):
         dist.gather_object(kept, shares, dst=0)
         if rank > 0:
             return None
-        # rank r's k-th batch is batch k * world + r: interleaving the shares restores the source's
-        # order
+        # rank r's k-th batch is batch k * world + r: interleaving the shares restores
+        # the source's order
         kept = [
             part for parts in itertools.zip_longest(*shares) for part in parts if part is not None
         ]
@@ -1130,10 +1098,8 @@ def write_reference(args, rank=0, world=1):
     arrays.update(mu_s=feats.spatial_stats[0], sigma_s=feats.spatial_stats[1])
     save_checked(args.write_ref, lambda f: np.savez(f, **arrays),
                  sum(a.nbytes for a in arrays.values()) + (1 << 20))  # + zip headers
-    print(
-        f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over {len(source)} "
-        "images"
-    )
+    print(f"wrote {args.write_ref}: arr_0 {arrays['arr_0'].shape}, statistics over "
+          f"{len(source)} images")
     return {"path": args.write_ref, "arr_0": len(keep), "stats_images": len(source)}
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import cluster
 from cluster import UserError, at_least, write_atomic
-from encoders import hub_reachable
+from encoders import hub_reachable, tiny_tokenizer
 
 WEIGHTS = "yuvalkirstain/PickScore_v1"
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -60,22 +60,20 @@ def load(weights=WEIGHTS, processor=PROCESSOR, device="cpu"):
 
 
 def tiny_random(seed=0):
-    """Tests and smoke runs only: (model, processor) of a seeded tiny random CLIP with a letter
-    tokenizer and a 32 px processor, built offline; its scores mean nothing."""
+    """Tests and smoke runs only: (model, processor) of a seeded tiny random CLIP, built offline:
+    the byte-level encoders.tiny_tokenizer and a 32 px processor; its scores mean nothing."""
     import transformers as tf
 
     log.warning("PickScore: a TINY RANDOMLY INITIALISED CLIP, NOT PickScore_v1; its scores are "
                 "meaningless outside smoke runs and tests")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":  # a letter inside a word, and a word's last
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    tokenizer = tf.CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = tiny_tokenizer()
     images = tf.CLIPImageProcessor(size={"shortest_edge": 32},
                                    crop_size={"height": 32, "width": 32})
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
     config = tf.CLIPConfig(
-        text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1),
+        text_config=dict(small, vocab_size=len(tokenizer), max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
     with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
         torch.manual_seed(seed)

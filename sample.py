@@ -3,8 +3,7 @@ Heun ODE, with classifier-free guidance.
 
     python sample.py --cfg 1.35                                               # grid, newest run
     python sample.py --ckpt runs/x --cfg 1.35                                 # ... of run folder x
-    torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000  # samples.npz for
-    fid.py
+    torchrun --nproc_per_node 8 sample.py --ckpt last.pt --num-samples 50000  # npz for fid.py
     python sample.py --ckpt runs/t2i --prompt "a red bus" --prompt "two dogs" # text-to-image grid
     torchrun --nproc_per_node 8 sample.py --ckpt runs/t2i --coco-val data/coco  # 40,192 for FID
 
@@ -41,8 +40,8 @@ from encoders import TINY_RANDOM, decode, load_text_encoder, load_vae, to_uint8
 LATENT_RANGE = 4.0  # --vae none: scaled latents (unit-order std) in [-4, 4] map linearly to uint8
 
 # ----------------------------------------------------------------------------------------------
-# Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W); float64 state as
-# REPA
+# Samplers: functions of a velocity function v(x, t[, t_step]) -> (B, C, H, W); float64 state,
+# as REPA's
 
 
 def score_from_velocity(v, x, t, path_type="linear"):
@@ -171,8 +170,8 @@ def sample_latents(model, indices, *, seed=0, mode="sde", num_steps=250, cfg=1.0
     """
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
     c, size = model.config["in_channels"], model.config["input_size"]
-    # Drawn on the CPU in REPA's order (noise, label, then SDE noise): images do not depend on the
-    # device.
+    # Drawn on the CPU in REPA's order (noise, label, then SDE noise): images do not depend
+    # on the device.
     x = torch.cat([torch.randn(1, c, size, size, generator=g) for g in gens])  # (B, C, H, W)
     if prompts is not None:  # REPA's generate_t2i.py draws the noise alone
         y, null = prompts.context(indices, device)  # (B, 77, D) each
@@ -200,11 +199,8 @@ def generate_images(model, vae, indices, *, quantize="floor", **sampling):
     with no VAE the latents as (B, h, w, 4)."""
     latents = sample_latents(model, indices, **sampling).float()  # (B, C, h, w)
     rounding = quantize == "round"  # default floor: REPA's generate.py, which made the papers' FIDs
-    images = (
-        decode(vae, latents, rounding)
-        if vae is not None
-        else to_uint8(latents / LATENT_RANGE, rounding)
-    )
+    images = (decode(vae, latents, rounding) if vae is not None
+              else to_uint8(latents / LATENT_RANGE, rounding))
     return images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
 
 
@@ -305,8 +301,8 @@ def write_samples(out, num_samples, settings, model, vae, batch_size, rank, worl
                   captions=None):
     """This rank's share of the missing samples as PNGs in out's folder; then rank 0 writes the npz.
 
-    captions: every sample's caption (text-to-image), written as captions.json beside the PNGs for
-    pickscore.py.
+    captions: every sample's caption (text-to-image), written as captions.json beside the
+    PNGs for pickscore.py.
     """
     folder = os.path.splitext(out)[0]
     os.makedirs(folder, exist_ok=True)
@@ -352,8 +348,8 @@ def parse_labels(text):
     return labels
 
 
-# SARA / SRA^2 (ImageNet): SDE with 250 steps; SRA^2 Table 4 (MS-COCO): ODE with 50 steps and
-# guidance 2.0
+# SARA / SRA^2 (ImageNet): SDE with 250 steps; SRA^2 Table 4 (MS-COCO): ODE with 50 steps
+# and guidance 2.0
 CLASS_DEFAULTS = dict(mode="sde", num_steps=250, cfg=1.0)
 TEXT_DEFAULTS = dict(mode="ode", num_steps=50, cfg=2.0)
 COCO_VAL_SAMPLES = 40192  # REPA's generate_t2i.py: 314 batches of 128 of the 40,504 val images
@@ -364,15 +360,11 @@ def parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a(
-        "--ckpt",
-        default=None,
-        help="checkpoint file (train.py's, REPA's, or a bare SiT state dict), a run folder (its "
-             "newest "
-        f"checkpoint), or {runs.REPA_NAME} (REPA's published weights, downloaded once); default: "
-        f"the newest checkpoint of the most recently written run under {runs.RUNS}/, else "
-        f"{runs.REPA_NAME}",
-    )
+    a("--ckpt", default=None,
+      help="checkpoint file (train.py's, REPA's, or a bare SiT state dict), a run folder (its "
+           f"newest checkpoint), or {runs.REPA_NAME} (REPA's published weights, downloaded once); "
+           f"default: the newest checkpoint of the most recently written run under {runs.RUNS}/, "
+           f"else {runs.REPA_NAME}")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--mode", choices=["sde", "ode", "heun"], default=None,
       help="Euler-Maruyama SDE (the papers' sampler), Euler ODE, or Heun ODE (2N-1 evaluations); "
@@ -382,14 +374,10 @@ def parser():
     a("--cfg", type=cluster.at_least(1.0, float), default=None,
       help="classifier-free guidance scale on all 4 channels (1 = off); default: 1, with text 2.0 "
            "(SRA^2 Table 4)")
-    a(
-        "--guidance-low", type=fraction(), default=0.0,
-        help="guide only while t >= this (t=1 is noise)",
-    )
-    a(
-        "--guidance-high", type=fraction(), default=1.0,
-        help="guide only while t <= this (REPA*: 0.7)",
-    )
+    a("--guidance-low", type=fraction(), default=0.0,
+      help="guide only while t >= this (t=1 is noise)")
+    a("--guidance-high", type=fraction(), default=1.0,
+      help="guide only while t <= this (REPA*: 0.7)")
     condition = p.add_mutually_exclusive_group()
     condition.add_argument(
         "--class-labels", type=parse_labels, default=None,
@@ -418,18 +406,11 @@ def parser():
     a("--vae", default=None,
       help="ema | mse (sd-vae-ft-*), a hub id or folder, tiny-random (smoke), or none (save "
            "latents); default: the --vae of the train.py run, else ema")
-    a(
-        "--quantize",
-        choices=["floor", "round"],
-        default="floor",
-        help="[-1, 1] -> uint8: floor truncates 255 (x + 1) / 2 as REPA's generate.py, which made "
-             "the "
-        "papers' FIDs (default); round as DiT",
-    )
-    a(
-        "--out", default=None,
-        help="output .png (grid) or .npz; default under samples/, named by settings",
-    )
+    a("--quantize", choices=["floor", "round"], default="floor",
+      help="[-1, 1] -> uint8: floor truncates 255 (x + 1) / 2 as REPA's generate.py, which made "
+           "the papers' FIDs (default); round as DiT")
+    a("--out", default=None,
+      help="output .png (grid) or .npz; default under samples/, named by settings")
     a("--device", default=None, help="cpu or cuda (default: cuda if available)")
     a("--tf32", type=int, choices=[0, 1], default=1, help="TF32 matmuls on GPU")
     a("--compile", type=int, choices=[0, 1], default=0, help="1: torch.compile the model")
@@ -450,10 +431,8 @@ def parse_args(argv=None):
                 "the interval is empty")
     suffix = ".npz" if args.num_samples else ".png"
     if args.out is not None and not args.out.endswith(suffix):
-        p.error(
-            f"--out {args.out}: must end in {suffix} {'with' if args.num_samples else 'without'} "
-            "--num-samples"
-        )
+        p.error(f"--out {args.out}: must end in {suffix} "
+                f"{'with' if args.num_samples else 'without'} --num-samples")
     return args
 
 
@@ -539,8 +518,8 @@ def main(args):
             folder = args.out and args.num_samples and os.path.splitext(args.out)[0]
             kept = (f"{len(written_indices(folder))} of {args.num_samples} samples are in "
                     f"{folder}; run the same command again to make the rest"
-                    if folder and os.path.isdir(folder) else "nothing was written; run the same "
-                    "command again")
+                    if folder and os.path.isdir(folder)
+                    else "nothing was written; run the same command again")
             print(f"\nsample.py: interrupted: {kept}", file=sys.stderr)
             raise SystemExit(130) from None
 

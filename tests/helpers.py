@@ -19,8 +19,8 @@ def random_inception(model, seed=0):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
-                # He scaling keeps ~90 ReLU layers from exploding or vanishing, so parity tests see
-                # real signal
+                # He scaling keeps ~90 ReLU layers from exploding or vanishing, so parity tests
+                # see real signal
                 module.weight.normal_(0, (2 / module.weight[0].numel()) ** 0.5, generator=gen)
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.8, 1.2, generator=gen)

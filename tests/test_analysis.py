@@ -1,6 +1,5 @@
 """analysis.py: CKNNA against closed forms and a brute-force reading of its definition, the linear
-probe, the
-singular-value energy, and a smoke checkpoint producing every figure and the JSON."""
+probe, the singular-value energy, and a smoke checkpoint producing every figure and the JSON."""
 
 import argparse
 import json
@@ -26,9 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def brute_force_cknna(x, y, k):
     """CKNNA written from its definition with Python loops: kernels of L2-normalised rows, each
-    row's k nearest
-    other rows, the shared-neighbour mask, unbiased HSIC (Song et al. 2012, eq. 5), the authors'
-    1e-6."""
+    row's k nearest other rows, the shared-neighbour mask, unbiased HSIC (Song et al. 2012, eq. 5),
+    the authors' 1e-6."""
     n = len(x)
 
     def kernel(f):
@@ -149,26 +147,18 @@ def smoke_ckpt(tmp_path_factory):
     """A 2-step SiT-T/2 + SARA checkpoint of train.py (32 px, tiny random encoder, synthetic data).
     """
     out = tmp_path_factory.mktemp("runs")
-    run_dir = train.main(
-        train.parse_args(
-            [
-                "--preset", "smoke", "--align", "sara", "--max-steps", "2", "--batch-size", "4",
-                "--resolution", "32", "--synthetic-images", "16", "--sample-every", "0", "--out",
-                str(out),
-            ]
-        )
-    )
+    run_dir = train.main(train.parse_args([
+        "--preset", "smoke", "--align", "sara", "--max-steps", "2", "--batch-size", "4",
+        "--resolution", "32", "--synthetic-images", "16", "--sample-every", "0",
+        "--out", str(out)]))
     return runs.checkpoint_paths(run_dir)[-1]
 
 
 def smoke_args(ckpt, out, *flags):
-    return analysis.parse_args(
-        [
-            "--ckpt", ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25", "0.75",
-            "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3", "--figure-images",
-            "2", "--out", str(out), *flags,
-        ]
-    )
+    return analysis.parse_args([
+        "--ckpt", ckpt, "--data-dir", "synthetic", "--num-images", "24", "--t", "0.25", "0.75",
+        "--batch-size", "5", "--num-workers", "0", "--probe-epochs", "3", "--figure-images", "2",
+        "--out", str(out), *flags])
 
 
 def test_hooks_capture_the_tap_the_projector_reads(smoke_ckpt):
@@ -210,8 +200,8 @@ def test_smoke_checkpoint_writes_every_figure_and_number(smoke_run):
     }
     assert {"data (synthetic)", "encoder (tiny-random)"} <= set(saved["random_components"])
     assert set(saved["pca_explained_variance"]) == {"vae", "0.25", "0.75"}
-    # The stored rows are the images they claim to be: row i holds image i's mean-pooled encoder
-    # tokens.
+    # The stored rows are the images they claim to be: row i holds image i's
+    # mean-pooled encoder tokens.
     encoder = load_encoders("tiny-random", "cpu", 32)[0]
     dataset = SyntheticDataset(24, 10, 32)
     stored = np.load(tmp_path / "features" / "encoder.npy")
@@ -301,14 +291,9 @@ def test_bad_checkpoint_and_encoder_are_one_line_errors(smoke_ckpt, tmp_path):
 
 
 def test_bench_cknna_rows(capsys):
-    rows = bench.cknna_table(
-        bench.parse_args(
-            [
-                "--cknna-only", "--cknna-samples", "40", "--cknna-blocks", "3", "--cknna-dim", "16",
-                "--cknna-enc-dim", "8",
-            ]
-        )
-    )
+    rows = bench.cknna_table(bench.parse_args([
+        "--cknna-only", "--cknna-samples", "40", "--cknna-blocks", "3", "--cknna-dim", "16",
+        "--cknna-enc-dim", "8"]))
     assert [r[0] for r in rows] == [
         "neighbours (encoder, once)", "clamp + neighbours per block", "score per block",
         "all 3 blocks",

@@ -43,13 +43,9 @@ def table_rows(markdown, section):
 def test_one_step_table(capsys):
     """SiT-T/2 at 32 px, one timed step: a row per preset, none's ratios 1.00, FLOPs counted, both
     sampler rows."""
-    args = bench.parse_args(
-        [
-            "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2", "--encoder",
-            "tiny-random", "--warmup", "0", "--steps", "1", "--sample-steps", "1", "--sample-batch",
-            "1",
-        ]
-    )
+    args = bench.parse_args([
+        "--model", "SiT-T/2", "--resolution", "32", "--batch-size", "2", "--encoder", "tiny-random",
+        "--warmup", "0", "--steps", "1", "--sample-steps", "1", "--sample-batch", "1"])
     header, rows, sampler = bench.main(args)
     assert [r[0] for r in rows] == ["none", "repa", "sara", "sra", "sra2", "repa+sra2",
                                     "sara+sra2"]
@@ -80,9 +76,9 @@ def test_encoder_costs(capsys):
     tiny, vit_s = rows
     # M params: a 16x16 conv + LayerNorm; DINOv2 ViT-S/14 (22M)
     assert tiny[1] == "0" and vit_s[1] == "22"
-    # ViT-S/14 at 224 px, 2 FLOPs per multiply-add: 12 blocks of 12 D^2 weights x 257 tokens, QK^T
-    # and AV over
-    # 257^2 x D, the 14x14 patch embedding of 256 patches; the heads are a no-op (num_classes=0)
+    # ViT-S/14 at 224 px, 2 FLOPs per multiply-add: 12 blocks of 12 D^2 weights x 257
+    # tokens, QK^T and AV over 257^2 x D, the 14x14 patch embedding of 256 patches; the
+    # heads are a no-op (num_classes=0)
     d, n = 384, 257
     gflop = 2 * (12 * (12 * d * d * n + 2 * n * n * d) + 256 * 3 * 14 * 14 * d) / 1e9  # 12.24
     # x step: against 1 GFLOP
@@ -97,12 +93,9 @@ def test_encoder_costs(capsys):
 def test_fid_tables(capsys):
     """--fid on tiny statistics: every route gives the same FID, ratios against torch-fidelity, both
     eval sizes."""
-    args = bench.parse_args(
-        [
-            "--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
-            "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1",
-        ]
-    )
+    args = bench.parse_args([
+        "--fid", "--fid-dim", "64", "--fid-stats-rows", "300", "--fid-repeats", "1",
+        "--fid-images", "2", "--fid-batch", "2", "--fid-pr-rows", "16", "--threads", "1"])
     stats_rows, eval_rows = bench.fid_bench(args)
     names = [r[0] for r in stats_rows]
     assert names[:3] == ["fid.py eigh, reference factor cached", "fid.py eigh (default)",

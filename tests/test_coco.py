@@ -2,6 +2,7 @@
 moments, one feature file per caption, the null caption), read back as [mean, std] with one
 caption per image per step drawn from (seed, step, index); resume and bad input."""
 
+import functools
 import io
 import json
 import logging
@@ -241,6 +242,10 @@ def test_fp16_features_read_as_float32(tmp_path):
     k = ds.caption_index(0, 1)
     expected = StubText().encode([VAL[3][1][k]])[0].half().float()
     assert torch.equal(ds[(0, 1)][2], expected)
+    assert data.verify(str(tmp_path / "out"), 0) == []  # --verify checks the recorded dtype
+    np.save(tmp_path / "out" / "val" / "0_3.npy", stored.astype(np.float32))
+    assert data.verify(str(tmp_path / "out"), 0) == [("val/0_3.npy",
+                                                      "dtype float32, expected float16")]
 
 
 def test_resume_rewrites_nothing_and_redoes_one_image(tmp_path):
@@ -291,6 +296,13 @@ def test_uvit_folder_trains_as_it_is(tmp_path, caplog):
     os.remove(root / "train" / "0.png")  # U-ViT's own script writes no PNGs (REPA issue #58)
     with pytest.raises(UserError, match="1 images .* for 2 moments files.*REPA issue #58"):
         CocoDataset(str(root))
+    # --verify: 16 px crops (the first that reads), 4 wide float32 features (the null's)
+    assert data.verify(str(root), 0) == [("train/0.png", "missing")]
+    np.save(root / "train" / "1_2.npy", np.zeros((TOKENS, 8), np.float32))
+    np.save(root / "train" / "1.npy", np.zeros((8, 4, 4), np.float32))
+    assert data.verify(str(root), 0) == [
+        ("train/0.png", "missing"), ("train/1.npy", "shape (8, 4, 4), expected (8, 2, 2)"),
+        ("train/1_2.npy", "shape (77, 8), expected (77, 4)")]
 
 
 def drop_val_json(source):
@@ -438,3 +450,103 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, monkeypatch):
             assert single[k][0] == ddp[k][0], k
     ds = CocoDataset(dest)
     assert ds.text_encoder == "tiny-random" and ds.text_dim == 32
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py --verify DEST on a COCO folder, and the repair by the next preparation run
+
+def bad_list(dest):
+    """bad_files.txt's [path, reason] lines ([] without the file)."""
+    if not os.path.isfile(path := os.path.join(dest, data.BAD_FILES)):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+def verify_cli(dest, capsys):
+    """data.py --verify DEST on 2 workers: (bad_list(DEST), what it printed)."""
+    data.main(data.parse_args(["--verify", dest, "--workers", "2"]))
+    return bad_list(dest), capsys.readouterr().out
+
+
+def test_verify_a_clean_folder_writes_nothing(prepared, capsys):
+    _, dest = prepared
+    before = snapshot(dest)
+    # the null; train: 3 crops, 3 moments, 16 captions; val: 1, 1 and 5
+    assert verify_cli(dest, capsys) == ([], f"data.py --verify: all 30 files in {dest} read back "
+                                            "as data\n")
+    assert snapshot(dest) == before
+
+
+def test_verify_lists_bad_files_and_a_rerun_remakes_exactly_those_images(
+        tmp_path, capsys, monkeypatch):
+    """A truncated crop, garbage moments, a missing and a NaN caption file, the null of the wrong
+    dtype: listed with their reasons (also after an interrupted --verify), their images and the
+    null made again by the same command (nothing else), and --verify is clean again."""
+    source, dest = write_coco(tmp_path / "src"), str(tmp_path / "out")
+    run(source, dest)
+    before = snapshot(dest)
+    out = functools.partial(os.path.join, dest)
+    with open(out("train", "1.png"), "r+b") as f:
+        f.truncate(100)
+    with open(out("train", "2.npy"), "wb") as f:
+        f.write(b"garbage" * 20)
+    os.remove(out("train", "2_1.npy"))
+    np.save(out("val", "0_3.npy"), np.full((TOKENS, DIM), np.nan, np.float32))
+    np.save(out("empty_context.npy"), np.load(out("empty_context.npy")).astype(np.float64))
+    checked, real = [], data.PreparedFiles.__getitem__
+
+    def stop_at_val(self, k):  # keys: the null, train/0, train/1, train/2, val/0
+        if self.indices[k] == "val/0":
+            raise KeyboardInterrupt
+        checked.append(self.indices[k])
+        return real(self, k)
+
+    monkeypatch.setattr(data.PreparedFiles, "__getitem__", stop_at_val)
+    with pytest.raises(KeyboardInterrupt):
+        data.verify(dest, 0, chunk=2)
+    assert checked == ["empty_context", "train/0", "train/1", "train/2"]
+    with open(out("verify-progress.json")) as f:
+        assert json.load(f)["checked"] == 4
+    monkeypatch.setattr(data.PreparedFiles, "__getitem__", real)
+    listed, printed = verify_cli(dest, capsys)  # goes on with val/0
+    listed_paths = [p for p, _ in listed]
+    assert listed_paths == ["empty_context.npy", "train/1.png", "train/2.npy", "train/2_1.npy",
+                            "val/0_3.npy"]
+    assert listed[0][1] == "dtype float64, expected float32"
+    assert listed[1][1].startswith("unreadable (OSError: image file is truncated")
+    assert [r for _, r in listed[2:]] == ["not an array file (garbage or pickled data)", "missing",
+                                          "non-finite values"]
+    assert "5 of the 30 files" in printed and not os.path.exists(out("verify-progress.json"))
+    run(source, dest, "--splits", "val")  # makes val/0 and the null again: train's stay listed
+    assert [p for p, _ in bad_list(dest)] == listed_paths[1:4]
+    run(source, dest)
+    after = snapshot(dest)
+    assert after.keys() == before.keys()
+    redone = {k for k in after if after[k][1] != before[k][1]}
+    images = ("train/1", "train/2", "val/0")
+    assert redone == {"empty_context.npy"} | {k for k in before if k.startswith(images)}
+    for k in before:  # the same bytes again; the moments to float rounding (other batches)
+        if k.endswith(tuple(f"{i}.npy" for i in images)):
+            np.testing.assert_allclose(*(np.load(io.BytesIO(s[k][0])) for s in (after, before)),
+                                       rtol=1e-5, atol=1e-6)
+        else:
+            assert after[k][0] == before[k][0], k
+    assert not os.path.exists(out(data.BAD_FILES))
+    assert verify_cli(dest, capsys)[0] == []
+
+
+def test_verify_of_no_dataset_is_one_line(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    with pytest.raises(SystemExit) as stop:
+        data.main(data.parse_args(["--verify", str(tmp_path)]))
+    assert str(stop.value) == (f"data.py: error: --verify {tmp_path}: no images/ and vae-sd/ "
+                               "folders there (ImageNet) and no dataset.json or empty_context.npy "
+                               "of COCO's: give a folder data.py prepared")
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "coco",
+                                                       "moments": "mean-logvar"}))
+    with pytest.raises(SystemExit, match=f"^data.py: error: --verify {tmp_path}: no image files "
+                                         "in a train/ or val/ folder there: run data.py") as stop:
+        data.main(data.parse_args(["--verify", str(tmp_path)]))
+    assert "\n" not in str(stop.value)

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from data import LatentImageDataset, SyntheticDataset, synthetic_moments
 from encoders import LATENT_SCALE
 
-# Sorted as strings, "img10" comes before "img9": REPA pairs by that string order, not by the
-# number.
+# Sorted as strings, "img10" comes before "img9": REPA pairs by that string order, not
+# by the number.
 IMAGE_NAMES = ["a/img9.png", "a/img10.png", "b/img2.png", "b/img11.png"]
 LATENT_NAMES = ["a/m9.npy", "a/m10.npy", "b/m2.npy", "b/m11.npy"]
 

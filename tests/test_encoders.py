@@ -1,6 +1,5 @@
 """encoders.py: spec parsing, the tiny random encoder, every REPA family's architecture,
-preprocessing and weight
-loading, and parity with REPA's own code (random weights: no network)."""
+preprocessing and weight loading, and parity with REPA's own code (random weights: no network)."""
 
 import logging
 import os
@@ -17,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 
 import discriminator
 import encoders
+import pickscore
 from cluster import UserError
 from encoders import FAMILIES, build_encoder, canonical_name, load_encoders, timm_name
 
@@ -61,6 +61,20 @@ def test_tiny_random_shapes_determinism_and_label(caplog):
     assert not a.training and not any(p.requires_grad for p in a.parameters())
 
 
+def test_tiny_tokenizer_ids_are_pinned_and_shared():
+    """The byte-level tokenizer of the tiny stand-ins (text encoder, PickScore): lower-cased, a
+    printable ASCII byte c is id 2 + ord(c) - 33 inside a word and 258 + ord(c) - 33 as a word's
+    last; non-ASCII bytes and punctuation are tokens too (none unknown), start 0 and end 1."""
+    tokenizer = encoders.tiny_tokenizer()
+    dogs, cafe = tokenizer(["Two dogs, on a beach!", "café"])["input_ids"]
+    assert dogs == [0, 85, 88, 336, 69, 80, 72, 340, 269, 80, 335, 322, 67, 70, 66, 68, 329, 258, 1]
+    assert dogs[1:4] == [2 + ord("t") - 33, 2 + ord("w") - 33, 258 + ord("o") - 33]
+    assert cafe == [0, 68, 66, 71, 129, 360, 1]  # é is the two bytes c3 a9
+    vocab = tokenizer.get_vocab()
+    assert encoders.tiny_text_encoder().tokenizer.get_vocab() == vocab
+    assert pickscore.tiny_random()[1].tokenizer.get_vocab() == vocab
+
+
 def test_dinov2_s_tokens_shape_and_pos_embed(vit_s):
     """256 px -> (B, 256, 384) patch tokens; the pos-embed is a 16x16 grid plus the class position.
     """
@@ -81,8 +95,8 @@ def test_dinov2_preprocessing_by_hand(vit_s, monkeypatch):
     )
     white = torch.full((1, 3, 256, 256), 255, dtype=torch.uint8)
     vit_s(white)
-    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a constant image
-    # constant
+    # (1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225; bicubic keeps a
+    # constant image constant
     expected = torch.tensor([2.2489083, 2.4285714, 2.64]).view(1, 3, 1, 1).expand(1, 3, 224, 224)
     assert seen[0].shape == (1, 3, 224, 224)
     torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=0)
@@ -235,9 +249,8 @@ def test_resolution_checks():
 @pytest.mark.parametrize("name", sorted(REFERENCE["families"]))
 def test_tokens_equal_repa_code(name, tmp_path):
     """REPA's load_encoders + preprocess_raw_image + token slicing (reduced width/depth of each
-    family, random weights
-    in the official checkpoint layout, tests/data/make_encoder_reference.py) == our tokens, fp32
-    max abs diff <= 1e-4."""
+    family, random weights in the official checkpoint layout, tests/data/make_encoder_reference.py)
+    == our tokens, fp32 max abs diff <= 1e-4."""
     ref = REFERENCE["families"][name]
     images = reference.images()
     assert int(images.long().sum()) == REFERENCE["image_sum"]  # the same batch REPA's code saw

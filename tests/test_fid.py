@@ -1,5 +1,5 @@
-"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI and bad
-input.
+"""Tests for fid.py: closed-form metrics, TF1 resize, Inception parity with pytorch-fid, CLI
+and bad input.
 
 Everything runs on CPU with seeded random Inception weights; nothing touches the network.
 """
@@ -101,8 +101,8 @@ def test_fid_retries_with_eps_ridge_when_sqrtm_is_not_finite(monkeypatch):
 
 
 def test_fid_rejects_large_imaginary_part_nan_and_mismatched_shapes():
-    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and sqrtm(diag(-1, 1)) =
-    # diag(i, 1)
+    # not PSD: the eigh route sees eigenvalue -1 and hands over to sqrtm, and
+    # sqrtm(diag(-1, 1)) = diag(i, 1)
     with pytest.raises(ValueError, match="imaginary"), pytest.warns(UserWarning, match="sqrtm"):
         fid.fid_from_stats(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="NaN"):
@@ -124,9 +124,8 @@ def pool3_like(n, dim, seed, shift=0.3):
 
 def exact_fid(x1, x2):
     """FID of two feature sets' Gaussians with tr sqrt(sigma1 sigma2) as the nuclear norm of X1c
-    X2c^T / sqrt((n1-1)(n2-1)):
-    singular values carry no square-root-of-rounding error, so this is the reference both routes
-    are held to."""
+    X2c^T / sqrt((n1-1)(n2-1)): singular values carry no square-root-of-rounding error, so this is
+    the reference both routes are held to."""
     c1, c2 = x1 - x1.mean(0), x2 - x2.mean(0)
     tr_sqrt = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum() / np.sqrt(
         (len(x1) - 1) * (len(x2) - 1)
@@ -303,11 +302,11 @@ def test_precision_recall_of_set_with_itself_is_one_and_far_set_is_zero(fp16):
 @pytest.mark.parametrize("fp16", [True, False])
 def test_precision_recall_hand_checked(fp16):
     # k=3 radius = 4th smallest squared distance counting self.
-    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.  samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25,
-    # 36, 49.
+    # ref {0,1,2,3,20}: radii 9, 4, 4, 9, 361.
+    # samples {0.5,1,1.5,2,-5,-6}: radii 2.25, 1, 1, 2.25, 36, 49.
     # precision: -5 and -6 lie in no reference ball (25 > 9 from 0; 625 > 361 from 20) -> 4/6.
-    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is within 2.25 of 2
-    # -> 4/5.
+    # recall: 20 lies in no sample ball (625 > 36 from -5, 676 > 49 from -6); 3 is
+    # within 2.25 of 2 -> 4/5.
     ref, samples = column([0, 1, 2, 3, 20]), column([0.5, 1, 1.5, 2, -5, -6])
     precision, recall = fid.precision_recall(ref, samples, fp16=fp16, block=2)
     assert (precision, recall) == (pytest.approx(4 / 6), pytest.approx(4 / 5))
@@ -377,8 +376,8 @@ def test_preprocess_scales_like_the_graph():
 @pytest.mark.slow
 def test_features_match_pytorch_fid_given_the_same_weights(model, monkeypatch):
     pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load checks every
-    # name)
+    # pytorch-fid downloads its FID-variant weights; hand it ours instead (strict load
+    # checks every name)
     monkeypatch.setattr(
         pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: model.state_dict()
     )
@@ -427,15 +426,11 @@ def test_load_inception_checks_sha256_and_uses_the_hub_cache(
     assert fid.load_inception(None, digest)[1] == digest
 
 
-@pytest.mark.parametrize(
-    "failure, reason",
-    [
-        (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not "
-                                                                          "known"),
-        (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None), "HTTP Error 404: Not "
-                                                                              "Found"),
-    ],
-)
+@pytest.mark.parametrize("failure, reason", [
+    (urllib.error.URLError(OSError(-2, "Name or service not known")), "Name or service not known"),
+    (urllib.error.HTTPError(fid.WEIGHTS_URL, 404, "Not Found", {}, None),
+     "HTTP Error 404: Not Found"),
+])
 def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, reason):
     def download(url, dst, hash_prefix=None, progress=True):
         """torch.hub's downloader, offline or facing a moved file."""
@@ -447,11 +442,8 @@ def test_failed_weights_download_is_one_line(tmp_path, monkeypatch, failure, rea
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "set.npz", arr_0=images(4, 0))
     with pytest.raises(SystemExit) as exit_info:
-        fid.main(
-            fid.parse_args(
-                [str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]
-            )
-        )
+        fid.main(fid.parse_args(
+            [str(tmp_path / "set.npz")] * 2 + ["--min-images", "4", "--device", "cpu"]))
     text = str(exit_info.value.code)
     assert (
         text.startswith("fid.py: error: cannot download the Inception weights") and "\n" not in text
@@ -632,16 +624,11 @@ def test_cli_end_to_end_on_tiny_npz_and_png_folder(tmp_path, weights_file, monke
     with np.load(cache) as c:
         assert c["pool"].shape == (6, 2048)
         np.testing.assert_array_equal(c["mu"], calls[0][2])
-    # different samples: the reference comes from the cache (not rewritten) and the statistics
-    # differ
+    # different samples: the reference comes from the cache (not rewritten) and
+    # the statistics differ
     np.savez(tmp_path / "other.npz", arr_0=images(6, seed=6))
-    other = cli(
-        tmp_path / "ref.npz",
-        tmp_path / "other.npz",
-        "--out",
-        tmp_path / "o.json",
-        weights=weights_file,
-    )
+    other = cli(tmp_path / "ref.npz", tmp_path / "other.npz", "--out", tmp_path / "o.json",
+                weights=weights_file)
     assert os.stat(cache).st_mtime_ns == stamp and np.array_equal(calls[2][2], calls[0][2])
     assert_same_stats(calls[2], same=False)
     assert_same_stats(calls[3], same=False)
@@ -788,13 +775,8 @@ def test_every_numeric_flag_is_range_checked(tmp_path, capsys):
 def test_bad_input_exit_status_and_stderr_from_a_real_process(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [
-            sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"),
-            str(tmp_path / "b.npz"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+        [sys.executable, os.path.join(repo, "fid.py"), str(tmp_path / "a.npz"),
+         str(tmp_path / "b.npz")], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"fid.py: error: no such file or folder: {tmp_path / 'a.npz'}"

@@ -27,8 +27,8 @@ def tiny_sit(seed=0):
     """A SiT-T-sized model with a projector and an SRA^2 head, every weight (zero-init ones too)
     moved off init.
 
-    The zero-initialised output layer would make the velocity exactly 0 and hide sign or routing
-    bugs.
+    The zero-initialised output layer would make the velocity exactly 0 and hide sign
+    or routing bugs.
     """
     torch.manual_seed(seed)
     model = SiT(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10, encoder_depth=2,
@@ -139,8 +139,8 @@ def test_label_dropout_rate_matches_class_dropout(rate):
     drop = L.draw_noise(
         n, (1, 1, 1), L.align_config("none"), rate, generator=torch.Generator().manual_seed(0)
     ).drop
-    # Binomial(n, rate): 5 standard deviations (0.0034 at rate 0.1); the seed is fixed, so this
-    # cannot flake.
+    # Binomial(n, rate): 5 standard deviations (0.0034 at rate 0.1); the seed is fixed, so
+    # this cannot flake.
     assert abs(drop.float().mean().item() - rate) <= 5 * math.sqrt(rate * (1 - rate) / n)
 
 
@@ -229,8 +229,8 @@ def test_discriminator_step_learns_encoder_real_projector_fake_and_adv_pulls_tow
 
 
 def test_train_step_trains_the_discriminator_on_encoder_real_projector_fake():
-    # 4 x 4 token maps; a D learning rate above the paper's, so six steps separate them by a wide
-    # margin.
+    # 4 x 4 token maps; a D learning rate above the paper's, so six steps separate them by
+    # a wide margin.
     run, config, align, batch = tiny_run(
         "--align", "sara", "--disc-every", "1", "--disc-lr", "1e-3", resolution=64
     )
@@ -353,9 +353,8 @@ def test_train_step_updates_the_ema_with_the_ema_decay_flag():
 
 
 # Every weight of every alignment preset: lambda 0.5 (REPA's --proj-coeff; SARA Table 4), beta 0.5
-# and
-# gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2); 0 for a term the preset does not
-# use.
+# and gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2), SRA's 0.2 (its train.py);
+# 0 for a term the preset does not use.
 WEIGHTS = ("patch_weight", "struc_weight", "adv_weight", "sra_weight", "self_weight")
 PRESET_WEIGHTS = {
     "none": (0.0, 0.0, 0.0, 0.0, 0.0),
@@ -435,8 +434,8 @@ def test_sit_sizes_match_sara_table_4(size, depth, hidden, heads):
 
 def test_sampler_defaults_match_the_papers():
     args = sample.parse_args(["--ckpt", "x.pt"])
-    # SARA section 4.1 and SRA^2 section 4.1: SDE Euler-Maruyama with 250 steps, no guidance unless
-    # asked.
+    # SARA section 4.1 and SRA^2 section 4.1: SDE Euler-Maruyama with 250 steps, no
+    # guidance unless asked.
     assert (args.mode, args.num_steps, args.cfg, args.guidance_low, args.guidance_high) == (
         "sde", 250, 1.0, 0.0, 1.0,
     )

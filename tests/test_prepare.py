@@ -19,8 +19,8 @@ import encoders
 from data import LatentImageDataset
 from helpers import cli_error, disk_fills, disk_free, interrupted, snapshot
 
-# (class folder, file name, width, height); classes in sorted folder order: goldfish 0, tench 1,
-# zebra 2
+# (class folder, file name, width, height); classes in sorted folder order:
+# goldfish 0, tench 1, zebra 2
 SOURCE = [
     ("tench", "b.JPEG", 300, 400),
     ("tench", "a.png", 1030, 600),

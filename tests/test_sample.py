@@ -52,13 +52,8 @@ def perturbed(model, seed):
 def save_project_ckpt(path, config=TINY):
     """A train.py-style checkpoint with different raw and EMA weights; returns (raw, ema) models."""
     raw, ema = perturbed(SiT(**config), 1), perturbed(SiT(**config), 2)
-    torch.save(
-        dict(
-            model=raw.state_dict(), ema=ema.state_dict(), config=dict(model_config=raw.config),
-            step=5,
-        ),
-        path,
-    )
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(),
+                    config=dict(model_config=raw.config), step=5), path)
     return raw, ema
 
 
@@ -134,8 +129,8 @@ def test_guidance_interval_evaluations():
     )
     sample.euler_ode(velocity, torch.zeros(2, 4, 8, 8), num_steps=8, heun=True)
     sizes = [(t, b) for b, t, _ in calls]
-    # Steps starting at t in [0.3, 0.7] are guided, Heun's second call (at t_next) included, as REPA
-    # does.
+    # Steps starting at t in [0.3, 0.7] are guided, Heun's second call (at t_next) included,
+    # as REPA does.
     expected = [
         (1.0, 2),
         (0.875, 2),
@@ -316,13 +311,8 @@ def test_repa_checkpoint_loads(tmp_path):
         enc_type="dinov2-vit-b",
     )
     path = tmp_path / "repa.pt"
-    torch.save(
-        dict(
-            model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=args,
-            steps=400000,
-        ),
-        path,
-    )
+    torch.save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), args=args,
+                    steps=400000), path)
     loaded = runs.load_model(str(path))
     assert loaded.config == ema.config
     torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
@@ -356,12 +346,8 @@ def test_checkpoint_path_type_reaches_the_sampler(tmp_path, source):
     net = perturbed(SiT(**dict(TINY, path_type="cosine")), 8)
     path = str(tmp_path / "cos.pt")
     if source == "train.py":
-        torch.save(
-            dict(
-                model=net.state_dict(), ema=net.state_dict(), config=dict(model_config=net.config)
-            ),
-            path,
-        )
+        torch.save(dict(model=net.state_dict(), ema=net.state_dict(),
+                        config=dict(model_config=net.config)), path)
     else:
         args = argparse.Namespace(
             model="SiT-XL/2", num_classes=10, encoder_depth=1, path_type="cosine"
@@ -447,12 +433,8 @@ def test_bad_options_exit_with_a_message(ckpt, tmp_path, capsys):
     assert "--out x.png: must end in .npz with --num-samples" in cli_error(
         capsys, sample.parse_args, "--num-samples", "4", "--out", "x.png")
     with pytest.raises(SystemExit, match=r"--class-labels \[99\]: the model has classes 0..9"):
-        run(
-            [
-                "--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"), "--class-labels",
-                "3,99",
-            ]
-        )
+        run(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / "g.png"),
+             "--class-labels", "3,99"])
 
 
 def never_sample(monkeypatch):
@@ -545,8 +527,7 @@ NUMERIC = {
 
 def test_every_numeric_flag_is_range_checked(capsys):
     """Each numeric flag of the parser is in NUMERIC and has a range-checking type; each bad value
-    is a
-    one-line error naming its flag."""
+    is a one-line error naming its flag."""
     numeric = {a.option_strings[0] for a in sample.parser()._actions if a.choices is None
                and getattr(a.type, "__name__", None) in ("int", "float", "parse_labels")}
     assert numeric == set(NUMERIC)

@@ -250,14 +250,9 @@ def test_train_on_prepared_data(tmp_path):
         for i in range(3):
             pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "raw" / cls / f"{c}_{i}.JPEG")
-    data.main(
-        data.parse_args(
-            [
-                "--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"), "--resolution",
-                "32", "--vae", "tiny-random", "--workers", "0",
-            ]
-        )
-    )
+    data.main(data.parse_args([
+        "--source", str(tmp_path / "raw"), "--dest", str(tmp_path / "data"), "--resolution", "32",
+        "--vae", "tiny-random", "--workers", "0"]))
     run_dir = run(
         tmp_path, "--data-dir", str(tmp_path / "data"), "--align", "repa", "--max-steps", "2"
     )
@@ -425,8 +420,8 @@ def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch, capsys):
         assert f"train.py: error: argument {flag}: {bad} is out of range: it must be {must}" in line
         if action.type.__name__ == "float":
             assert _refuses(action.type, "nan", "out of range"), flag
-    # the issue's examples, as a new user types them: each a one-line error naming the flag and its
-    # range
+    # the issue's examples, as a new user types them: each a one-line error naming the flag
+    # and its range
     for flags, message in [
         (["--batch-size", "0"], "--batch-size: 0 is out of range: it must be at least 1"),
         (["--lr", "-1"], "--lr: -1 is out of range: it must be greater than 0"),
@@ -877,14 +872,9 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     npz = str(tmp_path / "samples.npz")
     # no --ckpt: the newest checkpoint of runs/'s newest run, with its VAE (tiny-random)
     monkeypatch.chdir(tmp_path)
-    sample.main(
-        sample.parse_args(
-            [
-                "--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
-                "--out", npz,
-            ]
-        )
-    )
+    sample.main(sample.parse_args([
+        "--num-samples", "4", "--num-steps", "3", "--cfg", "1.5", "--batch-size", "4",
+        "--out", npz]))
     samples = np.load(npz)["arr_0"]
     # shared images: precision and recall > 0
     np.savez(ref, arr_0=np.concatenate([samples[:2], noise[:3]]))
@@ -895,20 +885,15 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     evals = [r for r in rows if "fid" in r]
     assert [r["step"] for r in evals] == [2] and evals[0]["eval_samples"] == 4
-    offline = fid.main(
-        fid.parse_args(
-            [
-                ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4",
-                "--device", "cpu", "--cache", "0", "--out", str(tmp_path / "eval.json"),
-            ]
-        )
-    )
+    offline = fid.main(fid.parse_args([
+        ref, npz, "--weights", weights, "--weights-sha256", "", "--min-images", "4", "--device",
+        "cpu", "--cache", "0", "--out", str(tmp_path / "eval.json")]))
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert evals[0][key] == pytest.approx(offline[key], rel=1e-6, abs=1e-12), key
-    # 1.0, 0.4
+    # precision and recall are 1.0 and 0.4 here
     assert offline["inception_score"] > 1 and offline["precision"] > 0 and 0 < offline["recall"] < 1
-    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is the
-    # same too.
+    # FID and sFID: every input of fid_from_stats (sample and reference mean and covariance) is
+    # the same too.
     assert len(calls) == 4
     for online_args, offline_args in zip(calls[:2], calls[2:]):
         assert np.abs(online_args[1]).max() > 1e-3  # real covariances
@@ -919,14 +904,9 @@ def test_online_fid_equals_sample_py_plus_fid_py(tmp_path, monkeypatch):
 def test_keep_every_keeps_multiples_for_good(tmp_path):
     """--keep-ckpts 1 --keep-every 4: step 4 survives beside the newest; 2 and 6 are rolled away in
     turn."""
-    run_dir = train.main(
-        train.parse_args(
-            [
-                *TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8",
-                "--keep-ckpts", "1", "--keep-every", "4",
-            ]
-        )
-    )
+    run_dir = train.main(train.parse_args([
+        *TRAIN, "--out", str(tmp_path), "--align", "none", "--max-steps", "8", "--keep-ckpts", "1",
+        "--keep-every", "4"]))
     assert [os.path.basename(p) for p in runs.checkpoint_paths(run_dir)] == [
         "0000004.pt",
         "0000008.pt",

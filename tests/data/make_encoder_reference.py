@@ -1,30 +1,27 @@
-"""Regenerate tests/data/encoder_reference.pt: the tokens REPA's own code computes for every encoder
-family.
+"""Regenerate tests/data/encoder_reference.pt: the tokens REPA's own code computes for
+every encoder family.
 
-    git clone https://github.com/sihyun-yu/REPA /tmp/REPA              # utils.load_encoders,
-    models/, train.py
-    git clone https://github.com/openai/CLIP /tmp/CLIP                 # the CLIP model REPA wraps
-    git clone https://github.com/facebookresearch/dino /tmp/dino       # DINOv1 (REPA's
-    models/dinov1.py is not published)
-    git clone https://github.com/facebookresearch/dinov2 /tmp/dinov2   # what REPA's
-    torch.hub.load fetches
-    pip install ftfy                                                   # imported by openai/CLIP
+    git clone https://github.com/sihyun-yu/REPA /tmp/REPA
+    git clone https://github.com/openai/CLIP /tmp/CLIP
+    git clone https://github.com/facebookresearch/dino /tmp/dino
+    git clone https://github.com/facebookresearch/dinov2 /tmp/dinov2
+    pip install ftfy
     python tests/data/make_encoder_reference.py --repa-dir /tmp/REPA --clip-dir /tmp/CLIP \\
         --dino-dir /tmp/dino --dinov2-dir /tmp/dinov2
 
+REPA gives utils.load_encoders, models/ and train.py; CLIP the model REPA wraps; dino the DINOv1
+ViT (REPA's models/dinov1.py is not published); dinov2 what REPA's torch.hub.load fetches;
+openai/CLIP imports ftfy.
+
 Per family, a reduced-width (and reduced-depth) model of the official code is given seeded random
-weights saved in
-the official checkpoint layout (e.g. MoCo v3's {'state_dict': {'module.base_encoder.*'}} with its
-blocks.13 naming
-bug, MAE's {'model': ...}, I-JEPA's {'encoder': {'module.*'}}, CLIP's fp16 TorchScript archive,
-all at their 224 px
+weights saved in the official checkpoint layout (e.g. MoCo v3's
+{'state_dict': {'module.base_encoder.*'}} with its blocks.13 naming bug, MAE's {'model': ...},
+I-JEPA's {'encoder': {'module.*'}}, CLIP's fp16 TorchScript archive, all at their 224 px
 pos-embed); REPA's utils.load_encoders loads that file (its model constructors swapped for the
-reduced ones, the
-checkpoint read from ./ckpts as REPA does), train.py's preprocess_raw_image feeds it, and REPA's
-token slicing picks
-the tokens. Only the layout (key, shape, dtype, value mean/std), the seeds and the tokens are
-written: the test
-re-derives the same weights with official_state(). None of the reference code is stored here.
+reduced ones, the checkpoint read from ./ckpts as REPA does), train.py's preprocess_raw_image feeds
+it, and REPA's token slicing picks the tokens. Only the layout (key, shape, dtype, value mean/std),
+the seeds and the tokens are written: the test re-derives the same weights with official_state().
+None of the reference code is stored here.
 """
 
 import argparse
@@ -66,13 +63,8 @@ def parse_args(argv=None):
 
 def images():
     """The test batch: one uint8 image (1, 3, 256, 256), re-derived from its seed by the test."""
-    return torch.randint(
-        0,
-        256,
-        (1, 3, 256, 256),
-        generator=torch.Generator().manual_seed(IMAGE_SEED),
-        dtype=torch.uint8,
-    )
+    return torch.randint(0, 256, (1, 3, 256, 256),
+                         generator=torch.Generator().manual_seed(IMAGE_SEED), dtype=torch.uint8)
 
 
 def value_stats(key, shape):
@@ -137,14 +129,8 @@ def layout_of(nested, dtype=None, prefix=""):
         if isinstance(v, dict):
             out += layout_of(v, dtype, f"{prefix}{k}/")
         else:
-            out.append(
-                (
-                    prefix + k,
-                    tuple(v.shape),
-                    dtype or v.dtype,
-                    *value_stats(prefix + k, tuple(v.shape)),
-                )
-            )
+            out.append((prefix + k, tuple(v.shape), dtype or v.dtype,
+                        *value_stats(prefix + k, tuple(v.shape))))
     return out
 
 
@@ -271,8 +257,8 @@ def main(args):
         num_classes=0, patch_size=16, **vit, **kw
     )
     jepa.vit_huge = lambda **kw: jepa.VisionTransformer(**vit, **kw)
-    # REPA's dinov1 module is not published: the DINO repo's ViT built for the 16x16 grid REPA
-    # resamples to
+    # REPA's dinov1 module is not published: the DINO repo's ViT built for the 16x16 grid
+    # REPA resamples to
     sys.modules["models.dinov1"] = types.SimpleNamespace(
         vit_base=lambda: dino_vit.VisionTransformer(img_size=[256], patch_size=16, **vit))
     clip.load = lambda name, device: clip_load(

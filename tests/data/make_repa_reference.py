@@ -96,15 +96,13 @@ SAMPLER_CASES = [
 
 
 def sampler_reference(repa_sit, samplers, sample_seed):
-    """REPA's euler_maruyama_sampler / euler_sampler (Heun too) on a tiny SiT, with CFG and guidance
-    interval.
+    """REPA's euler_maruyama_sampler / euler_sampler (Heun too) on a tiny SiT, with CFG
+    and guidance interval.
 
     REPA hard-codes the null label 1000; the wrapper maps it to this tiny model's null class
-    (num_classes).
-    Batch cases draw everything from the global RNG seeded with 10 + case index; the per-sample
-    case runs
-    each global index alone with the global RNG seeded as sample.py seeds that index's own
-    generator.
+    (num_classes). Batch cases draw everything from the global RNG seeded with 10 + case index; the
+    per-sample case runs each global index alone with the global RNG seeded as sample.py seeds that
+    index's own generator.
     """
     torch.manual_seed(0)
     net = repa_sit(
