@@ -487,7 +487,7 @@ def plot_autocorrelation(images, columns, path):
         axes[r, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         for c, (title, tokens) in enumerate(columns, start=1):
             ref, g, (pr, pc) = grid_position(tokens.shape[1], frac)
-            # (g, g)
+            # the reference patch's row of A(h) as a (g, g) map
             heat = losses.autocorrelation(tokens[i:i + 1])[0, ref].reshape(g, g).cpu().numpy()
             ax = axes[r, c]
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
