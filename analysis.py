@@ -698,8 +698,8 @@ def parse_args(argv=None):
     a = p.add_argument
     count, flag = at_least(1), dict(type=int, choices=[0, 1])
     a("--ckpt", required=True,
-      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT state "
-      "dict")
+      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT "
+           "state dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--data-dir", required=True, help=f"REPA-layout folder from data.py, or '{SYNTHETIC}'")
     a("--synthetic-classes", type=count, default=10, help="number of classes of the synthetic data")
