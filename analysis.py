@@ -487,7 +487,7 @@ def plot_autocorrelation(images, columns, path):
         axes[r, 0].imshow(images[i].permute(1, 2, 0).cpu().numpy())
         for c, (title, tokens) in enumerate(columns, start=1):
             ref, g, (pr, pc) = grid_position(tokens.shape[1], frac)
-            # (g, g)
+            # the reference patch's row of A(h) as a (g, g) map
             heat = losses.autocorrelation(tokens[i:i + 1])[0, ref].reshape(g, g).cpu().numpy()
             ax = axes[r, c]
             ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
@@ -698,8 +698,8 @@ def parse_args(argv=None):
     a = p.add_argument
     count, flag = at_least(1), dict(type=int, choices=[0, 1])
     a("--ckpt", required=True,
-      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT state "
-      "dict")
+      help="train.py checkpoint or run folder (its newest), official REPA checkpoint, or SiT "
+           "state dict")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoint")
     a("--data-dir", required=True, help=f"REPA-layout folder from data.py, or '{SYNTHETIC}'")
     a("--synthetic-classes", type=count, default=10, help="number of classes of the synthetic data")

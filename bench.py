@@ -256,7 +256,7 @@ def setup(args, align, **overrides):
     config = train.resolve_config(train.parse_args(
         [s for k, v in flags.items() if v is not None for s in (f"--{k.replace('_', '-')}", str(v))]
     ))
-    # as train.main
+    # TF32 as train.main sets it
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     torch.manual_seed(config["seed"])
     torch.set_num_threads(args.threads)

@@ -487,8 +487,8 @@ def load_vae(name, device="cpu"):
         except OSError as e:  # diffusers' message spans lines; keep the first and say what to do
             raise OSError(
                 f"cannot load the SD-VAE {name!r} ({VAES.get(name, name)}): "
-                f"{str(e).splitlines()[0]} Use ema / mse with network access, or a local diffusers "
-                "folder"
+                f"{str(e).splitlines()[0]} Use ema / mse with network access, or a local "
+                "diffusers folder"
             ) from e
     return vae.to(device).eval().requires_grad_(False)
 

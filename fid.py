@@ -691,7 +691,7 @@ def manifold_radii(feats, k=3, block=10000, fp16=True):
         for cols in feats.split(block):
             dist = pairwise_sq_dists(rows, cols, fp16)  # r,c
             pool = dist if nearest is None else torch.cat([nearest, dist], 1)
-            # r,<=k+1 ascending
+            # (r, <= k+1), ascending
             nearest = pool.topk(min(k + 1, pool.shape[1]), dim=1, largest=False).values
         radii.append(nearest[:, k])
     return torch.cat(radii)  # N

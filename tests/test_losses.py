@@ -75,11 +75,10 @@ def test_struc_loss_hand_and_invariants():
 def test_adversarial_losses_equal_bce_closed_form():
     real, fake = torch.randn(7), torch.randn(7)
     ones, zeros = torch.ones(7), torch.zeros(7)
-    expected_d = F.binary_cross_entropy_with_logits(
-        real, ones
-    ) + F.binary_cross_entropy_with_logits(fake, zeros)
+    expected_d = (F.binary_cross_entropy_with_logits(real, ones)
+                  + F.binary_cross_entropy_with_logits(fake, zeros))
     assert torch.allclose(L.discriminator_loss(real, fake), expected_d)
-    # SARA (9)
+    # SARA eq. (9), written out
     by_hand = -torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean()
     assert torch.allclose(L.discriminator_loss(real, fake), by_hand, atol=1e-5)
     assert torch.allclose(

@@ -13,12 +13,8 @@ REF = torch.load(REF_PATH, weights_only=True)["model"]
 
 def repa_tiny(**kw):
     """The tiny SiT of the REPA reference, constructed with REPA's own keyword arguments."""
-    return SiT(
-        path_type="linear",
-        decoder_hidden_size=REF["config"]["hidden_size"],
-        qk_norm=False,
-        **{**REF["config"], **kw},
-    )
+    return SiT(path_type="linear", decoder_hidden_size=REF["config"]["hidden_size"], qk_norm=False,
+               **{**REF["config"], **kw})
 
 
 def test_repa_state_dict_loads_strict_and_outputs_match():
@@ -116,11 +112,8 @@ def test_taps_read_the_residual_stream_after_the_named_block():
 
 def test_gradient_checkpointing_is_exact():
     torch.manual_seed(0)
-    kw = dict(
-        input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1,
-        z_dims=[8],
-        projector_dim=16,
-    )
+    kw = dict(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5, encoder_depth=1,
+              z_dims=[8], projector_dim=16)
     a, b = SiT(**kw), SiT(grad_checkpointing=True, **kw)
     b.load_state_dict(a.state_dict())
     for p in a.parameters():

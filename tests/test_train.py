@@ -411,7 +411,7 @@ def test_every_numeric_flag_is_range_checked(tmp_path, monkeypatch, capsys):
     parser = train_parser(monkeypatch)
     numeric = [a for a in parser._actions if getattr(a.type, "__name__", None) in ("int", "float")
                and a.choices is None]
-    # all checked
+    # all checked: no numeric flag is a bare int or float
     assert len(numeric) > 30 and not [a.dest for a in numeric if a.type in (int, float)]
     for action in numeric:
         flag, nargs = action.option_strings[0], action.nargs or 1

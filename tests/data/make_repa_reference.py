@@ -57,7 +57,7 @@ def model_reference(repa_sit):
         for k, v in net.state_dict().items()
     }
     g = torch.Generator().manual_seed(1)
-    # zero-inits too
+    # every weight perturbed, zero-inits too
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
     net.load_state_dict(state)
     x, t, y = (
@@ -112,7 +112,7 @@ def sampler_reference(repa_sit, samplers, sample_seed):
         **SAMPLER_TINY,
     )
     g = torch.Generator().manual_seed(1)
-    # zero-inits too
+    # every weight perturbed, zero-inits too
     state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
     net.load_state_dict(state)
     net.eval()
