@@ -599,9 +599,10 @@ def main(args):
     print_table(*parts_table(args, parts["rows"], parts["step_sec"]))
     mmdit_header, mmdit_rows, _ = mmdit_table(args)
     print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
-          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
-          "backward). The text encoder is not in a step: it runs once per caption in data "
-          "preparation and once per prompt when sampling")
+          "(FlopCounterMode, the network and its heads: REPA's projector, SRA's and SRA^2's "
+          "heads; not SRA's EMA-teacher forward to block 16; step = forward + backward). The "
+          "text encoder is not in a step: it runs once per caption in data preparation and once "
+          "per prompt when sampling")
     print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler
