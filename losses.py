@@ -234,7 +234,7 @@ class AlignConfig:
     sra_t_range: tuple = (0.0, 1.0)  # SRA^2 applies for t in [lo, hi] (SRA2 Table 1 ablation)
     self_weight: float = 0.0  # SRA's lambda (at_epoch applies its schedule)
     self_teacher_depth: int = 0  # the EMA teacher's tap block (the student's is the model's)
-    self_t_max: float = 0.2  # the teacher's time is t - U(0, t_max) (SRA's dynamic interval)
+    self_t_max: float = 0.0  # the teacher's time is t - U(0, t_max) (SRA's dynamic interval)
     disc_bn: str = "joint"  # D's BatchNorm treatment, one of DISC_BN
     path_type: str = "linear"
     weighting: str = "uniform"
@@ -251,7 +251,7 @@ ALIGN_PRESETS = {
     "none":      dict(),
     "repa":      dict(patch_weight=0.5),
     "sara":      dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05),
-    "sra":       dict(self_weight=0.2),
+    "sra":       dict(self_weight=0.2, self_t_max=0.2),
     "sra2":      dict(sra_weight=1.0),
     "repa+sra2": dict(patch_weight=0.5, sra_weight=1.0),
     "sara+sra2": dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05, sra_weight=1.0),

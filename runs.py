@@ -295,12 +295,20 @@ def value_in_force(config, k):
     return config.get("align_config", {}).get(k, config.get(k))
 
 
+def same(a, b):
+    """Whether two config values are the same run's. A key one side lacks, a flag newer than the
+    code that wrote it, matches a value that turns nothing on (0, None): an older run resumes."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(same(a.get(k), b.get(k)) for k in a.keys() | b.keys())
+    return a == b or (a is None and not b) or (b is None and not a)
+
+
 def changed_flag(stored, config, given):
     """The first flag in which config differs from a checkpoint's, flags typed this time first
     (an alignment flag typed at its preset's value changes nothing)."""
     names = set(config) | set(stored) | set(config.get("align_config", {}))
     diff = sorted(k for k in names - {"align_config"} if k not in RESUMABLE_CHANGES
-                  and value_in_force(config, k) != value_in_force(stored, k))
+                  and not same(value_in_force(config, k), value_in_force(stored, k)))
     typed = [k for k in diff if k in given]
     return (typed or diff or [None])[0], len(diff)
 

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     a("--adv-weight", type=weight, help="gamma of the adversarial term, SARA (10) (preset: 0.05)")
     a("--sra-weight", type=weight, help="lambda of the SRA^2 term, SRA^2 (8) (preset: 1.0)")
     a("--self-weight", type=weight, help="lambda of SRA's L_SRA (preset: 0.2, SRA's schedule)")
-    a("--self-t-max", type=fraction(), help="SRA: the teacher sees t - U(0, T_MAX) (default 0.2)")
+    a("--self-t-max", type=fraction(), help="SRA: the teacher sees t - U(0, T_MAX) (preset: 0.2)")
     a("--struc-reduction", choices=["mean", "sum"], help="SARA (8) over N x N entries")
     a("--sra-objective", choices=["smooth_l1", "l1", "l2", "cosine"], help="SRA^2 (7) objective")
     a("--sra-beta", type=positive(), help="smooth-L1 beta of SRA^2 (7) (default 0.05)")
@@ -165,7 +165,6 @@ def resolve_config(args, world=1):
         raise UserError(f"--sra-t-range {lo:g} {hi:g} is empty: give LO <= HI")
     try:
         size = runs.model_size(config["model"])
-        config.setdefault("self_teacher_depth", size["self_teacher_depth"])
         align = losses.align_config(config["align"], **{  # unset flags keep the preset's value
             f.name: config.get(f.name) for f in dataclasses.fields(losses.AlignConfig)})
     except ValueError as e:
@@ -173,14 +172,16 @@ def resolve_config(args, world=1):
     if config["batch_size"] % world:
         raise UserError(f"--batch-size {config['batch_size']} does not divide by the {world} "
                         f"ranks; use a multiple of {world}")
+    if align.self_weight and not align.self_teacher_depth:  # SRA's EMA teacher taps the size's
+        align = dataclasses.replace(align, self_teacher_depth=size["self_teacher_depth"])
     config["align_config"] = dataclasses.asdict(align)
     config["encoder_depth"] = config.get("encoder_depth") or size["encoder_depth"]
     for tap, weight in (("sra_depth", align.sra_weight), ("self_depth", align.self_weight)):
         config[tap] = (config.get(tap) or size[tap]) if weight else 0  # a head only for its term
     for name in ("encoder_depth", "sra_depth", "self_depth", "self_teacher_depth"):
-        if config[name] > size["depth"]:
-            raise UserError(f"--{name.replace('_', '-')} {config[name]} is out of range: "
-                            f"{config['model']} has {size['depth']} blocks")
+        if runs.value_in_force(config, name) > size["depth"]:
+            raise UserError(f"--{name.replace('_', '-')} {runs.value_in_force(config, name)} is "
+                            f"out of range: {config['model']} has {size['depth']} blocks")
     if config["eval_every"]:
         runs.check_eval(config, world)
     config["run_name"] = config.get("run_name") or default_run_name(args, config, world)

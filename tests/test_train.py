@@ -85,7 +85,7 @@ def test_smoke_each_alignment_preset(tmp_path, align):
     assert config["model_config"]["sra_depth"] == (1 if "sra2" in align else 0)
     # SRA: the student head at block 1 of SiT-T's 4, the EMA teacher tapped at block 3
     assert config["model_config"]["self_depth"] == (1 if align == "sra" else 0)
-    assert config["align_config"]["self_teacher_depth"] == 3
+    assert config["align_config"]["self_teacher_depth"] == (3 if align == "sra" else 0)
 
 
 @pytest.mark.slow
@@ -149,6 +149,25 @@ def test_align_until_holds_across_a_resume_and_is_part_of_the_run(tmp_path):
     with pytest.raises(SystemExit, match="align-until: 3 there, 5 now"):
         run(tmp_path / "b", *flags[:-1], "5", "--max-steps", "8", "--run-name",
             os.path.basename(resumed))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_older_than_the_sra_flags_resumes_exactly(tmp_path):
+    """A run checkpointed by the code before SRA existed (no self_* keys in its config, align
+    config or model config) resumes with this code and equals a straight run; a key that turns
+    something on is still a change."""
+    flags = ["--align", "repa+sra2"]
+    straight = run(tmp_path / "a", *flags, "--max-steps", "4")
+    older = run(tmp_path / "b", *flags, "--max-steps", "2")
+    path = os.path.join(older, "checkpoints", "0000002.pt")
+    ckpt = torch.load(path, weights_only=True)
+    for part in (ckpt["config"], ckpt["config"]["align_config"], ckpt["config"]["model_config"]):
+        for k in [k for k in part if k.startswith("self_")]:
+            del part[k]
+    torch.save(ckpt, path)
+    assert_same_state(newest(straight), newest(run(tmp_path / "b", *flags, "--max-steps", "4")))
+    assert runs.same({"a": 1}, {"a": 1, "self_depth": 0}) and runs.same(None, 0.0)
+    assert not runs.same({"a": 1}, {"a": 1, "self_depth": 8}) and not runs.same(None, 0.2)
 
 
 def test_resume_with_an_alignment_flag_typed_at_its_preset_value(tmp_path):
