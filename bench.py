@@ -51,9 +51,10 @@ GPU_PRESETS = "none,repa,sara,sra2,repa+sra2"  # --gpu's: the papers' methods
 FIRST_COMPILE_S = 90.0  # --gpu's guess at torch.compile of SiT-XL/2 forward + backward
 # SRA^2 Table 5 (H100, batch 256 on 8 GPUs): per-batch training time over SiT-XL/2's
 PAPER_X_NONE = {"repa": 1.22, "sra2": 1.11}
-# MMDiT's alignment presets: z_dims (REPA's projector) and the SRA^2 head's block (SiT-L's 8 of 24)
+# MMDiT's alignment presets: z_dims (REPA's projector), the SRA^2 head's block and SRA's student
+# head's (SiT-L's 8 of 24)
 MMDIT_ALIGN = {"none": dict(z_dims=()), "repa": dict(z_dims=(768,)),
-               "sra2": dict(z_dims=(), sra_depth=8)}
+               "sra": dict(z_dims=(), self_depth=8), "sra2": dict(z_dims=(), sra_depth=8)}
 # CLIP ViT-L/14's text model (encoders.CLIP_TEXT), counted once with FlopCounterMode: it runs once
 # per caption in data preparation (features are precomputed), once per prompt when sampling
 CLIP_TEXT_PARAMS, CLIP_TEXT_GFLOPS = 123.06e6, 13.3
@@ -320,7 +321,8 @@ def measure_step(args, align, count_flops=True, **overrides):
 def mmdit_cost(name, align, resolution=256):
     """Params and FLOPs per image of an MMDiT (REPA's T2I model) with an alignment preset, built and
     run on the meta device (no memory, no weights): forward alone and forward + backward. The
-    network alone: the alignment targets (REPA's DINOv2, SRA^2's teacher forward) are not in it."""
+    network alone: the alignment targets (REPA's DINOv2, SRA's EMA teacher to block 16) are not in
+    it."""
     with torch.device("meta"):
         model = mmdit.build_mmdit(name, input_size=resolution // 8, **MMDIT_ALIGN[align])
         x = torch.randn(1, 4, resolution // 8, resolution // 8)  # (1, 4, r/8, r/8) latent
@@ -330,7 +332,7 @@ def mmdit_cost(name, align, resolution=256):
         with flop_counter.FlopCounterMode(display=False) as counter:
             out = model(x, torch.rand(1, device="meta"), context, align=align != "none")
             if backward:
-                heads = [*out.h_dens] + ([] if out.x0_hat is None else [out.x0_hat])
+                heads = [*out.h_dens] + [h for h in (out.x0_hat, out.h_self) if h is not None]
                 sum(o.sum() for o in [out.v, *heads]).backward()  # every head's gradient
         counts.append(counter.get_total_flops())
     return dict(preset=align, params=sum(p.numel() for p in model.parameters()),
@@ -597,9 +599,10 @@ def main(args):
     print_table(*parts_table(args, parts["rows"], parts["step_sec"]))
     mmdit_header, mmdit_rows, _ = mmdit_table(args)
     print(f"\ntext-to-image: {args.mmdit_model} at {args.resolution} px, per image, meta device "
-          "(FlopCounterMode, REPA's projector / the SRA^2 head included; step = forward + "
-          "backward). The text encoder is not in a step: it runs once per caption in data "
-          "preparation and once per prompt when sampling")
+          "(FlopCounterMode, the network and its heads: REPA's projector, SRA's and SRA^2's "
+          "heads; not SRA's EMA-teacher forward to block 16; step = forward + backward). The "
+          "text encoder is not in a step: it runs once per caption in data preparation and once "
+          "per prompt when sampling")
     print_table(mmdit_header, mmdit_rows)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return header, rows, sampler

@@ -1,10 +1,12 @@
-"""Every training loss of the REPA / SARA / SRA^2 family: small pure functions plus one combiner.
+"""Every training loss of the REPA / SARA / SRA / SRA^2 family: small pure functions plus one
+combiner.
 
 Conventions (REPA's loss.py): t=0 is data and t=1 is noise, x_t = alpha_t x0 + sigma_t eps, and the
 model predicts the velocity d/dt x_t (eps - x0 on the linear path). The official SiT code runs time
-the other way (t=1 data); REPA, SARA and SRA^2 all use this direction.
+the other way (t=1 data); REPA, SARA, SRA and SRA^2 all use this direction.
 Equation numbers: "SARA (n)" is eq. (n) of SARA (arXiv 2503.08253), "SRA2 (n)" of SRA^2
-(arXiv 2601.17830).
+(arXiv 2601.17830). SRA (arXiv 2505.02831) is cited by its terms' names (L_SRA); its details
+(schedule, interval, head) follow its official code, with which the paper's results were made.
 """
 
 import contextlib
@@ -196,6 +198,25 @@ def sra_loss(x0_hat, x0, t=None, objective="smooth_l1", beta=0.05, t_range=(0.0,
 
 
 # ----------------------------------------------------------------------------------------------
+# Self-representation alignment to the model's own EMA (SRA)
+
+
+def self_loss(h_student, h_teacher, beta=0.05):
+    """L_SRA of SRA: the student head's tokens at block s and time t vs the EMA teacher's raw
+    tokens at a later block and a lower noise level (detached), both (B, N, H); smooth-L1 with
+    beta 0.05, mean over every element (SRA's code, as the paper's results were made)."""
+    return F.smooth_l1_loss(h_student.float(), h_teacher.detach().float(), beta=beta)
+
+
+def teacher_time(t, dt, t_max):
+    """The teacher's time t - t_max * dt, clamped to [0, 1] (SRA's dynamic interval, dt ~ U(0, 1)):
+    never noisier than the student's."""
+    return (t - t_max * dt).clamp(0, 1)
+
+
+
+
+# ----------------------------------------------------------------------------------------------
 # The combiner: SARA (11) / SRA2 (8)
 
 
@@ -211,6 +232,9 @@ class AlignConfig:
     sra_objective: str = "smooth_l1"
     sra_beta: float = 0.05  # smooth-L1 beta, SRA2 (7)
     sra_t_range: tuple = (0.0, 1.0)  # SRA^2 applies for t in [lo, hi] (SRA2 Table 1 ablation)
+    self_weight: float = 0.0  # SRA's lambda (at_epoch applies its schedule)
+    self_teacher_depth: int = 0  # the EMA teacher's tap block (the student's is the model's)
+    self_t_max: float = 0.2  # the teacher's time is t - U(0, t_max) (SRA's dynamic interval)
     disc_bn: str = "joint"  # D's BatchNorm treatment, one of DISC_BN
     path_type: str = "linear"
     weighting: str = "uniform"
@@ -221,11 +245,13 @@ class AlignConfig:
         return bool(self.patch_weight or self.struc_weight or self.adv_weight)
 
 
-# The papers' weights: SARA Table 4 (lambda, beta, gamma) and SRA^2 section 4 (lambda = 1).
+# The papers' weights: SARA Table 4 (lambda, beta, gamma), SRA^2 section 4 (lambda = 1) and SRA's
+# code (2 x 0.1 at 256 px; the self_* options are SRA's, the sra_* ones SRA^2's).
 ALIGN_PRESETS = {
     "none":      dict(),
     "repa":      dict(patch_weight=0.5),
     "sara":      dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05),
+    "sra":       dict(self_weight=0.2),
     "sra2":      dict(sra_weight=1.0),
     "repa+sra2": dict(patch_weight=0.5, sra_weight=1.0),
     "sara+sra2": dict(patch_weight=0.5, struc_weight=0.5, adv_weight=0.05, sra_weight=1.0),
@@ -248,6 +274,13 @@ def align_config(preset, **overrides):
     return replace(AlignConfig(**ALIGN_PRESETS[preset]), **overrides)
 
 
+def at_epoch(align, epoch):
+    """align at this epoch of the data, under SRA's weight schedule (its train.py at 256 px):
+    self_weight up to epoch 149, then x 0.1 per 1000 epochs (the smooth-L1 term grows in training;
+    this keeps it at the velocity loss's scale)."""
+    return replace(align, self_weight=align.self_weight * 0.1 ** (max(epoch - 149, 0) / 1000))
+
+
 @dataclass
 class Noise:
     """Every random draw of one training step, made outside the model so it can be sliced per rank.
@@ -256,18 +289,22 @@ class Noise:
     t: torch.Tensor  # (B,) times
     eps: torch.Tensor  # (B, C, H, W) Gaussian noise of the interpolant
     drop: torch.Tensor  # (B,) bool, labels replaced by the null class (classifier-free guidance)
+    dt: torch.Tensor | None = None  # (B,) U(0, 1): the SRA teacher's time offset, in t_max units
 
     def __getitem__(self, sl):
         """The draws of a slice of the batch (one rank's share of the global batch)."""
-        return Noise(self.t[sl], self.eps[sl], self.drop[sl])
+        return Noise(self.t[sl], self.eps[sl], self.drop[sl],
+                     None if self.dt is None else self.dt[sl])
 
 
 def draw_noise(n, shape, align, label_dropout, device="cpu", generator=None):
-    """Time, interpolant noise and label dropout for n samples of latent shape (C, H, W)."""
+    """Time, interpolant noise and label dropout (and SRA's teacher offset, only when its term is
+    on, so that the other runs' draws stay as they were) for n samples of latent shape (C, H, W)."""
     t = sample_time(n, align.weighting, align.path_type, device, generator)  # (n,)
     eps = torch.randn((n, *shape), device=device, generator=generator)  # (n, C, H, W)
     drop = torch.rand(n, device=device, generator=generator) < label_dropout  # (n,)
-    return Noise(t, eps, drop)
+    dt = torch.rand(n, device=device, generator=generator) if align.self_weight else None
+    return Noise(t, eps, drop, dt)
 
 
 @dataclass
@@ -279,12 +316,13 @@ class StepLosses:
     h_dens: list  # projector outputs per encoder (B, N, D_enc), for the discriminator's own step
 
 
-def training_losses(model, x0, y, z_encs, align, noise, disc=None):
-    """Total loss of one step, SARA (11) / SRA2 (8): L_vel + lam L_patch + beta L_struc + gamma
-    L_adv + lam_sra L_align.
+def training_losses(model, x0, y, z_encs, align, noise, disc=None, teacher=None):
+    """Total loss of one step, SARA (11) / SRA2 (8) and SRA's sum: L_vel + lam L_patch + beta
+    L_struc + gamma L_adv + lam_sra L_align + lam_self L_SRA.
 
     x0 (B, C, H, W) scaled clean latents; z_encs per encoder (B, N, D) frozen tokens of the clean
-    image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here).
+    image; noise from draw_noise; disc the bare discriminator (its parameters get no gradient here);
+    teacher the EMA of model (SRA's teacher, run without gradients).
     """
     t, eps = noise.t, noise.eps
     # data, not a parameter: no term (through x_t or a target) trains whatever produced it
@@ -317,12 +355,25 @@ def training_losses(model, x0, y, z_encs, align, noise, disc=None):
         terms["sra"] = sra_loss(
             out.x0_hat, x0, t, align.sra_objective, align.sra_beta, align.sra_t_range
         )
+    if align.self_weight:
+        if out.h_self is None or teacher is None:
+            raise ValueError("the SRA term needs a model built with self_depth > 0 and a teacher")
+        if align.self_teacher_depth < 1:
+            raise ValueError("the SRA term needs self_teacher_depth >= 1: the teacher's tap block")
+        # the same x0, eps and dropped labels at the teacher's lower noise level (SRA's code)
+        t_teacher = teacher_time(t, noise.dt, align.self_t_max)  # (B,)
+        a, s = (c.view(-1, 1, 1, 1) for c in interpolant(t_teacher, align.path_type)[:2])
+        with torch.no_grad():
+            h_teacher = teacher(a * x0 + s * eps, t_teacher, y, align=False, drop=noise.drop,
+                                stop_at=align.self_teacher_depth)  # (B, N, H)
+        terms["self"] = self_loss(out.h_self, h_teacher)
     weights = {
         "velocity": 1.0,
         "patch": align.patch_weight,
         "struc": align.struc_weight,
         "adv": align.adv_weight,
         "sra": align.sra_weight,
+        "self": align.self_weight,
     }
     total = sum(weights[k] * v for k, v in terms.items())
     return StepLosses(total, terms, out.h_dens)

@@ -1,5 +1,5 @@
 """MMDiT: REPA's text-to-image diffusion transformer (SD3's joint blocks, trimmed), with REPA / SARA
-projectors and an SRA^2 latent head on the image stream.
+projectors, an SRA^2 latent head and an SRA self-alignment head on the image stream.
 
 Drop-in compatible with REPA's models/mmdit.py: same state_dict keys (a checkpoint of REPA's
 train_t2i.py loads with strict=True), same outputs; the forward returns model.py's SiTOutput, so
@@ -25,6 +25,7 @@ from model import (
     check_taps,
     modulate,
     projectors,
+    self_head,
     sincos_2d,
     sra_head,
     unpatchify,
@@ -144,7 +145,8 @@ class MMDiT(nn.Module):
     def __init__(
         self, input_size=32, patch_size=2, in_channels=4, depth=24, mlp_ratio=4.0, context_dim=768,
         encoder_depth=8, z_dims=(768,), projector_dim=2048, sra_depth=0, sra_mlp_layers=5,
-        sra_hidden_dim=None, grad_checkpointing=False, path_type="linear", **repa_kwargs,
+        sra_hidden_dim=None, self_depth=0, grad_checkpointing=False, path_type="linear",
+        **repa_kwargs,
     ):
         super().__init__()
         unknown = set(repa_kwargs) - set(REPA_FIXED) - {"attn_mode"}
@@ -157,18 +159,19 @@ class MMDiT(nn.Module):
                     f"MMDiT supports only {k}={REPA_FIXED[k]!r} (REPA's T2I model), got {v!r}"
                 )
         z_dims = [d for d in z_dims if d > 0]  # REPA writes z_dims=[0] for "no encoder"
-        check_taps(depth, encoder_depth if z_dims else 0, sra_depth)
+        check_taps(depth, encoder_depth=encoder_depth if z_dims else 0, sra_depth=sra_depth,
+                   self_depth=self_depth)
         hidden_size, num_heads = 32 * depth, depth  # REPA: heads of 32, one per block
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, depth=depth,
             mlp_ratio=mlp_ratio, context_dim=context_dim, encoder_depth=encoder_depth,
             z_dims=list(z_dims), projector_dim=projector_dim, sra_depth=sra_depth,
-            sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim,
+            sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim, self_depth=self_depth,
             # the interpolant it was trained on: the sampler's score depends on it
             path_type=path_type,
         )  # plain dict: enough to rebuild this exact network and sample it
         self.patch_size, self.in_channels = patch_size, in_channels
-        self.encoder_depth, self.sra_depth = encoder_depth, sra_depth
+        self.encoder_depth, self.sra_depth, self.self_depth = encoder_depth, sra_depth, self_depth
         self.grad_checkpointing = grad_checkpointing
 
         # built in REPA's order, so torch.manual_seed gives REPA's initial weights
@@ -190,6 +193,8 @@ class MMDiT(nn.Module):
             self.sra_head = sra_head(
                 hidden_size, patch_size, in_channels, sra_mlp_layers, sra_hidden_dim
             )
+        if self_depth:
+            self.self_head = self_head(hidden_size)
         # the empty caption's features (1, L, context_dim), set by set_null_context: not a weight
         # (no state_dict key), it comes with the data and the text encoder
         self.register_buffer("null_context", None, persistent=False)
@@ -213,12 +218,13 @@ class MMDiT(nn.Module):
                              "caption's features (the dataset's empty_context.npy)")
         return self.null_context.to(context).expand_as(context)
 
-    def forward(self, x, t, context, align=True, drop=None):
+    def forward(self, x, t, context, align=True, drop=None, stop_at=None):
         """x (B, C, H, W) noisy latent, t (B,) in [0, 1], context (B, L, D) text features ->
         SiTOutput.
 
-        align=False skips the projectors and the SRA^2 head (sampling needs only the velocity);
-        drop (B,) bool replaces those rows' contexts by the null context (caption dropout).
+        align=False skips the alignment heads (sampling needs only the velocity); drop (B,) bool
+        replaces those rows' contexts by the null context (caption dropout); stop_at=k returns
+        block k's image stream (B, N, H) instead, running no block after it (SRA's teacher).
         """
         if context.ndim != 3 or context.shape[-1] != self.config["context_dim"]:
             raise ValueError(
@@ -230,29 +236,32 @@ class MMDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
         c = self.t_embedder(t)  # (B, H): the time alone drives adaLN
         context = self.context_embedder(context)  # (B, L, H)
-        h_dens, x0_hat = [], None
+        h_dens, x0_hat, h_self = [], None, None
         for i, block in enumerate(self.joint_blocks, start=1):
             if self.grad_checkpointing and self.training:
                 context, x = checkpoint(block, context, x, c, use_reentrant=False)
             else:
                 context, x = block(context, x, c)  # (B, L, H) (None after the last), (B, N, H)
+            if i == stop_at:
+                return x
             if align and i == self.encoder_depth:  # tap: the image stream, before any norm
                 h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
-            if align and i == self.sra_depth:
-                # (B, C, H, W)
+            if align and i == self.sra_depth:  # (B, C, H, W)
                 x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)
+            if align and i == self.self_depth:
+                h_self = self.self_head(x)  # (B, N, H)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
-        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat, h_self)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sizes: REPA trains depth 24 (768 wide, 24 heads; REPA projector at block 8); the SRA^2 head taps
-# block 8 as for SiT-L's 24 blocks (our choice: the papers do not state it for MMDiT). T is tiny:
-# smoke runs and tests.
+# block 8 and SRA's student -> teacher blocks are 8 -> 16, as for SiT-L's 24 blocks (our choice: the
+# papers do not state them for MMDiT). T is tiny: smoke runs and tests.
 
 MMDIT_SIZES = {
-    "MMDiT-T": dict(depth=2, encoder_depth=1, sra_depth=1),
-    "MMDiT": dict(depth=24, encoder_depth=8, sra_depth=8),
+    "MMDiT-T": dict(depth=2,  encoder_depth=1, sra_depth=1, self_depth=1, self_teacher_depth=2),
+    "MMDiT":   dict(depth=24, encoder_depth=8, sra_depth=8, self_depth=8, self_teacher_depth=16),
 }
 
 
@@ -261,5 +270,6 @@ def build_mmdit(name, **kwargs):
     if name not in MMDIT_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MMDIT_SIZES)}")
     size = dict(MMDIT_SIZES[name])
-    size.pop("sra_depth")  # no SRA^2 head unless asked for
+    for tap in ("sra_depth", "self_depth", "self_teacher_depth"):
+        size.pop(tap)  # no SRA^2 or SRA head unless asked for (the teacher's tap is the loss's)
     return MMDiT(**{**size, **kwargs})

@@ -1,4 +1,5 @@
-"""SiT: a latent diffusion transformer with REPA / SARA projectors and an SRA^2 latent head.
+"""SiT: a latent diffusion transformer with REPA / SARA projectors, an SRA^2 latent head and an SRA
+self-alignment head.
 
 Drop-in compatible with REPA's models/sit.py: same constructor keywords, same state_dict keys
 (an official REPA checkpoint's "ema" dict loads with strict=True), same outputs. Read bottom-up:
@@ -196,9 +197,9 @@ class FinalLayer(nn.Module):
 # Alignment heads (mmdit.py builds the same ones)
 
 
-def check_taps(depth, encoder_depth, sra_depth):
+def check_taps(depth, **taps):
     """ValueError unless each head taps a block of the model (0: no such head)."""
-    for name, tap in (("encoder_depth", encoder_depth), ("sra_depth", sra_depth)):
+    for name, tap in taps.items():
         if not 0 <= tap <= depth:
             raise ValueError(f"{name}={tap} must lie in [1, depth={depth}] (or 0 for no head)")
 
@@ -216,6 +217,12 @@ def sra_head(hidden_size, patch_size, channels, layers=5, width=None):
     return mlp([hidden_size] + [width] * (layers - 1) + [patch_size**2 * channels])
 
 
+def self_head(hidden_size):
+    """SRA's student head (its SimpleHead): per-token H -> 2H -> H with SiLU, keys self_head.{0,2}.
+    """
+    return mlp([hidden_size, 2 * hidden_size, hidden_size])
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -227,6 +234,7 @@ class SiTOutput(NamedTuple):
     v: torch.Tensor  # (B, C, H, W) predicted velocity eps - x0
     h_dens: list  # per encoder: (B, N, D_enc) projector output h_den, SARA (5) (empty if none)
     x0_hat: torch.Tensor | None  # (B, C, H, W) SRA^2 head's prediction of the clean latent, or None
+    h_self: torch.Tensor | None = None  # (B, N, H) SRA student head's tokens, or None
 
 
 class SiT(nn.Module):
@@ -237,14 +245,13 @@ class SiT(nn.Module):
         self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
         z_dims=(768,),
-        projector_dim=2048, sra_depth=0, sra_mlp_layers=5, sra_hidden_dim=None,
+        projector_dim=2048, sra_depth=0, sra_mlp_layers=5, sra_hidden_dim=None, self_depth=0,
         grad_checkpointing=False, path_type="linear",
         **repa_kwargs,
     ):
         super().__init__()
-        # REPA passes use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes the network
-        # we
-        # build (REPA's final layer width is always hidden_size for S..XL presets).
+        # REPA passes use_cfg / decoder_hidden_size / qk_norm / fused_attn; none changes the
+        # network we build (REPA's final layer width is always hidden_size for S..XL presets).
         unknown = set(repa_kwargs) - {"use_cfg", "decoder_hidden_size", "qk_norm", "fused_attn"}
         if unknown:
             raise TypeError(f"SiT got unknown arguments {sorted(unknown)}")
@@ -253,28 +260,28 @@ class SiT(nn.Module):
                 "qk_norm=True is not supported (REPA's published checkpoints use qk_norm=False)"
             )
         z_dims = [d for d in z_dims if d > 0]  # REPA writes z_dims=[0] for "no encoder"
-        check_taps(depth, encoder_depth if z_dims else 0, sra_depth)
+        check_taps(depth, encoder_depth=encoder_depth if z_dims else 0, sra_depth=sra_depth,
+                   self_depth=self_depth)
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes,
-            encoder_depth=encoder_depth,
-            z_dims=list(z_dims),
-            projector_dim=projector_dim, sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers,
-            sra_hidden_dim=sra_hidden_dim,
+            encoder_depth=encoder_depth, z_dims=list(z_dims), projector_dim=projector_dim,
+            sra_depth=sra_depth, sra_mlp_layers=sra_mlp_layers, sra_hidden_dim=sra_hidden_dim,
+            self_depth=self_depth,
             # the interpolant it was trained on: the sampler's score depends on it
             path_type=path_type,
         )  # plain dict: enough to rebuild this exact network and sample it
         self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, num_classes
-        self.encoder_depth, self.sra_depth = encoder_depth, sra_depth
+        self.encoder_depth, self.sra_depth, self.self_depth = encoder_depth, sra_depth, self_depth
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # frozen
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(  # frozen sin-cos
+            torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
@@ -283,6 +290,8 @@ class SiT(nn.Module):
             self.sra_head = sra_head(
                 hidden_size, patch_size, in_channels, sra_mlp_layers, sra_hidden_dim
             )
+        if self_depth:
+            self.self_head = self_head(hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -314,48 +323,58 @@ class SiT(nn.Module):
         guidance."""
         return torch.full_like(y, self.num_classes)
 
-    def forward(self, x, t, y, align=True, drop=None):
+    def forward(self, x, t, y, align=True, drop=None, stop_at=None):
         """x (B, C, H, W) noisy latent, t (B,) in [0, 1], y (B,) labels -> SiTOutput.
 
-        align=False skips the projectors and the SRA^2 head (sampling needs only the velocity);
-        drop (B,) bool replaces labels by the null class (else training mode draws label dropout).
+        align=False skips the alignment heads (sampling needs only the velocity); drop (B,) bool
+        replaces labels by the null class (else training mode draws label dropout); stop_at=k
+        returns block k's residual stream (B, N, H) instead, running no block after it (SRA's
+        teacher features).
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
         c = self.t_embedder(t) + self.y_embedder(y, drop)  # (B, H)
-        h_dens, x0_hat = [], None
+        h_dens, x0_hat, h_self = [], None, None
         for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)  # (B, N, H)
+            if i == stop_at:
+                return x
             if align and i == self.encoder_depth:  # tap: raw residual stream, before any norm
                 h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
-            if align and i == self.sra_depth:
-                # (B, C, H, W)
+            if align and i == self.sra_depth:  # (B, C, H, W)
                 x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)
+            if align and i == self.self_depth:
+                h_self = self.self_head(x)  # (B, N, H)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
-        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat, h_self)
 
 
 # ----------------------------------------------------------------------------------------------
-# Sizes: every preset is built from this one table (S..XL: SiT / DiT Table 1; alignment taps from
-# the
-# papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and XL).
+# Sizes: every preset is built from this one table (S..XL: SiT / DiT Table 1). Alignment taps from
+# the papers: REPA/SARA at block 8, or 4 for 12-block models; SRA^2 at block 2 for B, 8 for L and
+# XL; SRA's student -> EMA teacher blocks 8 -> 20 for XL (its README), 4 -> 8 for 12 blocks (its
+# train.py defaults), 8 -> 16 for L (our choice: the teacher two thirds deep, as 8 of 12).
 
-SIZES = {
-    # tiny: smoke runs, tests
-    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  encoder_depth=2, sra_depth=1),
-    "S":  dict(depth=12, hidden_size=384,  num_heads=6,  encoder_depth=4, sra_depth=2),
-    "B":  dict(depth=12, hidden_size=768,  num_heads=12, encoder_depth=4, sra_depth=2),
-    "L":  dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8, sra_depth=8),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8, sra_depth=8),
+SIZES = {  # T is tiny: smoke runs, tests
+    "T":  dict(depth=4,  hidden_size=128,  num_heads=4,  encoder_depth=2, sra_depth=1,
+               self_depth=1, self_teacher_depth=3),
+    "S":  dict(depth=12, hidden_size=384,  num_heads=6,  encoder_depth=4, sra_depth=2,
+               self_depth=4, self_teacher_depth=8),
+    "B":  dict(depth=12, hidden_size=768,  num_heads=12, encoder_depth=4, sra_depth=2,
+               self_depth=4, self_teacher_depth=8),
+    "L":  dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8, sra_depth=8,
+               self_depth=8, self_teacher_depth=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8, sra_depth=8,
+               self_depth=8, self_teacher_depth=20),
 }
 PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = [f"SiT-{s}/{p}" for s in SIZES for p in PATCH_SIZES]
 
 
 def size_config(name):
-    """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size, encoder_depth, sra_depth)."""
+    """'SiT-XL/2' -> dict(depth, hidden_size, num_heads, patch_size and the default taps)."""
     m = re.fullmatch(r"SiT-(T|S|B|L|XL)/(\d+)", name)
     if not m or int(m.group(2)) not in PATCH_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -365,5 +384,6 @@ def size_config(name):
 def build_sit(name, **kwargs):
     """Build SiT by name ('SiT-B/2'); kwargs (encoder_depth, z_dims, sra_depth, ...) override."""
     size = size_config(name)
-    size.pop("sra_depth")  # no SRA^2 head unless asked for
+    for tap in ("sra_depth", "self_depth", "self_teacher_depth"):
+        size.pop(tap)  # no SRA^2 or SRA head unless asked for (the teacher's tap is the loss's)
     return SiT(**{**size, **kwargs})

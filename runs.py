@@ -168,7 +168,7 @@ def build_network(config, dataset, z_dims):
                "class labels: train a SiT (--model SiT-XL/2), or give a COCO folder (data.py "
                "--dataset coco)"))
     size = {k: v for k, v in model_size(config["model"]).items()
-            if k not in ("encoder_depth", "sra_depth")}
+            if k not in ("encoder_depth", "sra_depth", "self_depth", "self_teacher_depth")}
     res = config["resolution"]
     tokens = (res // 8 // size["patch_size"]) ** 2
     if z_dims and tokens != (res // 16) ** 2:  # every encoder here gives a (res/16)^2 token grid
@@ -178,7 +178,7 @@ def build_network(config, dataset, z_dims):
     common = dict(input_size=res // 8, encoder_depth=config["encoder_depth"], z_dims=z_dims,
                   projector_dim=config["projector_dim"], sra_depth=config["sra_depth"],
                   sra_mlp_layers=config["sra_mlp_layers"],
-                  sra_hidden_dim=config.get("sra_hidden_dim"),
+                  sra_hidden_dim=config.get("sra_hidden_dim"), self_depth=config["self_depth"],
                   grad_checkpointing=bool(config["grad_checkpointing"]),
                   path_type=config["align_config"]["path_type"], **size)
     if not text:
@@ -731,13 +731,14 @@ def fit_error(model, state):
     return None
 
 
-def without_empty_projectors(state):
-    """state less the projectors of width 0 that REPA's baseline (--enc-type None: z_dims [0])
-    saves: they align nothing, and model.py / mmdit.py build no projector for a 0-dim encoder."""
+def sampling_state(state):
+    """state less what only training used and model.py / mmdit.py build no module for: the
+    projectors of width 0 that REPA's baseline saves (--enc-type None: z_dims [0]) and SRA's student
+    head (ap_head.*, in SRA's released checkpoints)."""
     empty = {k.split(".")[1] for k, v in state.items()
              if re.fullmatch(r"projectors\.\d+\.4\.weight", k) and v.shape[0] == 0}
-    return {k: v for k, v in state.items()
-            if not (k.startswith("projectors.") and k.split(".")[1] in empty)}
+    return {k: v for k, v in state.items() if not k.startswith("ap_head.")
+            and not (k.startswith("projectors.") and k.split(".")[1] in empty)}
 
 
 def build_model(ckpt, path, weights="ema"):
@@ -755,8 +756,8 @@ def build_model(ckpt, path, weights="ema"):
         )
         if "config" in ckpt and not isinstance(config, dict):  # train.py's must say what it is
             raise UserError(f"{path}: the checkpoint's config has no 'model_config' dict")
-    if config is None:  # REPA's checkpoints: no config, the shapes say it
-        state = without_empty_projectors(state)
+    if config is None:  # REPA's (and SRA's) checkpoints: no config, the shapes say it
+        state = sampling_state(state)
         try:
             config = infer_config(state, ckpt.get("args"))
         except UserError as e:

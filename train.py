@@ -99,11 +99,15 @@ def parse_args(argv=None):
     a("--sra-depth", type=count, help="SRA^2 tap block (default: 2 for S/B, 8 for L/XL)")
     a("--sra-mlp-layers", type=count, default=5, help="SRA^2 head depth (SRA^2 Table 1: 2 or 5)")
     a("--sra-hidden-dim", type=count, help="SRA^2 head width (default 2 x hidden size)")
+    a("--self-depth", type=count, help="SRA student tap block (default: 4 for S/B, 8 for L/XL)")
+    a("--self-teacher-depth", type=count, help="SRA EMA teacher tap (default: 8 S/B, 16 L, 20 XL)")
     weight = at_least(0.0, float)
     a("--patch-weight", type=weight, help="lambda of the patch term, SARA (6) (preset: 0.5)")
     a("--struc-weight", type=weight, help="beta of the structural term, SARA (8) (preset: 0.5)")
     a("--adv-weight", type=weight, help="gamma of the adversarial term, SARA (10) (preset: 0.05)")
     a("--sra-weight", type=weight, help="lambda of the SRA^2 term, SRA^2 (8) (preset: 1.0)")
+    a("--self-weight", type=weight, help="lambda of SRA's L_SRA (preset: 0.2, SRA's schedule)")
+    a("--self-t-max", type=fraction(), help="SRA: the teacher sees t - U(0, T_MAX) (default 0.2)")
     a("--struc-reduction", choices=["mean", "sum"], help="SARA (8) over N x N entries")
     a("--sra-objective", choices=["smooth_l1", "l1", "l2", "cosine"], help="SRA^2 (7) objective")
     a("--sra-beta", type=positive(), help="smooth-L1 beta of SRA^2 (7) (default 0.05)")
@@ -161,6 +165,7 @@ def resolve_config(args, world=1):
         raise UserError(f"--sra-t-range {lo:g} {hi:g} is empty: give LO <= HI")
     try:
         size = runs.model_size(config["model"])
+        config.setdefault("self_teacher_depth", size["self_teacher_depth"])
         align = losses.align_config(config["align"], **{  # unset flags keep the preset's value
             f.name: config.get(f.name) for f in dataclasses.fields(losses.AlignConfig)})
     except ValueError as e:
@@ -170,8 +175,9 @@ def resolve_config(args, world=1):
                         f"ranks; use a multiple of {world}")
     config["align_config"] = dataclasses.asdict(align)
     config["encoder_depth"] = config.get("encoder_depth") or size["encoder_depth"]
-    config["sra_depth"] = (config.get("sra_depth") or size["sra_depth"]) if align.sra_weight else 0
-    for name in ("encoder_depth", "sra_depth"):
+    for tap, weight in (("sra_depth", align.sra_weight), ("self_depth", align.self_weight)):
+        config[tap] = (config.get(tap) or size[tap]) if weight else 0  # a head only for its term
+    for name in ("encoder_depth", "sra_depth", "self_depth", "self_teacher_depth"):
         if config[name] > size["depth"]:
             raise UserError(f"--{name.replace('_', '-')} {config[name]} is out of range: "
                             f"{config['model']} has {size['depth']} blocks")
@@ -286,7 +292,8 @@ def train_step(run, config, align, batch, step, rows):
     with torch.autocast(**amp):
         with torch.no_grad():
             z_encs = [enc(images) for enc in run.encoders] if align.needs_encoder else []
-        out = losses.training_losses(run.forward_model, x0, labels, z_encs, align, noise, run.disc)
+        out = losses.training_losses(run.forward_model, x0, labels, z_encs, align, noise, run.disc,
+                                     run.ema)  # the EMA: SRA's teacher
 
     # Backward, unscale, clip the true gradients; a non-finite step is skipped (the EMA too).
     run.scaler.scale(out.total).backward()
@@ -398,7 +405,8 @@ def train(args, stop):
             break
 
         # One step; a burst of non-finite steps rolls back to the newest checkpoint before it
-        record = train_step(run, config, align, batch, pos.step, rows)
+        epoch = pos.batch // (len(dataset) // config["batch_size"])  # as data.GlobalBatchSampler
+        record = train_step(run, config, losses.at_epoch(align, epoch), batch, pos.step, rows)
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.bad_in_a_row = pos.bad_in_a_row + 1 if record["bad_steps"] else 0
         bar.update(1)

@@ -1,7 +1,9 @@
 """losses.py and discriminator.py: closed forms, invariants, gradient routing, presets, overfitting.
 """
 
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -108,6 +110,103 @@ def test_vae_align_timestep_range_zeroes_outside():
     assert (lo + hi).item() == pytest.approx(per.mean().item(), rel=1e-6)
 
 
+def test_sra_self_loss_is_smooth_l1_with_beta_005_and_trains_the_student_only():
+    teacher = torch.zeros(2, 3, 4, requires_grad=True)
+    student = torch.full((2, 3, 4), 0.01, requires_grad=True)
+    assert L.self_loss(student, teacher).item() == pytest.approx(0.5 * 0.01**2 / 0.05)  # quadratic
+    assert L.self_loss(torch.ones(2, 3, 4), teacher).item() == pytest.approx(1 - 0.025)  # linear
+    L.self_loss(student, teacher).backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0  # the teacher's side is a target
+
+
+def test_sra_teacher_time_is_never_noisier_and_stays_in_range():
+    t, dt = torch.tensor([0.05, 0.5, 1.0, 0.3]), torch.tensor([0.9, 0.5, 0.0, 1.0])
+    assert torch.allclose(L.teacher_time(t, dt, 0.2), torch.tensor([0.0, 0.4, 1.0, 0.1]))
+    g = torch.Generator().manual_seed(0)
+    t, dt = torch.rand(1000, generator=g), torch.rand(1000, generator=g)
+    tt = L.teacher_time(t, dt, 0.2)
+    assert (tt <= t).all() and (tt >= 0).all() and (t - tt).max() <= 0.2 + 1e-6
+
+
+def test_sra_weight_schedule_follows_the_official_train_py():
+    align = L.align_config("sra")
+    assert align.self_weight == 0.2  # SRA's train.py: 2 x 0.1 at 256 px
+    # 2 * 0.1 ** ((epoch - 149) / 1000 + 1) after epoch 149, 2 * 0.1 before (SRA's train.py)
+    for epoch in (0, 149, 150, 649, 1149):
+        official = 2 * 0.1 ** (((epoch - 149) / 1000 + 1) if epoch > 149 else 1)
+        assert L.at_epoch(align, epoch).self_weight == pytest.approx(official)
+    assert L.at_epoch(align, 1149).self_weight == pytest.approx(0.02)
+    repa = L.align_config("repa")
+    assert L.at_epoch(repa, 5000) == repa  # only SRA's weight has a schedule
+
+
+def test_sra_draws_leave_the_other_presets_draws_as_they_were():
+    def draw(preset):
+        return L.draw_noise(6, (4, 2, 2), L.align_config(preset), 0.5,
+                            generator=torch.Generator().manual_seed(0))
+
+    plain, sra = draw("none"), draw("sra")
+    assert plain.dt is None and sra.dt.shape == (6,) and 0 <= sra.dt.min() and sra.dt.max() < 1
+    assert all(torch.equal(getattr(plain, k), getattr(sra, k)) for k in ("t", "eps", "drop"))
+    assert torch.equal(sra[2:4].dt, sra.dt[2:4]) and plain[2:4].dt is None
+
+
+SRA_REF = os.path.join(os.path.dirname(__file__), "data", "sra_reference.pt")
+
+
+def sra_reference_models(ref):
+    """The student (training mode) and EMA teacher (eval) of tests/data/sra_reference.pt."""
+    tiny = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=16, depth=4, num_heads=2,
+                num_classes=10, z_dims=[], self_depth=int(ref["student_depth"]))
+    student, teacher = SiT(**tiny), SiT(**tiny)
+    student.load_state_dict(ref["student"])
+    teacher.load_state_dict(ref["teacher"])
+    return student.train(), teacher.eval().requires_grad_(False)
+
+
+def test_sra_matches_the_official_code():
+    """SRA's SRALoss on its own SiT (tests/data/make_sra_reference.py), the same weights and draws:
+    the student head's tokens, the teacher's tokens at its lower noise level, both losses and the
+    total at SRA's early weight 0.2."""
+    ref = torch.load(SRA_REF, weights_only=True)
+    student, teacher = sra_reference_models(ref)
+    align = L.align_config("sra", self_teacher_depth=int(ref["teacher_depth"]),
+                           self_t_max=float(ref["t_max"]))
+    noise = L.Noise(ref["t"], ref["eps"], ref["drop"], ref["dt"])
+    out = L.training_losses(student, ref["x0"], ref["labels"], [], align, noise, teacher=teacher)
+    h_teacher = teacher(torch.zeros_like(ref["x0"]), ref["t"], ref["labels"], stop_at=3)
+    assert not torch.allclose(h_teacher, ref["h_teacher"])  # the teacher's input matters
+    t_teacher = L.teacher_time(ref["t"], ref["dt"], 0.2).view(-1, 1, 1, 1)
+    h_teacher = teacher((1 - t_teacher) * ref["x0"] + t_teacher * ref["eps"], t_teacher.flatten(),
+                        ref["labels"], drop=ref["drop"], stop_at=3)
+    assert torch.allclose(h_teacher, ref["h_teacher"], atol=1e-5)
+    h_self = student(ref["x0"], ref["t"], ref["labels"], drop=ref["drop"]).h_self
+    assert h_self.shape == ref["h_self"].shape == (6, 16, 16)
+    assert out.terms["velocity"].item() == pytest.approx(ref["velocity"].item(), rel=1e-5)
+    assert out.terms["self"].item() == pytest.approx(ref["self_loss"].item(), rel=1e-5)
+    total = ref["velocity"] + 0.2 * ref["self_loss"]
+    assert out.total.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_sra_trains_the_student_head_and_never_the_teacher():
+    ref = torch.load(SRA_REF, weights_only=True)
+    student, teacher = sra_reference_models(ref)
+    teacher.requires_grad_(True)  # even a teacher that could take gradients gets none
+    align = L.align_config("sra", self_teacher_depth=3)
+    noise = L.Noise(ref["t"], ref["eps"], ref["drop"], ref["dt"])
+    out = L.training_losses(student, ref["x0"], ref["labels"], [], align, noise, teacher=teacher)
+    out.terms["self"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.self_head[0].weight.grad.abs().sum() > 0
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # through the student's tap
+    assert student.blocks[3].attn.qkv.weight.grad is None  # blocks after the tap: velocity only
+    with pytest.raises(ValueError, match="self_depth > 0 and a teacher"):
+        L.training_losses(student, ref["x0"], ref["labels"], [], align, noise)
+    with pytest.raises(ValueError, match="self_teacher_depth"):
+        L.training_losses(student, ref["x0"], ref["labels"], [], L.align_config("sra"), noise,
+                          teacher=teacher)
+
+
 def test_presets_and_overrides():
     sara = L.align_config("sara")
     assert (sara.patch_weight, sara.struc_weight, sara.adv_weight, sara.sra_weight) == (
@@ -168,14 +267,14 @@ def tiny_setup(preset, seed=0):
     """
     torch.manual_seed(seed)
     model = SiT(input_size=8, hidden_size=64, depth=4, num_heads=4, num_classes=10, encoder_depth=2,
-                z_dims=[32], projector_dim=64, sra_depth=1)
+                z_dims=[32], projector_dim=64, sra_depth=1, self_depth=1)
     # stands in for DINOv2: must get no gradient
     encoder = torch.nn.Linear(12, 32).requires_grad_(True)
     disc, disc_opt = build_discriminator(32)
     x0, y = torch.randn(8, 4, 8, 8), torch.randint(0, 10, (8,))
     with torch.no_grad():
         z = encoder(torch.randn(8, 16, 12))
-    return model, encoder, disc, disc_opt, x0, y, [z], L.align_config(preset)
+    return model, encoder, disc, disc_opt, x0, y, [z], L.align_config(preset, self_teacher_depth=3)
 
 
 def test_gradient_routing():
@@ -213,9 +312,11 @@ def test_gradient_routing():
 def test_every_preset_overfits_one_batch(preset):
     model, encoder, disc, _, x0, y, z, align = tiny_setup(preset)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)  # SRA's, held fixed here
+    draws = L.draw_noise(8, x0.shape[1:], align, 0.1, generator=torch.Generator().manual_seed(0))
     history = []
     for _ in range(120):
-        out = L.training_losses(model, x0, y, z, align, noise(x0, seed=0), disc)  # one fixed batch
+        out = L.training_losses(model, x0, y, z, align, draws, disc, teacher)  # one fixed batch
         assert torch.isfinite(out.total)
         history.append({k: v.item() for k, v in out.terms.items()})
         opt.zero_grad()
@@ -223,7 +324,7 @@ def test_every_preset_overfits_one_batch(preset):
         opt.step()
     first, last = history[0], history[-1]
     assert set(first) == {"velocity"} | {
-        k for k in ("patch", "struc", "adv", "sra") if getattr(align, f"{k}_weight")
+        k for k in ("patch", "struc", "adv", "sra", "self") if getattr(align, f"{k}_weight")
     }
     assert last["velocity"] < 0.5 * first["velocity"]
     for term in set(first) - {"velocity"}:

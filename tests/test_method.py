@@ -353,16 +353,17 @@ def test_train_step_updates_the_ema_with_the_ema_decay_flag():
 
 
 # Every weight of every alignment preset: lambda 0.5 (REPA's --proj-coeff; SARA Table 4), beta 0.5
-# and gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2); 0 for a term the preset
-# does not use.
-WEIGHTS = ("patch_weight", "struc_weight", "adv_weight", "sra_weight")
+# and gamma 0.05 (SARA Table 4), SRA^2 lambda 1.0 (SRA^2 section 4.2), SRA's 0.2 (its train.py);
+# 0 for a term the preset does not use.
+WEIGHTS = ("patch_weight", "struc_weight", "adv_weight", "sra_weight", "self_weight")
 PRESET_WEIGHTS = {
-    "none": (0.0, 0.0, 0.0, 0.0),
-    "repa": (0.5, 0.0, 0.0, 0.0),
-    "sara": (0.5, 0.5, 0.05, 0.0),
-    "sra2": (0.0, 0.0, 0.0, 1.0),
-    "repa+sra2": (0.5, 0.0, 0.0, 1.0),  # SRA^2 Table 2
-    "sara+sra2": (0.5, 0.5, 0.05, 1.0),
+    "none": (0.0, 0.0, 0.0, 0.0, 0.0),
+    "repa": (0.5, 0.0, 0.0, 0.0, 0.0),
+    "sara": (0.5, 0.5, 0.05, 0.0, 0.0),
+    "sra": (0.0, 0.0, 0.0, 0.0, 0.2),  # SRA's train.py: 2 x 0.1 (before epoch 150) at 256 px
+    "sra2": (0.0, 0.0, 0.0, 1.0, 0.0),
+    "repa+sra2": (0.5, 0.0, 0.0, 1.0, 0.0),  # SRA^2 Table 2
+    "sara+sra2": (0.5, 0.5, 0.05, 1.0, 0.0),
 }
 
 # (alignment preset, model, flag, expected value, where the number comes from)
@@ -381,6 +382,11 @@ PAPER_DEFAULTS = [
     ("sra2", "SiT-L/2", "sra_depth", 8, "SRA^2 section 4.2: layer 8 for L"),
     ("sra2", "SiT-XL/2", "sra_depth", 8, "SRA^2 section 4.2: layer 8 for XL"),
     ("sra2", "SiT-B/2", "sra_mlp_layers", 5, "SRA^2 Table 1: 5-layer MLP"),
+    ("sra", "SiT-XL/2", "self_depth", 8, "SRA's README: --block-out-s 8 for SiT-XL/2"),
+    ("sra", "SiT-XL/2", "self_teacher_depth", 20, "SRA's README: --block-out-t 20 for SiT-XL/2"),
+    ("sra", "SiT-B/2", "self_depth", 4, "SRA's train.py default --block-out-s 4"),
+    ("sra", "SiT-B/2", "self_teacher_depth", 8, "SRA's train.py default --block-out-t 8"),
+    ("sra", "SiT-XL/2", "self_t_max", 0.2, "SRA's README: --t-max 0.2"),
     (
         "sara", "SiT-XL/2", "disc_every", 5,
         "SARA appendix A: one D update per five generator updates",

@@ -1,6 +1,7 @@
 """mmdit.py and the text encoder: parity with REPA's MMDiT from a fixture, taps, heads, training
 losses on a tiny MMDiT; CLIP text features' padding, truncation and null caption (tiny random)."""
 
+import copy
 import logging
 import os
 import sys
@@ -146,7 +147,7 @@ def test_text_encoder_from_a_local_folder(tmp_path, text_encoder):
 
 
 def test_taps_read_the_image_stream_after_the_named_block():
-    net = tiny(depth=3, encoder_depth=2, sra_depth=1).eval()
+    net = tiny(depth=3, encoder_depth=2, sra_depth=1, self_depth=2).eval()
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 5, 12)
     h, c, context = net.x_embedder(x) + net.pos_embed, net.t_embedder(t), net.context_embedder(ctx)
     feats = []
@@ -161,8 +162,12 @@ def test_taps_read_the_image_stream_after_the_named_block():
     # SRA^2 head after block 1; token 0 is the top-left 2x2 patch of the latent
     assert torch.allclose(out.x0_hat[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, 16),
                           net.sra_head(feats[0])[:, 0], atol=1e-6)
+    assert torch.allclose(out.h_self, net.self_head(feats[1]), atol=1e-6)  # SRA's student head
+    for k in (1, 3):  # SRA's teacher: the image stream after block k (the last: pre-only text)
+        assert torch.allclose(net(x, t, ctx, align=False, stop_at=k), feats[k - 1], atol=1e-6)
     plain = net(x, t, ctx, align=False)
-    assert plain.h_dens == [] and plain.x0_hat is None and torch.equal(plain.v, out.v)
+    assert plain.h_dens == [] and plain.x0_hat is None and plain.h_self is None
+    assert torch.equal(plain.v, out.v)
     # the text conditions the image: another context, another velocity
     assert not torch.allclose(net(x, t, torch.randn(2, 5, 12)).v, out.v, atol=1e-4)
 
@@ -221,20 +226,25 @@ def test_bad_arguments_are_clear():
     assert not net.projectors
 
 
-def test_training_losses_train_a_tiny_mmdit_with_repa_and_sra2():
-    net = tiny(sra_depth=2, sra_hidden_dim=32).train()
+@pytest.mark.parametrize("preset,terms", [("repa+sra2", {"velocity", "patch", "sra"}),
+                                          ("sra", {"velocity", "self"})])
+def test_training_losses_train_a_tiny_mmdit(preset, terms):
+    """Table 4's +REPA / +SRA^2 and +SRA terms on a tiny MMDiT (SRA: its own EMA as the teacher,
+    at block 2 of 2, fed the same dropped captions)."""
+    net = tiny(sra_depth=2, sra_hidden_dim=32, self_depth=1).train()
     net.set_null_context(torch.randn(7, 12))
     g = torch.Generator().manual_seed(0)
     x0, ctx = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 7, 12, generator=g)
     z_encs = [torch.randn(4, 64, 10, generator=g)]  # one encoder's tokens of the clean images
-    align = losses.align_config("repa+sra2")
+    align = losses.align_config(preset, self_teacher_depth=2)
     noise = losses.draw_noise(4, (4, 16, 16), align, 0.5, generator=g)
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
     assert noise.drop.any()  # the null context is in play
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     steps = []
     for _ in range(6):  # one batch, one draw of noise: overfitting must lower the loss
-        step = losses.training_losses(net, x0, ctx, z_encs, align, noise)
-        assert step.terms.keys() == {"velocity", "patch", "sra"}
+        step = losses.training_losses(net, x0, ctx, z_encs, align, noise, teacher=teacher)
+        assert step.terms.keys() == terms
         opt.zero_grad()
         step.total.backward()
         opt.step()

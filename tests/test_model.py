@@ -80,12 +80,8 @@ def test_small_preset_runs_with_both_taps():
 
 def test_taps_read_the_residual_stream_after_the_named_block():
     torch.manual_seed(0)
-    net = SiT(
-        input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2,
-        z_dims=[8],
-        projector_dim=16,
-        sra_depth=3,
-    ).eval()
+    net = SiT(input_size=8, hidden_size=32, depth=3, num_heads=2, num_classes=5, encoder_depth=2,
+              z_dims=[8], projector_dim=16, sra_depth=3, self_depth=1).eval()
     for p in net.parameters():
         p.data.normal_(0, 0.1)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
@@ -101,6 +97,17 @@ def test_taps_read_the_residual_stream_after_the_named_block():
     assert torch.allclose(out.x0_hat[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, 16),
                           # token 0 is the top-left 2x2 patch
                           net.sra_head(feats[2])[:, 0], atol=1e-6)
+    assert torch.allclose(out.h_self, net.self_head(feats[0]), atol=1e-6)  # SRA's student head
+    assert [k for k in net.state_dict() if "self_head" in k] == [
+        "self_head.0.weight", "self_head.0.bias", "self_head.2.weight", "self_head.2.bias"]
+    assert net.self_head[0].weight.shape == (64, 32)  # SRA's SimpleHead: H -> 2H -> H
+    assert net(x, t, y, align=False).h_self is None
+    # SRA's teacher: block k's residual stream, and no block after k runs
+    calls = []
+    net.blocks[2].register_forward_hook(lambda *_: calls.append(1))
+    for k in (1, 2):
+        assert torch.allclose(net(x, t, y, align=False, stop_at=k), feats[k - 1], atol=1e-6)
+    assert calls == []
 
 
 def test_gradient_checkpointing_is_exact():

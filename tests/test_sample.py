@@ -321,6 +321,24 @@ def test_repa_checkpoint_loads(tmp_path):
     )
 
 
+def test_sra_checkpoint_samples_without_its_training_head(tmp_path):
+    """SRA's released checkpoints: REPA's layout, no projectors, its student head ap_head.* (only
+    training uses it): the SiT samples as its EMA weights say."""
+    # what a state dict without projectors reads as: REPA's tap 8, capped at the depth (2)
+    config = dict(TINY, num_heads=16, z_dims=[], projector_dim=2048, encoder_depth=2)
+    ema = perturbed(SiT(**config), 6)
+    head = {"ap_head.linear1.weight": torch.randn(64, 32), "ap_head.linear1.bias": torch.zeros(64),
+            "ap_head.linear2.weight": torch.randn(32, 64), "ap_head.linear2.bias": torch.zeros(32)}
+    args = argparse.Namespace(model="SiT-XL/2", num_classes=10, qk_norm=False, path_type="linear",
+                              block_out_s=8, block_out_t=20, t_max=0.2)
+    path = tmp_path / "sra.pt"
+    state = {**ema.state_dict(), **head}
+    torch.save(dict(model=state, ema=state, args=args, steps=4_000_000, epoch=800), path)
+    loaded = runs.load_model(str(path))
+    assert loaded.config == ema.config and not hasattr(loaded, "self_head")
+    torch.testing.assert_close(outputs(loaded), outputs(ema), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("source", ["train.py", "REPA"])
 def test_checkpoint_path_type_reaches_the_sampler(tmp_path, source):
     """A cosine run's checkpoint (train.py model_config, or REPA's args.path_type) is sampled on the

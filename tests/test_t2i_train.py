@@ -61,18 +61,20 @@ def rows(run_dir):
 # Training
 
 
-@pytest.mark.parametrize("align", ["none", "repa", "sra2"])
+@pytest.mark.parametrize("align", ["none", "repa", "sra", "sra2"])
 def test_table4_rows_train_an_mmdit_on_caption_features(tmp_path, coco, align):
-    """MMDiT / +REPA / +SRA^2: the same loss terms as on ImageNet; the checkpoint says it is
-    text-to-image (its text encoder, MMDiT's config); the plain baseline loads no encoder."""
+    """MMDiT / +REPA / +SRA / +SRA^2: the same loss terms as on ImageNet; the checkpoint says it
+    is text-to-image (its text encoder, MMDiT's config); only +REPA loads an encoder."""
     run_dir = run(tmp_path, coco, "--align", align, "--max-steps", "2")
     ckpt = newest(run_dir)
     config = ckpt["config"]
     assert runs.text_encoder_of(ckpt) == TEXT and config["model"] == "MMDiT-T"
     assert config["model_config"]["context_dim"] == 32  # the tiny text encoder's width
     assert any(k.startswith("joint_blocks.") for k in ckpt["ema"])  # REPA's MMDiT keys
-    expected = {"none": {"velocity"}, "repa": {"velocity", "patch"}, "sra2": {"velocity", "sra"}}
-    assert {"velocity", "patch", "struc", "adv", "sra"} & set(rows(run_dir)[0]) == expected[align]
+    expected = {"none": {"velocity"}, "repa": {"velocity", "patch"}, "sra": {"velocity", "self"},
+                "sra2": {"velocity", "sra"}}
+    terms = {"velocity", "patch", "struc", "adv", "sra", "self"}
+    assert terms & set(rows(run_dir)[0]) == expected[align]
     assert ("encoder (tiny-random)" in config["random_components"]) == (align == "repa")
     assert "text features (tiny-random text encoder)" in config["random_components"]
     assert np.isfinite(rows(run_dir)[-1]["velocity"])

@@ -14,6 +14,7 @@ import torch
 
 import data
 import fid
+import losses
 import runs
 import sample
 import train
@@ -60,7 +61,7 @@ def assert_same_state(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("align", ["none", "repa", "sara", "sra2", "repa+sra2"])
+@pytest.mark.parametrize("align", ["none", "repa", "sara", "sra", "sra2", "repa+sra2"])
 def test_smoke_each_alignment_preset(tmp_path, align):
     run_dir = run(tmp_path, "--align", align, "--max-steps", "4")
     ckpt = newest(run_dir)
@@ -72,16 +73,37 @@ def test_smoke_each_alignment_preset(tmp_path, align):
         "none": {"velocity"},
         "repa": {"velocity", "patch"},
         "sara": {"velocity", "patch", "struc", "adv"},
+        "sra": {"velocity", "self"},
         "sra2": {"velocity", "sra"},
         "repa+sra2": {"velocity", "patch", "sra"},
     }[align]
-    assert expected <= set(rows[0]) and not {"patch", "struc", "adv", "sra"} - expected & set(
-        rows[0]
-    )
+    aligned = {"patch", "struc", "adv", "sra", "self"}
+    assert expected <= set(rows[0]) and not aligned - expected & set(rows[0])
     assert all(torch.isfinite(torch.tensor(r["velocity"])) for r in rows)
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert "data (synthetic)" in config["random_components"]  # stand-ins are recorded, never silent
     assert config["model_config"]["sra_depth"] == (1 if "sra2" in align else 0)
+    # SRA: the student head at block 1 of SiT-T's 4, the EMA teacher tapped at block 3
+    assert config["model_config"]["self_depth"] == (1 if align == "sra" else 0)
+    assert config["align_config"]["self_teacher_depth"] == 3
+
+
+@pytest.mark.slow
+def test_exact_resume_with_the_sra_teacher(tmp_path, monkeypatch):
+    """SRA's teacher is the EMA: a run stopped at step 2 and resumed equals a straight run; the
+    weight schedule reads the epoch of the data (8 images, batch 4: two steps per epoch)."""
+    epochs = []
+    real = losses.at_epoch
+    monkeypatch.setattr(losses, "at_epoch", lambda align, e: epochs.append(e) or real(align, e))
+    flags = ["--align", "sra", "--synthetic-images", "8"]
+    straight = run(tmp_path / "a", *flags, "--max-steps", "4")
+    assert epochs == [0, 0, 1, 1]
+    run(tmp_path / "b", *flags, "--max-steps", "2", "--ckpt-every", "2")
+    resumed = run(tmp_path / "b", *flags, "--max-steps", "4", "--ckpt-every", "2")
+    a, b = newest(straight), newest(resumed)
+    assert a["step"] == b["step"] == 4
+    assert_same_state(a, b)
+    assert epochs[4:] == [0, 0, 1, 1]  # the resumed run starts at epoch 1 after its two steps
 
 
 def test_sample_grid_written(tmp_path):
@@ -194,9 +216,10 @@ def test_global_batches_do_not_depend_on_world_size():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("until", [[], ["--align-until", "2"]])  # the heads leave DDP's graph
-def test_ddp_two_processes_equal_one(tmp_path, until):
-    flags = [*TINY, "--align", "repa+sra2", "--max-steps", "3", "--ckpt-every", "3", *until]
+@pytest.mark.parametrize("align,until", [("repa+sra2", []), ("repa+sra2", ["--align-until", "2"]),
+                                         ("sra", [])])  # until: the heads leave DDP's graph
+def test_ddp_two_processes_equal_one(tmp_path, align, until):
+    flags = [*TINY, "--align", align, "--max-steps", "3", "--ckpt-every", "3", *until]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
