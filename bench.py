@@ -50,7 +50,7 @@ PEAK_TFLOPS = 790.0  # the H200 at hand, dense bf16, as issue 22 gives it (A100:
 GPU_PRESETS = "none,repa,sara,sra2,repa+sra2"  # --gpu's: the papers' methods
 FIRST_COMPILE_S = 90.0  # --gpu's guess at torch.compile of SiT-XL/2 forward + backward
 # SRA^2 Table 5 (H100, batch 256 on 8 GPUs): per-batch training time over SiT-XL/2's
-PAPER_X_NONE = {"repa": 1.22, "sra2": 1.11}
+PAPER_X_NONE = {"repa": 1.22, "sra": 1.37, "sra2": 1.11}
 # MMDiT's alignment presets: z_dims (REPA's projector), the SRA^2 head's block and SRA's student
 # head's (SiT-L's 8 of 24)
 MMDIT_ALIGN = {"none": dict(z_dims=()), "repa": dict(z_dims=(768,)),
