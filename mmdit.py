@@ -22,17 +22,16 @@ from model import (
     PatchEmbed,
     SiTOutput,
     TimestepEmbedder,
+    add_heads,
     check_taps,
     modulate,
-    projectors,
-    self_head,
+    read_taps,
     sincos_2d,
-    sra_head,
     unpatchify,
 )
 
 # ----------------------------------------------------------------------------------------------
-# Helpers (modulate, sincos_2d, unpatchify and the MLPs are model.py's)
+# Helpers (modulate, sincos_2d, unpatchify and the alignment heads are model.py's)
 
 
 def joint_attention(qkv_context, qkv_x, num_heads):
@@ -188,13 +187,8 @@ class MMDiT(nn.Module):
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
-        self.projectors = projectors(hidden_size, projector_dim, z_dims)
-        if sra_depth:
-            self.sra_head = sra_head(
-                hidden_size, patch_size, in_channels, sra_mlp_layers, sra_hidden_dim
-            )
-        if self_depth:
-            self.self_head = self_head(hidden_size)
+        add_heads(self, hidden_size, z_dims, projector_dim, sra_depth, sra_mlp_layers,
+                  sra_hidden_dim, self_depth)
         # the empty caption's features (1, L, context_dim), set by set_null_context: not a weight
         # (no state_dict key), it comes with the data and the text encoder
         self.register_buffer("null_context", None, persistent=False)
@@ -236,7 +230,7 @@ class MMDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
         c = self.t_embedder(t)  # (B, H): the time alone drives adaLN
         context = self.context_embedder(context)  # (B, L, H)
-        h_dens, x0_hat, h_self = [], None, None
+        heads = dict(h_dens=[], x0_hat=None, h_self=None)
         for i, block in enumerate(self.joint_blocks, start=1):
             if self.grad_checkpointing and self.training:
                 context, x = checkpoint(block, context, x, c, use_reentrant=False)
@@ -244,14 +238,10 @@ class MMDiT(nn.Module):
                 context, x = block(context, x, c)  # (B, L, H) (None after the last), (B, N, H)
             if i == stop_at:
                 return x
-            if align and i == self.encoder_depth:  # tap: the image stream, before any norm
-                h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
-            if align and i == self.sra_depth:  # (B, C, H, W)
-                x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)
-            if align and i == self.self_depth:
-                h_self = self.self_head(x)  # (B, N, H)
+            if align:  # the image stream
+                read_taps(self, i, x, heads)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
-        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat, h_self)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), **heads)
 
 
 # ----------------------------------------------------------------------------------------------

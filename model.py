@@ -223,6 +223,30 @@ def self_head(hidden_size):
     return mlp([hidden_size, 2 * hidden_size, hidden_size])
 
 
+def add_heads(model, hidden_size, z_dims, projector_dim, sra_depth, sra_mlp_layers, sra_hidden_dim,
+              self_depth):
+    """The alignment heads as model's submodules, each only where its tap is set (0: none): REPA
+    projectors, the SRA^2 head, SRA's student head. Registered in this order: seeded builds follow
+    it."""
+    model.projectors = projectors(hidden_size, projector_dim, z_dims)
+    if sra_depth:
+        model.sra_head = sra_head(hidden_size, model.patch_size, model.in_channels, sra_mlp_layers,
+                                  sra_hidden_dim)
+    if self_depth:
+        model.self_head = self_head(hidden_size)
+
+
+def read_taps(model, i, x, heads):
+    """After block i, every head that taps it reads the raw residual stream x (B, N, H), before any
+    norm, into heads (SiTOutput's fields by name). SiT and MMDiT (its image stream) alike."""
+    if i == model.encoder_depth:
+        heads["h_dens"] = [proj(x) for proj in model.projectors]  # per encoder (B, N, D_enc)
+    if i == model.sra_depth:  # (B, C, H, W)
+        heads["x0_hat"] = unpatchify(model.sra_head(x), model.patch_size, model.in_channels)
+    if i == model.self_depth:
+        heads["h_self"] = model.self_head(x)  # (B, N, H)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -285,13 +309,8 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(
             SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
-        self.projectors = projectors(hidden_size, projector_dim, z_dims)
-        if sra_depth:
-            self.sra_head = sra_head(
-                hidden_size, patch_size, in_channels, sra_mlp_layers, sra_hidden_dim
-            )
-        if self_depth:
-            self.self_head = self_head(hidden_size)
+        add_heads(self, hidden_size, z_dims, projector_dim, sra_depth, sra_mlp_layers,
+                  sra_hidden_dim, self_depth)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -333,7 +352,7 @@ class SiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, N, H)
         c = self.t_embedder(t) + self.y_embedder(y, drop)  # (B, H)
-        h_dens, x0_hat, h_self = [], None, None
+        heads = dict(h_dens=[], x0_hat=None, h_self=None)
         for i, block in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, c, use_reentrant=False)
@@ -341,14 +360,10 @@ class SiT(nn.Module):
                 x = block(x, c)  # (B, N, H)
             if i == stop_at:
                 return x
-            if align and i == self.encoder_depth:  # tap: raw residual stream, before any norm
-                h_dens = [proj(x) for proj in self.projectors]  # per encoder (B, N, D_enc)
-            if align and i == self.sra_depth:  # (B, C, H, W)
-                x0_hat = unpatchify(self.sra_head(x), self.patch_size, self.in_channels)
-            if align and i == self.self_depth:
-                h_self = self.self_head(x)  # (B, N, H)
+            if align:
+                read_taps(self, i, x, heads)
         x = self.final_layer(x, c)  # (B, N, p*p*C)
-        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), h_dens, x0_hat, h_self)
+        return SiTOutput(unpatchify(x, self.patch_size, self.in_channels), **heads)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,6 +90,25 @@ def interrupted(code, marker, timeout=300):
     return proc.wait(timeout), proc.stderr.read()
 
 
+def verify_reads(monkeypatch, stop_at=None):
+    """The prepared items data.verify reads from now on, in the returned list; at item stop_at it
+    gets a KeyboardInterrupt (Ctrl-C) instead."""
+    import data
+
+    real = getattr(data.PreparedFiles.__getitem__, "real", data.PreparedFiles.__getitem__)
+    checked = []
+
+    def getitem(self, k):
+        if self.indices[k] == stop_at:
+            raise KeyboardInterrupt
+        checked.append(self.indices[k])
+        return real(self, k)
+
+    getitem.real = real
+    monkeypatch.setattr(data.PreparedFiles, "__getitem__", getitem)
+    return checked
+
+
 def disk_free(monkeypatch, free):
     """shutil.disk_usage (as cluster.py calls it) reports `free` bytes free."""
     import cluster

@@ -20,7 +20,7 @@ import data
 import encoders
 from cluster import UserError
 from data import BadSample, CocoDataset, GlobalBatchSampler
-from helpers import snapshot
+from helpers import snapshot, verify_reads
 
 TOKENS, DIM = 77, 8
 LOAD_TEXT_ENCODER = encoders.load_text_encoder  # the real one, before the stub replaces it
@@ -494,21 +494,13 @@ def test_verify_lists_bad_files_and_a_rerun_remakes_exactly_those_images(
     os.remove(out("train", "2_1.npy"))
     np.save(out("val", "0_3.npy"), np.full((TOKENS, DIM), np.nan, np.float32))
     np.save(out("empty_context.npy"), np.load(out("empty_context.npy")).astype(np.float64))
-    checked, real = [], data.PreparedFiles.__getitem__
-
-    def stop_at_val(self, k):  # keys: the null, train/0, train/1, train/2, val/0
-        if self.indices[k] == "val/0":
-            raise KeyboardInterrupt
-        checked.append(self.indices[k])
-        return real(self, k)
-
-    monkeypatch.setattr(data.PreparedFiles, "__getitem__", stop_at_val)
+    checked = verify_reads(monkeypatch, "val/0")  # keys: the null, train/0, 1, 2, val/0
     with pytest.raises(KeyboardInterrupt):
         data.verify(dest, 0, chunk=2)
     assert checked == ["empty_context", "train/0", "train/1", "train/2"]
     with open(out("verify-progress.json")) as f:
         assert json.load(f)["checked"] == 4
-    monkeypatch.setattr(data.PreparedFiles, "__getitem__", real)
+    verify_reads(monkeypatch)  # no more interrupt
     listed, printed = verify_cli(dest, capsys)  # goes on with val/0
     listed_paths = [p for p, _ in listed]
     assert listed_paths == ["empty_context.npy", "train/1.png", "train/2.npy", "train/2_1.npy",

@@ -17,7 +17,7 @@ import torch
 import data
 import encoders
 from data import LatentImageDataset
-from helpers import cli_error, disk_fills, disk_free, interrupted, snapshot
+from helpers import cli_error, disk_fills, disk_free, interrupted, snapshot, verify_reads
 
 # (class folder, file name, width, height); classes in sorted folder order:
 # goldfish 0, tench 1, zebra 2
@@ -363,23 +363,14 @@ def test_verify_continues_where_it_was_interrupted(tmp_path, fast_vae, monkeypat
     source, dest = write_source(tmp_path / "src"), str(tmp_path / "out")
     run(source, dest)
     np.save(os.path.join(dest, "vae-sd", data.output_names(0)[1]), np.zeros((8, 4, 4), np.int64))
-    checked, real = [], data.PreparedFiles.__getitem__
-
-    def stop_at_3(self, k):
-        if self.indices[k] == 3:
-            raise KeyboardInterrupt
-        checked.append(self.indices[k])
-        return real(self, k)
-
-    monkeypatch.setattr(data.PreparedFiles, "__getitem__", stop_at_3)
+    checked = verify_reads(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         data.verify(dest, 0, chunk=2)
     with open(os.path.join(dest, "verify-progress.json")) as f:
         assert json.load(f)["checked"] == 2
-    monkeypatch.setattr(data.PreparedFiles, "__getitem__", lambda self, k: checked.append(
-        self.indices[k]) or real(self, k))
+    resumed = verify_reads(monkeypatch)
     bad = data.verify(dest, 0, chunk=2)
-    assert checked == [0, 1, 2, 2, 3, 4]  # the chunk cut off is read again, the first one not
+    assert checked + resumed == [0, 1, 2, 2, 3, 4]  # the chunk cut off is read again, not the first
     assert bad == [("vae-sd/00000/img-mean-std-00000000.npy", "dtype int64, expected floating")]
     assert not os.path.exists(os.path.join(dest, "verify-progress.json"))
 
