@@ -469,7 +469,6 @@ class TrainingBatches:
 # Making the REPA layout from ImageNet-style class folders (`python data.py` / `torchrun data.py`)
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1345,7 +1344,6 @@ class CocoDataset(Dataset):
         context = read_checked(path(f"{idx}_{k}.npy"), self.shapes[2], np.floating, np.load)
         return (torch.from_numpy(image), mean_std(moments, self.moments),
                 torch.from_numpy(context).float())
-
 
 
 class StoredPrompts:

@@ -226,7 +226,6 @@ def write_grid(path, model, vae, num_images=16, batch_size=64, progress=False, *
         write_atomic(path, lambda f: Image.fromarray(tile(images)).save(f, format="PNG"))
 
 
-
 def score(model, vae, evaluator, num_samples, batch_size, rank=0, world=1, **sampling):
     """An fid.Evaluator's numbers for the samples `sample.py --num-samples N --batch-size B`
     would write, none written: rank r makes and embeds batches r, r + world, ... as fid.py reads
