@@ -111,12 +111,24 @@ def random_components(config, dataset, run):
 
 
 def read_metrics(run_dir):
-    """Every metrics.jsonl row of a run folder so far."""
+    """Every metrics.jsonl row of a run folder so far. A torn last line (a crash or a full disk in
+    the middle of an append) is dropped with a warning: its step is past the newest checkpoint, so
+    the resumed run writes that row again."""
     path = os.path.join(run_dir, METRICS)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise UserError(f"{path}: line {i} is not a JSON row ({e.msg}): mend or delete "
+                                "that line") from e
+            log.warning("%s: dropped its torn last line (a write that did not finish)", path)
+    return rows
 
 
 def check_eval(config, world):
@@ -495,7 +507,8 @@ class Metrics:
         if self.writes and os.path.exists(self.path):
             rows = read_metrics(os.path.dirname(self.path))
             text = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-            write_atomic(self.path, lambda f: f.write(text.encode()))
+            with cluster.disk_errors(os.path.dirname(self.path)):
+                write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def write(self, row):
         """Log row (a dict of numbers with a "step"), append it everywhere, redraw the curves."""
@@ -503,7 +516,7 @@ class Metrics:
             return
         log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items()))
-        with open(self.path, "a") as f:
+        with cluster.disk_errors(os.path.dirname(self.path)), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for k, v in row.items():
@@ -512,7 +525,8 @@ class Metrics:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(row)  # "step" is a logged key: rollbacks and resumes may revisit a step
-        plot_metrics(self.path, self.png)
+        with cluster.disk_errors(os.path.dirname(self.png)):
+            plot_metrics(self.path, self.png)
 
     def close(self):
         if self.tensorboard is not None:

@@ -333,6 +333,43 @@ def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, monkeypatch):
     assert built == []
 
 
+def test_a_full_disk_at_a_metrics_row_is_one_line_and_the_torn_row_is_written_again(tmp_path,
+                                                                                   monkeypatch):
+    """The disk fills in the middle of step 4's metrics.jsonl append: one line, and the re-run
+    drops the torn row, resumes from step 2's checkpoint and writes rows 2 and 4 as a straight
+    run does; a full disk at the loss plot is the same line; a broken middle row is named."""
+    run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
+    real_open = open
+
+    def torn(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith(runs.METRICS) and mode == "a":
+            f.write('{"step": 4, "veloc')
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(runs, "open", torn, raising=False)
+    with pytest.raises(SystemExit, match=rf"the disk holding {run_dir} is full"):
+        run(tmp_path, "--align", "none", "--max-steps", "4")
+    monkeypatch.undo()
+    resumed = run(tmp_path, "--align", "none", "--max-steps", "4")
+    straight = run(tmp_path / "straight", "--align", "none", "--max-steps", "4")
+    assert [r["step"] for r in runs.read_metrics(resumed)] == [2, 4]
+    assert_same_state(newest(straight), newest(resumed))
+
+    def full(*paths):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "plot_metrics", full)
+    with pytest.raises(SystemExit, match=rf"the disk holding {run_dir} is full"):
+        run(tmp_path, "--align", "none", "--max-steps", "6")
+    with open(os.path.join(run_dir, runs.METRICS), "a") as f:
+        f.write("not json\n{\"step\": 8}\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 4 is not a JSON row"):
+        runs.read_metrics(run_dir)
+
+
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path,
                                                                            monkeypatch):
     run_dir = run(tmp_path, "--align", "none", "--max-steps", "2")
