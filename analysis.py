@@ -744,6 +744,7 @@ def analyse(args):
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    cluster.check_writable(args.out)  # before any network is built or image read
     rank, world, device = cluster.init(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # exact metrics
     if args.num_images < world:

@@ -819,6 +819,7 @@ def section(result, field=None, **info):
 
 def gpu_bench(args):
     """The prepared GPU benchmark (--gpu OUT_DIR); returns the report in results.json."""
+    cluster.check_writable(args.gpu)  # before minutes of measuring
     use_device(args.device)
     torch.set_num_threads(args.threads)
     budget, flops_per_image, largest = Budget(args.budget), {}, {}
@@ -1070,4 +1071,5 @@ if __name__ == "__main__":
     cli_args = parse_args()
     mode = gpu_bench if cli_args.gpu else cknna_table if cli_args.cknna_only else fid_bench if (
         cli_args.fid) else main
-    mode(cli_args)
+    with cluster.main_errors("bench.py"):
+        mode(cli_args)

@@ -148,6 +148,10 @@ def main(args):
             raise UserError(str(e)) from e
         captions = read_captions(args.captions)
         check_counts(images, captions)  # before any weights load
+        path = args.samples
+        out = args.out or (os.path.splitext(path)[0] if images.is_npz else os.path.normpath(path)
+                           ) + ".pickscore.json"
+        cluster.check_writable(os.path.dirname(os.path.abspath(out)))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = (tiny_random() if args.tiny_random
                             else load(args.weights, args.processor, device))
@@ -157,9 +161,6 @@ def main(args):
                          else (args.weights, args.processor))
         print(f"PickScore: {mean:.4f} (mean over {len(scores)} samples of {args.samples}, "
               f"captions {args.captions}, weights {weights})")
-        path = args.samples
-        out = args.out or (os.path.splitext(path)[0] if images.is_npz else os.path.normpath(path)
-                           ) + ".pickscore.json"
         result = dict(pickscore=mean, num_samples=len(scores), samples=args.samples,
                       captions=args.captions, weights=weights, processor=proc,
                       scores=np.round(scores, 4).tolist())

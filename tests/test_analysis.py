@@ -288,6 +288,9 @@ def test_bad_checkpoint_and_encoder_are_one_line_errors(smoke_ckpt, tmp_path):
         analysis.main(smoke_args(str(tmp_path / "missing.pt"), tmp_path))
     with pytest.raises(SystemExit, match="analysis.py: error: --enc-type bogus"):
         analysis.main(smoke_args(smoke_ckpt, tmp_path, "--enc-type", "bogus"))
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(SystemExit, match="analysis.py: error: .*file is not a folder"):
+        analysis.main(smoke_args(smoke_ckpt, tmp_path / "file"))  # before any model is built
 
 
 def test_bench_cknna_rows(capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+from cluster import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --gpu at the smallest sizes on the CPU: doubling the batch from 2 stops at --max-batch 4
@@ -109,6 +110,12 @@ def test_fid_tables(capsys):
     assert [r[0] for r in eval_rows] == ["10000 samples", "50000 samples"]
     assert float(eval_rows[1][-1]) > float(eval_rows[0][-1]) > 0
     assert "EXTRAPOLATED" in capsys.readouterr().out
+
+
+def test_gpu_mode_refuses_an_unwritable_out_dir_before_measuring(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(UserError, match=r"file is not a folder \(a file is in the way\)"):
+        bench.gpu_bench(bench.parse_args(["--gpu", str(tmp_path / "file")]))
 
 
 @pytest.mark.slow

@@ -153,6 +153,11 @@ def test_pickscore_cli_on_a_sample_folder(tmp_path, capsys):
                                          r"are 4; give the captions"):
         # before any weights load: no stand-in asked for, and no network needed
         pickscore.main(pickscore.parser().parse_args([str(folder), str(tmp_path / "four.txt")]))
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(SystemExit, match=r"^pickscore.py: error: .*file is not a folder"):
+        # an --out that cannot be written: said before any weights load or image is scored
+        pickscore.main(pickscore.parser().parse_args(
+            [str(folder), str(folder / "captions.json"), "--out", str(tmp_path / "file" / "x")]))
 
 
 # ----------------------------------------------------------------------------------------------
