@@ -180,8 +180,11 @@ def test_sra_matches_the_official_code():
     h_teacher = teacher((1 - t_teacher) * ref["x0"] + t_teacher * ref["eps"], t_teacher.flatten(),
                         ref["labels"], drop=ref["drop"], stop_at=3)
     assert torch.allclose(h_teacher, ref["h_teacher"], atol=1e-5)
-    h_self = student(ref["x0"], ref["t"], ref["labels"], drop=ref["drop"]).h_self
-    assert h_self.shape == ref["h_self"].shape == (6, 16, 16)
+    t = ref["t"].view(-1, 1, 1, 1)
+    mine = student((1 - t) * ref["x0"] + t * ref["eps"], ref["t"], ref["labels"], drop=ref["drop"])
+    assert mine.h_self.shape == ref["h_self"].shape == (6, 16, 16)
+    assert torch.allclose(mine.h_self, ref["h_self"], atol=1e-6)  # the student head's tokens
+    assert torch.allclose(mine.v, ref["v"], atol=1e-6)
     assert out.terms["velocity"].item() == pytest.approx(ref["velocity"].item(), rel=1e-5)
     assert out.terms["self"].item() == pytest.approx(ref["self_loss"].item(), rel=1e-5)
     total = ref["velocity"] + 0.2 * ref["self_loss"]
