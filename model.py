@@ -225,9 +225,9 @@ def self_head(hidden_size):
 
 def add_heads(model, hidden_size, z_dims, projector_dim, sra_depth, sra_mlp_layers, sra_hidden_dim,
               self_depth):
-    """The alignment heads as model's submodules, each only where its tap is set (0: none): REPA
-    projectors, the SRA^2 head, SRA's student head. Registered in this order: seeded builds follow
-    it."""
+    """The alignment heads as model's submodules: a REPA projector per encoder in z_dims, the
+    SRA^2 head and SRA's student head where their tap block is set (0: none). Registered in this
+    order: seeded builds follow it."""
     model.projectors = projectors(hidden_size, projector_dim, z_dims)
     if sra_depth:
         model.sra_head = sra_head(hidden_size, model.patch_size, model.in_channels, sra_mlp_layers,
