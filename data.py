@@ -419,6 +419,7 @@ class TrainingBatches:
             generator=torch.Generator(),  # private: iterating never touches the global RNG
             worker_init_fn=functools.partial(cluster.ignore_signals, config["preempt_signals"]))
         self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.per_epoch = sampler.per_epoch  # global batches per epoch of the data
         self.path = os.path.join(run_dir, BAD_SAMPLES) if run_dir else None
         self.listed = {}  # path -> reason, kept across resumes in bad_samples.txt
         if self.path and os.path.isfile(self.path):

@@ -406,7 +406,7 @@ def train(args, stop):
             break
 
         # One step; a burst of non-finite steps rolls back to the newest checkpoint before it
-        epoch = pos.batch // (len(dataset) // config["batch_size"])  # as data.GlobalBatchSampler
+        epoch = pos.batch // loader.per_epoch  # SRA's weight follows the epochs of the data
         record = train_step(run, config, losses.at_epoch(align, epoch), batch, pos.step, rows)
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.bad_in_a_row = pos.bad_in_a_row + 1 if record["bad_steps"] else 0
